@@ -1,0 +1,240 @@
+"""Pipeline configuration: one YAML recipe, validated on load.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown key, a wrong type or an out-of-range
+value is an error that names the file and the dotted key. Each stage reads only its own section; a stage's
+identity (see :func:`section_hash`) is the hash of that section, so changing one stage's settings reruns
+that stage and what is downstream of it, nothing upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mpo_core.errors import ConfigError
+
+EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys and wrong types are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class RunConfig(Section):
+    """Where a run lives and what it is about."""
+
+    name: str = "default"
+    root: str = "runs"
+    seed: int = 0
+    dominant_lang: str = "en"
+    target_langs: list[str] = Field(default_factory=lambda: ["zh", "ja", "ko", "ar", "bn", "sw"])
+
+
+class ModelConfig(Section):
+    """The starting model: the embedded default, a hub id or a local path.
+
+    Weights are read and written as safetensors only; ``trust_remote_code`` stays off unless set here.
+    """
+
+    name_or_path: str = EMBEDDED_DEFAULT_MODEL
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class PromptsConfig(Section):
+    """Ingest: which prompt set becomes the ``prompts`` artifact."""
+
+    source: str = "seed"
+    format: Literal["auto", "seed", "parquet", "csv", "jsonl", "multijail", "mpo_json", "hh_rlhf"] = "auto"
+    langs: list[str] | None = None
+    limit: int | None = Field(default=None, ge=1)
+
+
+class TranslateConfig(Section):
+    """How prompts reach the target languages: already there, the LLM, or an MT model."""
+
+    backend: Literal["provided", "llm", "seq2seq"] = "provided"
+    model: str | None = None
+    batch_size: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1)
+
+
+class GenerateConfig(Section):
+    """Sampling k responses per prompt per language."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    num_samples: int = Field(default=2, ge=1)
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=0.8, ge=0.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    batch_size: int = Field(default=16, ge=1)
+    seed: int = 0
+
+
+class LabelConfig(Section):
+    """Which judge labels responses."""
+
+    judge: Literal["refusal_patterns", "llama_guard_3", "qwen3guard"] = "refusal_patterns"
+    model: str | None = None
+    batch_size: int = Field(default=8, ge=1)
+
+
+class PairConfig(Section):
+    """Building MPO quadruples from judged samples."""
+
+    fallback_refusal: bool = True
+
+
+class FilterConfig(Section):
+    """Noisy-pair filter thresholds (defaults chosen from the official MPO data)."""
+
+    langid_min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_length_ratio: float = Field(default=20.0, gt=1.0)
+
+
+class LoraSettings(Section):
+    """LoRA through peft; ``None`` in :class:`TrainConfig` means full fine-tuning."""
+
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class ReferenceConfig(Section):
+    """The frozen reference pass over the dominant-language side of every pair."""
+
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=1024, ge=8)
+
+
+class TrainConfig(Section):
+    """Training with the MPO loss or a baseline on the same data (paper settings as defaults)."""
+
+    loss: Literal["mpo", "dpo", "simpo", "ipo", "sft"] = "mpo"
+    beta: float = Field(default=1.0, gt=0.0)
+    lam: float = Field(default=1.0, ge=0.0)
+    learning_rate: float = Field(default=6e-7, gt=0.0)
+    num_epochs: float = Field(default=2.0, gt=0.0)
+    max_steps: int = -1
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    per_device_batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=1024, ge=8)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraSettings | None = None
+    save_steps: int = Field(default=50, ge=1)
+    logging_steps: int = Field(default=1, ge=1)
+
+
+class EvaluateConfig(Section):
+    """Evaluation sets and metrics."""
+
+    safety_sets: list[str] = Field(default_factory=lambda: ["seed"])
+    max_prompts_per_lang: int | None = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=48, ge=1)
+    bootstrap_samples: int = Field(default=1000, ge=10)
+
+
+class PipelineConfig(Section):
+    """A whole recipe: one section per stage."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    translate: TranslateConfig = Field(default_factory=TranslateConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    pair: PairConfig = Field(default_factory=PairConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("run")
+    @classmethod
+    def _dominant_not_a_target(cls, run: RunConfig) -> RunConfig:
+        if run.dominant_lang in run.target_langs:
+            raise ValueError(f"dominant_lang {run.dominant_lang!r} is also listed in target_langs")
+        return run
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> PipelineConfig:
+    """Validate a plain mapping into a :class:`PipelineConfig`; errors name ``origin`` and the key."""
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {origin}:\n{_format_errors(err)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML recipe (default: ``configs/default.yaml``) and apply ``key.sub=value`` overrides.
+
+    Override values are parsed as YAML scalars (``train.beta=1.5``, ``run.target_langs=[zh,ko]``).
+    """
+    path = Path(path) if path is not None else CONFIGS_DIR / "default.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        apply_override(data, item)
+    return config_from_dict(data, origin=str(path))
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested mapping in place (value parsed as a YAML scalar)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def canonical_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON form of ``obj`` (sorted keys, no whitespace)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def section_hash(config: PipelineConfig, *sections: str) -> str:
+    """Hash of the named sections of ``config``: the config part of a stage's identity."""
+    return canonical_hash({name: getattr(config, name).model_dump(mode="json") for name in sections})
+
+
+def dump_config(config: PipelineConfig) -> str:
+    """The config as YAML (what a run records beside its artifacts)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,68 @@
+"""Progress reporting for long steps: a tqdm bar in the terminal plus optional listeners.
+
+``mpo_core`` knows nothing of Prefect. The orchestration layer registers a listener (for example one that
+updates a Prefect progress artifact) with :func:`progress_listener`; every :func:`track` loop then reports
+to the terminal bar and to each listener.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+Listener = Callable[[str, int, int], None]  # (description, done, total)
+
+_listeners: contextvars.ContextVar[tuple[Listener, ...]] = contextvars.ContextVar("mpo_progress", default=())
+
+
+@contextlib.contextmanager
+def progress_listener(listener: Listener) -> Iterator[None]:
+    """Within the block, every :func:`track` loop also calls ``listener(desc, done, total)``."""
+    token = _listeners.set(_listeners.get() + (listener,))
+    try:
+        yield
+    finally:
+        _listeners.reset(token)
+
+
+class Tracker:
+    """A manually advanced progress bar (``update(n)``) that also reports to listeners."""
+
+    def __init__(self, total: int, desc: str, unit: str = "it", every: int = 1) -> None:
+        self.total, self.desc, self.done = total, desc, 0
+        self._every = max(1, every)
+        self._last = 0
+        self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+        self._notify(force=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self._bar.update(n)
+        self._notify()
+
+    def _notify(self, force: bool = False) -> None:
+        if force or self.done - self._last >= self._every or self.done >= self.total:
+            self._last = self.done
+            for listener in _listeners.get():
+                listener(self.desc, self.done, self.total)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def track(iterable: Iterable[T], total: int, desc: str, unit: str = "it") -> Iterator[T]:
+    """Iterate ``iterable`` while showing and reporting progress (``total`` items)."""
+    with Tracker(total, desc, unit, every=max(1, total // 100)) as tracker:
+        for item in iterable:
+            yield item
+            tracker.update(1)
