@@ -77,8 +77,10 @@ REFERENCE = pa.schema(
         _f("dominant_chosen_avg_logp", pa.float32()),
         _f("dominant_rejected_avg_logp", pa.float32()),
         _f("reward_gap", pa.float32()),
-        _f("chosen_pooled", pa.list_(pa.float16())),
-        _f("rejected_pooled", pa.list_(pa.float16())),
+        # float32, not float16: L2 is the MSE against these, and at step 0 (policy == reference) a rounded
+        # copy would turn into a spurious gradient; the cost is 8 bytes x hidden size per pair.
+        _f("chosen_pooled", pa.list_(pa.float32())),
+        _f("rejected_pooled", pa.list_(pa.float32())),
         _f("model_fingerprint", pa.string()),
     ]
 )

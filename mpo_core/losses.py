@@ -1,0 +1,148 @@
+"""The MPO objective and the baseline preference losses, as plain functions and small ``nn.Module``s.
+
+Notation (DESIGN.md): ``s(y|x) = (1/|y|) sum_i log pi(y_i | x, y_<i)`` is the length-normalised
+log-likelihood of a response over its response tokens; the reward gap of a pair is
+``RG = s(y_w|x) - s(y_l|x)`` (no reference log-ratio).
+
+MPO (Zhao et al., ACL 2025):
+
+- ``L1 = mean_b (beta * RG^t_b - RG^d_b)^2`` with ``RG^t`` from the policy on the target-language pair and
+  ``RG^d`` from the frozen reference on the dominant-language pair (a constant: precomputed once).
+- ``L2 = mean((h_policy - h_ref)^2)`` over the final-layer hidden states of the dominant chosen and
+  rejected sequences, each mean-pooled over its real tokens (:func:`masked_mean_pool`). Deviation from the
+  official code, which pools padding positions too: we exclude padding, so the loss cannot depend on how a
+  batch was padded.
+- ``L = L1 + lam * L2``.
+
+Every function here takes tensors and knows nothing of models or tokenisers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def masked_mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``pooled_b = sum_t m_bt h_bt / sum_t m_bt`` for ``hidden [B, T, H]``, ``attention_mask [B, T]``.
+
+    Padding positions are excluded by selection (not multiplication), so even NaN or inf values there
+    cannot leak into the result. A row with no real token pools to zeros.
+    """
+    mask = attention_mask.bool().unsqueeze(-1)
+    summed = torch.where(mask, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)).sum(dim=1)
+    counts = mask.sum(dim=1).clamp_min(1).to(hidden.dtype)
+    return summed / counts
+
+
+def reward_gap(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor) -> torch.Tensor:
+    """``RG = s(y_w|x) - s(y_l|x)``, elementwise over the batch."""
+    return chosen_avg_logps - rejected_avg_logps
+
+
+def mpo_loss(
+    policy_target_chosen_avg_logps: torch.Tensor,
+    policy_target_rejected_avg_logps: torch.Tensor,
+    ref_dominant_reward_gap: torch.Tensor,
+    policy_dominant_pooled: torch.Tensor,
+    ref_dominant_pooled: torch.Tensor,
+    beta: float,
+    lam: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L = mean_b (beta * RG^t_b - RG^d_b)^2 + lam * mean((h_policy - h_ref)^2)``.
+
+    ``policy_dominant_pooled`` and ``ref_dominant_pooled`` hold the pooled states of the dominant chosen and
+    rejected sequences (any matching shape, e.g. ``[2B, H]``). The reference inputs are constants: they are
+    detached, so gradients reach only the policy's target log-likelihoods and its pooled states.
+
+    Returns the loss and detached metrics: ``l1``, ``l2``, ``target_gap`` (mean RG^t), ``dominant_gap``
+    (mean RG^d) and ``target_gap_accuracy`` (fraction of pairs with RG^t > 0).
+    """
+    target_gap = reward_gap(policy_target_chosen_avg_logps, policy_target_rejected_avg_logps)
+    dominant_gap = ref_dominant_reward_gap.detach().to(target_gap.dtype)
+    l1 = ((beta * target_gap - dominant_gap) ** 2).mean()
+    ref_pooled = ref_dominant_pooled.detach().to(policy_dominant_pooled.dtype)
+    l2 = F.mse_loss(policy_dominant_pooled, ref_pooled)
+    loss = l1 + lam * l2
+    metrics = {
+        "l1": l1.detach(),
+        "l2": l2.detach(),
+        "target_gap": target_gap.detach().mean(),
+        "dominant_gap": dominant_gap.mean(),
+        "target_gap_accuracy": (target_gap.detach() > 0).float().mean(),
+    }
+    return loss, metrics
+
+
+def dpo_sigmoid_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """DPO: ``-mean log sigmoid(beta * [(log pi_w - log ref_w) - (log pi_l - log ref_l)])`` (summed logps)."""
+    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """IPO: ``mean (margin - 1/(2 beta))^2`` with the DPO log-ratio margin (TRL uses avg logps here)."""
+    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return ((margin - 1.0 / (2.0 * beta)) ** 2).mean()
+
+
+def simpo_loss(
+    chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, beta: float, gamma: float
+) -> torch.Tensor:
+    """SimPO (reference-free): ``-mean log sigmoid(beta * (s(y_w|x) - s(y_l|x)) - gamma)``."""
+    return -F.logsigmoid(beta * reward_gap(chosen_avg_logps, rejected_avg_logps) - gamma).mean()
+
+
+def sft_loss(chosen_token_logps_sum: torch.Tensor, chosen_token_counts: torch.Tensor) -> torch.Tensor:
+    """SFT on chosen: token-level negative log-likelihood ``-sum log pi(y_w) / sum |y_w|`` over the batch."""
+    return -chosen_token_logps_sum.sum() / chosen_token_counts.sum().clamp_min(1)
+
+
+class MPOLoss(nn.Module):
+    """:func:`mpo_loss` with ``beta`` and ``lam`` bound (OpenRLHF-style loss module)."""
+
+    def __init__(self, beta: float, lam: float = 1.0) -> None:
+        super().__init__()
+        self.beta, self.lam = beta, lam
+
+    def forward(
+        self,
+        policy_target_chosen_avg_logps: torch.Tensor,
+        policy_target_rejected_avg_logps: torch.Tensor,
+        ref_dominant_reward_gap: torch.Tensor,
+        policy_dominant_pooled: torch.Tensor,
+        ref_dominant_pooled: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return mpo_loss(
+            policy_target_chosen_avg_logps,
+            policy_target_rejected_avg_logps,
+            ref_dominant_reward_gap,
+            policy_dominant_pooled,
+            ref_dominant_pooled,
+            self.beta,
+            self.lam,
+        )
+
+
+class SimPOLoss(nn.Module):
+    """:func:`simpo_loss` with ``beta`` and the target margin ``gamma`` bound."""
+
+    def __init__(self, beta: float, gamma: float) -> None:
+        super().__init__()
+        self.beta, self.gamma = beta, gamma
+
+    def forward(self, chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor) -> torch.Tensor:
+        return simpo_loss(chosen_avg_logps, rejected_avg_logps, self.beta, self.gamma)
