@@ -1,7 +1,10 @@
 """The Arrow schema of every artifact, in one place.
 
 Bump :data:`SCHEMA_VERSION` whenever a column is added, removed, renamed or retyped; readers refuse an
-artifact whose manifest carries another version. Columns marked ``nullable=False`` must have no nulls.
+artifact whose manifest carries another version. Columns marked ``nullable=False`` must have no nulls;
+columns marked ``nonempty`` must have no empty or whitespace-only strings; columns marked ``lang`` must hold
+canonical language codes (:func:`mpo_core.languages.normalize_lang` maps them to themselves). The checks are
+made on every write and read by :mod:`mpo_core.artifacts`.
 """
 
 from __future__ import annotations
@@ -11,17 +14,33 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 
 
-def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable)
+NONEMPTY = b"mpo.nonempty"
+LANG = b"mpo.lang"
+
+
+def _f(name: str, type_: pa.DataType, nullable: bool = False, *, nonempty: bool = False,
+       lang: bool = False) -> pa.Field:
+    metadata = {key: b"1" for key, on in ((NONEMPTY, nonempty or lang), (LANG, lang)) if on}
+    return pa.field(name, type_, nullable=nullable, metadata=metadata or None)
+
+
+def is_nonempty(field: pa.Field) -> bool:
+    """True if ``field`` must hold no empty or whitespace-only strings."""
+    return bool(field.metadata and NONEMPTY in field.metadata)
+
+
+def is_lang(field: pa.Field) -> bool:
+    """True if ``field`` holds language codes."""
+    return bool(field.metadata and LANG in field.metadata)
 
 
 PROMPTS = pa.schema(
     [
-        _f("prompt_id", pa.string()),
-        _f("lang", pa.string()),
-        _f("text", pa.string()),
+        _f("prompt_id", pa.string(), nonempty=True),
+        _f("lang", pa.string(), lang=True),
+        _f("text", pa.string(), nonempty=True),
         _f("category", pa.string(), True),
-        _f("split", pa.string()),  # "train" | "eval"
+        _f("split", pa.string(), nonempty=True),  # "train" | "eval"
         _f("source", pa.string()),
         _f("translated_by", pa.string()),  # "original" | "provided" | "llm:<model>" | "seq2seq:<model>"
         _f("harmful", pa.bool_()),
@@ -30,8 +49,8 @@ PROMPTS = pa.schema(
 
 RESPONSES = pa.schema(
     [
-        _f("prompt_id", pa.string()),
-        _f("lang", pa.string()),
+        _f("prompt_id", pa.string(), nonempty=True),
+        _f("lang", pa.string(), lang=True),
         _f("sample_idx", pa.int32()),
         _f("prompt", pa.string()),
         _f("text", pa.string()),
@@ -48,14 +67,14 @@ RESPONSES = pa.schema(
 
 PAIRS = pa.schema(
     [
-        _f("pair_id", pa.string()),
-        _f("prompt_id", pa.string()),
-        _f("dominant_lang", pa.string()),
-        _f("target_lang", pa.string()),
-        _f("dominant_prompt", pa.string()),
+        _f("pair_id", pa.string(), nonempty=True),
+        _f("prompt_id", pa.string(), nonempty=True),
+        _f("dominant_lang", pa.string(), lang=True),
+        _f("target_lang", pa.string(), lang=True),
+        _f("dominant_prompt", pa.string(), nonempty=True),
         _f("dominant_chosen", pa.string()),
         _f("dominant_rejected", pa.string()),
-        _f("target_prompt", pa.string()),
+        _f("target_prompt", pa.string(), nonempty=True),
         _f("target_chosen", pa.string()),
         _f("target_rejected", pa.string()),
         _f("source", pa.string()),
@@ -69,7 +88,7 @@ PAIRS = pa.schema(
     ]
 )
 
-DROPPED = pa.schema(list(PAIRS) + [_f("reason", pa.string()), _f("detail", pa.string(), True)])
+DROPPED = pa.schema(list(PAIRS) + [_f("reason", pa.string(), nonempty=True), _f("detail", pa.string(), True)])
 
 REFERENCE = pa.schema(
     [
@@ -99,6 +118,16 @@ EVAL = pa.schema(
     ]
 )
 
+# The filter stage's count table: one row per (target language, outcome, reason).
+FILTER_REPORT = pa.schema(
+    [
+        _f("lang", pa.string(), lang=True),
+        _f("outcome", pa.string(), nonempty=True),  # "input" | "kept" | "dropped" | "repaired"
+        _f("reason", pa.string(), True),  # null for "input" and "kept"
+        _f("pairs", pa.int64()),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "prompts": PROMPTS,
     "responses": RESPONSES,
@@ -106,6 +135,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "dropped": DROPPED,
     "reference": REFERENCE,
     "eval": EVAL,
+    "filter_report": FILTER_REPORT,
 }
 
 
