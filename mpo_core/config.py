@@ -140,12 +140,31 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """Evaluation sets and metrics."""
+    """Evaluation sets and metrics (base and trained model side by side, greedy decoding).
+
+    ``safety_sets``: ``seed`` (the seed hold-out, split ``eval``, from the ``translated`` artifact), a
+    MultiJail-style CSV, any prompt-set path, or a hub id (``DAMO-NLP-SG/MultiJail``) read by the ingest
+    loader. ``langs`` ``None`` means the run's dominant and target languages. ``pairs`` is a held-out pair
+    file in any format ``mpo_core.ingest.load_pairs`` reads; ``None`` uses the ``filtered`` pairs. ``mgsm``
+    and ``multiple_choice`` (utility) are off when empty: MGSM is a folder of ``mgsm_<lang>.tsv``, one such
+    file, or the hub id ``juletxara/mgsm``; multiple choice is M-MMLU-style CSV/JSONL files.
+    """
 
     safety_sets: list[str] = Field(default_factory=lambda: ["seed"])
+    langs: list[str] | None = None
     max_prompts_per_lang: int | None = Field(default=None, ge=1)
     max_new_tokens: int = Field(default=48, ge=1)
     bootstrap_samples: int = Field(default=1000, ge=10)
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    pairs: str | None = None
+    max_pairs_per_lang: int | None = Field(default=64, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=512, ge=8)
+    mgsm: list[str] = Field(default_factory=list)
+    mgsm_max_per_lang: int | None = Field(default=50, ge=1)
+    mgsm_max_new_tokens: int = Field(default=256, ge=1)
+    multiple_choice: list[str] = Field(default_factory=list)
+    mc_max_per_lang: int | None = Field(default=100, ge=1)
 
 
 class PipelineConfig(Section):
