@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +37,22 @@ class RunConfig(Section):
     seed: int = 0
     dominant_lang: str = "en"
     target_langs: list[str] = Field(default_factory=lambda: ["zh", "ja", "ko", "ar", "bn", "sw"])
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, name: str) -> str:
+        """A run name is one plain folder name: no separators, no ``..``, nothing hidden."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name:
+            raise ValueError("run.name must be letters, digits, '.', '_' or '-', not start with '.', no '..'")
+        return name
+
+    @field_validator("root")
+    @classmethod
+    def _root_does_not_climb(cls, root: str) -> str:
+        """The runs root may be relative or absolute but never climbs with ``..``."""
+        if not root or ".." in Path(root).parts:
+            raise ValueError("run.root must be a non-empty path without '..'")
+        return root
 
 
 class ModelConfig(Section):

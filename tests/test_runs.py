@@ -1,0 +1,240 @@
+"""Run folders, stage markers and the reuse rule (no Prefect, no model: stage functions are tiny fakes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from mpo_core.artifacts import read_manifest, write_artifact
+from mpo_core.config import config_from_dict
+from mpo_core.errors import ArtifactError, ConfigError
+from mpo_core.runs import (
+    BYPASSED,
+    FAILED,
+    RAN,
+    SKIPPED,
+    RunFolder,
+    active_stages,
+    bypass_stage,
+    ensure_inside,
+    execute_stage,
+    list_runs,
+    open_run,
+    resolve_inputs,
+)
+from mpo_core.stages import get_stage, stage_identity
+
+
+def _prompt_rows(n: int) -> list[dict]:
+    return [
+        {
+            "prompt_id": f"p{i}",
+            "lang": "en" if i % 2 else "zh",
+            "text": f"prompt {i}",
+            "category": None,
+            "split": "train",
+            "source": "test",
+            "translated_by": "original",
+            "harmful": True,
+        }
+        for i in range(n)
+    ]
+
+
+def fake_ingest(config, inputs, out_dir):
+    """Writes ``prompts`` with as many rows as ``prompts.limit`` (default 4)."""
+    spec = FAKE["ingest"]
+    path = out_dir / "prompts.parquet"
+    write_artifact(
+        _prompt_rows(config.prompts.limit or 4), path, "prompts", config_hash=stage_identity(spec, config, {})
+    )
+    return {"prompts": path}
+
+
+def fake_translate(config, inputs, out_dir):
+    """Copies prompts to ``translated`` and writes a non-Parquet side file folder as its second output."""
+    spec = FAKE["translate"]
+    hashes = {k: read_manifest(p).content_hash for k, p in inputs.items()}
+    path = out_dir / "translated.parquet"
+    from mpo_core.artifacts import read_artifact
+
+    write_artifact(
+        read_artifact(inputs["prompts"], "prompts"),
+        path,
+        "prompts",
+        config_hash=stage_identity(spec, config, hashes),
+        inputs=hashes,
+    )
+    folder = out_dir / "notes"
+    folder.mkdir(exist_ok=True)
+    (folder / "a.txt").write_text(config.translate.backend)
+    return {"translated": path, "notes": folder}
+
+
+def fake_escaping(config, inputs, out_dir):
+    return {"prompts": out_dir.parent.parent / "elsewhere.parquet"}
+
+
+def fake_failing(config, inputs, out_dir):
+    (out_dir / "partial.tmp").write_text("x")
+    raise RuntimeError("boom")
+
+
+FAKE = {
+    "ingest": dataclasses.replace(get_stage("ingest"), entry="tests.test_runs:fake_ingest"),
+    "translate": dataclasses.replace(
+        get_stage("translate"), entry="tests.test_runs:fake_translate", outputs=("translated", "notes")
+    ),
+}
+
+
+@pytest.fixture
+def config(tmp_path):
+    return config_from_dict({"run": {"name": "t1", "root": str(tmp_path / "runs")}})
+
+
+def _run_both(config, run):
+    ingest = execute_stage(FAKE["ingest"], config, run, {})
+    translate = execute_stage(
+        FAKE["translate"], config, run, resolve_inputs(FAKE["translate"], config, ingest.outputs)
+    )
+    return ingest, translate
+
+
+def test_second_run_skips_and_changed_section_reruns_only_downstream(config):
+    run = RunFolder.for_config(config)
+    run.save_config(config)
+    first = _run_both(config, run)
+    assert [o.status for o in first] == [RAN, RAN]
+    second = _run_both(config, run)
+    assert [o.status for o in second] == [SKIPPED, SKIPPED]
+    assert second[1].outputs == first[1].outputs
+    changed = config.model_copy(update={"translate": config.translate.model_copy(update={"batch_size": 3})})
+    third = _run_both(changed, run)
+    assert [o.status for o in third] == [SKIPPED, RAN]
+    assert third[0].outputs == first[0].outputs
+    assert run.stage_statuses() == {"ingest": SKIPPED, "translate": RAN}
+
+
+def test_upstream_content_change_reruns_downstream(config):
+    run = RunFolder.for_config(config)
+    _run_both(config, run)
+    limited = config.model_copy(update={"prompts": config.prompts.model_copy(update={"limit": 6})})
+    statuses = [o.status for o in _run_both(limited, run)]
+    assert statuses == [RAN, RAN]
+
+
+def test_modified_or_deleted_outputs_are_not_reused(config):
+    run = RunFolder.for_config(config)
+    ingest, translate = _run_both(config, run)
+    (translate.outputs["notes"] / "a.txt").write_text("edited by hand, longer")
+    assert _run_both(config, run)[1].status == RAN
+    ingest.outputs["prompts"].write_bytes(b"not parquet")
+    assert _run_both(config, run)[0].status == RAN
+
+
+def test_manifest_from_another_identity_is_not_reused(config):
+    run = RunFolder.for_config(config)
+    ingest, _ = _run_both(config, run)
+    table_path = ingest.outputs["prompts"]
+    write_artifact(_prompt_rows(4), table_path, "prompts", config_hash="someone-else")
+    assert execute_stage(FAKE["ingest"], config, run, {}).status == RAN
+
+
+def test_failure_is_recorded_leaves_no_complete_marker_and_stale_outputs_go(config):
+    run = RunFolder.for_config(config)
+    _run_both(config, run)
+    failing = dataclasses.replace(FAKE["translate"], entry="tests.test_runs:fake_failing")
+    inputs = resolve_inputs(failing, config, run.available_outputs())
+    changed = config.model_copy(update={"translate": config.translate.model_copy(update={"batch_size": 5})})
+    with pytest.raises(RuntimeError, match="boom"):
+        execute_stage(failing, changed, run, inputs)
+    assert run.stage_statuses()["translate"] == FAILED
+    assert "boom" in run.read_state()["stages"]["translate"]["error"]
+    assert run.read_marker("translate")["status"] == "running"
+    # outputs of the previous identity were removed before the rerun: nothing stale looks reusable
+    assert not (run.stage_dir("translate") / "translated.parquet").exists()
+    assert "translated" not in run.available_outputs()
+
+
+def test_interrupted_stage_with_same_identity_keeps_its_folder(config):
+    run = RunFolder.for_config(config)
+    _run_both(config, run)
+    failing = dataclasses.replace(FAKE["translate"], entry="tests.test_runs:fake_failing")
+    inputs = resolve_inputs(failing, config, run.available_outputs())
+    with pytest.raises(RuntimeError):
+        execute_stage(failing, config, run, inputs, force=True)
+    partial = run.stage_dir("translate") / "partial.tmp"
+    assert partial.exists()
+    assert execute_stage(FAKE["translate"], config, run, inputs).status == RAN
+    assert partial.exists()  # same identity: files (e.g. checkpoints) of the interrupted attempt are kept
+
+
+def test_outputs_outside_the_stage_folder_are_refused(config):
+    run = RunFolder.for_config(config)
+    escaping = dataclasses.replace(FAKE["ingest"], entry="tests.test_runs:fake_escaping")
+    with pytest.raises(ConfigError, match="outside"):
+        execute_stage(escaping, config, run, {})
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", ".hidden", "", "x" * 200, "a..b"])
+def test_run_names_cannot_escape_the_root(name):
+    with pytest.raises(ConfigError, match="run.name"):
+        config_from_dict({"run": {"name": name}})
+
+
+def test_run_root_cannot_climb():
+    with pytest.raises(ConfigError, match="run.root"):
+        config_from_dict({"run": {"root": "runs/../../etc"}})
+
+
+def test_ensure_inside(tmp_path):
+    assert ensure_inside(tmp_path / "a" / "b", tmp_path) == (tmp_path / "a" / "b").resolve()
+    with pytest.raises(ConfigError):
+        ensure_inside(tmp_path / ".." / "x", tmp_path)
+
+
+def test_open_run_records_config_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run:\n  name: r1\n  root: {tmp_path / 'runs'}\n")
+    folder, cfg = open_run(config=recipe, overrides=["filter.max_length_ratio=5.0"])
+    assert folder.config_path.is_file() and cfg.filter.max_length_ratio == 5.0
+    _, cfg2 = open_run(run=folder.path, overrides=["filter.max_length_ratio=7.0"])
+    assert cfg2.filter.max_length_ratio == 7.0
+    assert open_run(run=folder.path)[1].filter.max_length_ratio == 7.0
+    with pytest.raises(ConfigError, match="run.name"):
+        open_run(run=folder.path, overrides=["run.name=other"])
+    assert [r.name for r in list_runs(tmp_path / "runs")] == ["r1"]
+
+
+def test_pair_source_bypasses_generate_and_label(config):
+    with_source = (
+        config.model_copy(update={"pair": config.pair.model_copy(update={"source": "x.json"})})
+        if "source" in type(config.pair).model_fields
+        else None
+    )
+    names = [s.name for s in active_stages(config)]
+    assert names[:5] == ["ingest", "translate", "generate", "label", "pair"]
+    if with_source is not None:
+        assert "generate" not in [s.name for s in active_stages(with_source)]
+        assert resolve_inputs(get_stage("pair"), with_source, {}) == {}
+    run = RunFolder.for_config(config)
+    assert bypass_stage(get_stage("generate"), run, "pairs given").status == BYPASSED
+    assert run.stage_statuses() == {"generate": BYPASSED}
+
+
+def test_missing_inputs_name_the_stage(config):
+    with pytest.raises(ArtifactError, match="stage filter needs pairs"):
+        resolve_inputs(get_stage("filter"), config, {})
+
+
+def test_state_file_is_json_with_invocation(config):
+    run = RunFolder.for_config(config)
+    run.save_config(config)
+    invocation = run.begin_invocation("pipeline", ["ingest", "translate"])
+    state = json.loads(Path(run.state_path).read_text())
+    assert state["invocation"] == invocation
+    assert state["stages"]["ingest"]["status"] == "pending"
