@@ -41,6 +41,11 @@ def reward_gap(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor)
     return chosen_avg_logps - rejected_avg_logps
 
 
+def mpo_l1_terms(target_gap: torch.Tensor, dominant_gap: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-pair L1 terms ``(beta * RG^t_b - RG^d_b)^2`` (L1 is their mean)."""
+    return (beta * target_gap - dominant_gap.to(target_gap.dtype)) ** 2
+
+
 def mpo_loss(
     policy_target_chosen_avg_logps: torch.Tensor,
     policy_target_rejected_avg_logps: torch.Tensor,
@@ -61,7 +66,7 @@ def mpo_loss(
     """
     target_gap = reward_gap(policy_target_chosen_avg_logps, policy_target_rejected_avg_logps)
     dominant_gap = ref_dominant_reward_gap.detach().to(target_gap.dtype)
-    l1 = ((beta * target_gap - dominant_gap) ** 2).mean()
+    l1 = mpo_l1_terms(target_gap, dominant_gap, beta).mean()
     ref_pooled = ref_dominant_pooled.detach().to(policy_dominant_pooled.dtype)
     l2 = F.mse_loss(policy_dominant_pooled, ref_pooled)
     loss = l1 + lam * l2

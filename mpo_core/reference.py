@@ -1,0 +1,117 @@
+"""The reference stage: the frozen starting model, once, over the dominant-language side of every pair.
+
+For each pair it stores ``s_ref(y_w^d|x^d)``, ``s_ref(y_l^d|x^d)``, ``RG^d`` = their difference, and the
+reference's final hidden states of the dominant chosen and rejected sequences mean-pooled over real tokens.
+MPO's L1 and L2 need nothing else from the reference, so training keeps no reference model in memory.
+
+Resumable: pairs are processed in a fixed, length-sorted plan of batches; each finished batch is written as
+an atomic shard in ``out_dir/shards-<identity>/`` and skipped on restart. ``reference.parquet`` is written
+atomically from the shards at the end, in the order of the input pairs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+
+from mpo_core.artifacts import artifact_is_complete, read_artifact, read_manifest, write_artifact
+from mpo_core.config import PipelineConfig
+from mpo_core.progress import Tracker
+from mpo_core.stages import get_stage, stage_identity
+
+REFERENCE_FILE = "reference.parquet"
+
+
+def dominant_sequences(tokenizer, pairs: pa.Table, max_length: int) -> tuple[list, list]:
+    """Encoded (chosen, rejected) dominant-language sequences of every pair, in table order."""
+    from mpo_core.logps import encode_prompt_response
+
+    prompts = pairs.column("dominant_prompt").to_pylist()
+    chosen = [
+        encode_prompt_response(tokenizer, p, r, max_length)
+        for p, r in zip(prompts, pairs.column("dominant_chosen").to_pylist())
+    ]
+    rejected = [
+        encode_prompt_response(tokenizer, p, r, max_length)
+        for p, r in zip(prompts, pairs.column("dominant_rejected").to_pylist())
+    ]
+    return chosen, rejected
+
+
+def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """Stage entry: write ``reference.parquet`` (REFERENCE schema) for the pairs in ``inputs["filtered"]``."""
+    import torch
+
+    from mpo_core.logps import collate_sequences, length_sorted_batches, sequence_outputs
+    from mpo_core.models import load_model, load_tokenizer, model_fingerprint
+
+    out_dir = Path(out_dir)
+    out_path = out_dir / REFERENCE_FILE
+    input_hashes = {name: read_manifest(p).content_hash for name, p in inputs.items()}
+    identity = stage_identity(get_stage("reference"), config, input_hashes)
+    if artifact_is_complete(out_path) and read_manifest(out_path).config_hash == identity:
+        return {"reference": out_path}
+
+    pairs = read_artifact(inputs["filtered"], "pairs")
+    tokenizer = load_tokenizer(config.model, padding_side="right")
+    chosen, rejected = dominant_sequences(tokenizer, pairs, config.reference.max_length)
+    pair_ids = pairs.column("pair_id").to_pylist()
+    plan = length_sorted_batches(
+        [max(len(c.input_ids), len(r.input_ids)) for c, r in zip(chosen, rejected)],
+        config.reference.batch_size,
+    )
+    shard_dir = out_dir / f"shards-{identity[:16]}"
+    shard_paths = [shard_dir / f"batch-{k:05d}.parquet" for k in range(len(plan))]
+    todo = [k for k, path in enumerate(shard_paths) if not artifact_is_complete(path)]
+
+    fingerprint = model_fingerprint(config.model)
+    if todo:
+        model = load_model(config.model).eval()
+        device = next(model.parameters()).device
+        with Tracker(len(plan), "reference") as tracker, torch.inference_mode():
+            tracker.update(len(plan) - len(todo))
+            for k in todo:
+                idx = plan[k]
+                seqs = [chosen[i] for i in idx] + [rejected[i] for i in idx]
+                batch = collate_sequences(seqs, tokenizer.pad_token_id)
+                out = sequence_outputs(model, {name: t.to(device) for name, t in batch.items()})
+                avg = out["avg_logps"].float().cpu()
+                pooled = out["pooled"].float().cpu()
+                n = len(idx)
+                write_artifact(
+                    {
+                        "pair_id": [pair_ids[i] for i in idx],
+                        "dominant_chosen_avg_logp": avg[:n].tolist(),
+                        "dominant_rejected_avg_logp": avg[n:].tolist(),
+                        "reward_gap": (avg[:n] - avg[n:]).tolist(),
+                        "chosen_pooled": pooled[:n].tolist(),
+                        "rejected_pooled": pooled[n:].tolist(),
+                        "model_fingerprint": [fingerprint] * n,
+                    },
+                    shard_paths[k],
+                    "reference",
+                    config_hash=identity,
+                )
+                tracker.update(1)
+        del model
+
+    shards = pa.concat_tables([read_artifact(path, "reference") for path in shard_paths]) if plan else None
+    if shards is None:
+        from mpo_core.schemas import REFERENCE
+
+        table = REFERENCE.empty_table()
+    else:
+        position = {pid: i for i, pid in enumerate(shards.column("pair_id").to_pylist())}
+        table = shards.take([position[pid] for pid in pair_ids])
+    write_artifact(
+        table,
+        out_path,
+        "reference",
+        config_hash=identity,
+        inputs=input_hashes,
+        extra={"model_fingerprint": fingerprint, "max_length": config.reference.max_length},
+    )
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    return {"reference": out_path}

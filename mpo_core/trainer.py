@@ -1,0 +1,448 @@
+"""The train stage: MPO on ``transformers.Trainer`` with the precomputed reference, and the baselines.
+
+- ``train.loss: mpo`` (and ``simpo``): :class:`MPOTrainer`, a ``transformers.Trainer`` whose
+  :meth:`~MPOTrainer.compute_loss` runs the policy on the target-language chosen/rejected sequences (response
+  log-likelihoods through the chunked LM head, :mod:`mpo_core.logps`) and on the dominant-language sequences
+  (backbone only, pooled states for L2); ``RG^d`` and the reference's pooled states come from the
+  ``reference`` artifact, so no reference model is ever in memory.
+- ``dpo`` / ``ipo``: TRL's ``DPOTrainer`` (loss_type ``sigmoid`` / ``ipo``) and ``sft``: TRL's ``SFTTrainer``
+  on the chosen responses, all on the target-language side of the same pairs.
+
+Common to all: full fine-tuning or LoRA (peft), dropout off (paper), bf16 and gradient checkpointing only
+where the config turns them on, gradient accumulation, checkpoints in ``out_dir/checkpoints`` with automatic
+resume from the latest one, a JSONL training log, and the final model saved as safetensors with its tokenizer
+into ``out_dir/model`` atomically (a LoRA adapter is merged first, so the result loads like any model).
+
+Checkpoints for resuming hold the model as safetensors; the optimizer, scheduler and RNG states are written
+by ``transformers`` with ``torch.save`` and read back with ``torch.load(weights_only=True)`` (tensors and
+plain containers only, no arbitrary objects); the pickled ``training_args.bin``, which resuming never reads,
+is deleted after every save. ``out_dir/model`` holds no pickle at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from mpo_core.artifacts import read_artifact, read_manifest
+from mpo_core.config import PipelineConfig, TrainConfig
+from mpo_core.errors import InputDataError
+from mpo_core.logps import EncodedSequence, collate_sequences, encode_prompt_response, sequence_outputs
+from mpo_core.losses import mpo_l1_terms, mpo_loss, reward_gap, simpo_loss
+from mpo_core.stages import get_stage, stage_identity
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"
+TRAIN_INFO = "mpo_train.json"
+OWN_TRAINER_LOSSES = ("mpo", "simpo")
+
+
+def build_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: pa.Table,
+    reference: pa.Table | None,
+    max_length: int,
+    *,
+    origin: str = "pairs",
+) -> list[dict[str, Any]]:
+    """Tokenised training rows: target chosen/rejected, dominant chosen/rejected, the reference's gap and
+    pooled states (joined on ``pair_id``). A pair missing from ``reference`` is an error naming it."""
+    ref_rows: dict[str, dict[str, Any]] = {}
+    if reference is not None:
+        for row in reference.select(
+            ["pair_id", "reward_gap", "chosen_pooled", "rejected_pooled"]
+        ).to_pylist():
+            ref_rows[row["pair_id"]] = row
+    examples = []
+    for i, row in enumerate(pairs.to_pylist()):
+        example: dict[str, Any] = {"pair_id": row["pair_id"], "target_lang": row["target_lang"]}
+        for side in ("target", "dominant"):
+            for which in ("chosen", "rejected"):
+                example[f"{side}_{which}"] = encode_prompt_response(
+                    tokenizer, row[f"{side}_prompt"], row[f"{side}_{which}"], max_length
+                )
+        if reference is not None:
+            ref = ref_rows.get(row["pair_id"])
+            if ref is None:
+                raise InputDataError(
+                    f"{origin}: row {i}, column 'pair_id': {row['pair_id']!r} has no reference row"
+                )
+            example["ref_gap"] = ref["reward_gap"]
+            example["ref_pooled"] = [ref["chosen_pooled"], ref["rejected_pooled"]]
+        examples.append(example)
+    return examples
+
+
+class MPOCollator:
+    """Collates :func:`build_examples` rows into right-padded ``target_*`` and ``dominant_*`` batches
+    (chosen rows first, then rejected) plus ``ref_gap [B]`` and ``ref_pooled [2B, H]``."""
+
+    def __init__(self, pad_token_id: int, with_dominant: bool = True) -> None:
+        self.pad_token_id, self.with_dominant = pad_token_id, with_dominant
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch: dict[str, Any] = {"target_lang": [r["target_lang"] for r in rows]}
+        sides = ("target", "dominant") if self.with_dominant else ("target",)
+        for side in sides:
+            seqs: list[EncodedSequence] = [r[f"{side}_chosen"] for r in rows] + [
+                r[f"{side}_rejected"] for r in rows
+            ]
+            for name, tensor in collate_sequences(seqs, self.pad_token_id).items():
+                batch[f"{side}_{name}"] = tensor
+        if "ref_gap" in rows[0]:
+            batch["ref_gap"] = torch.tensor([r["ref_gap"] for r in rows], dtype=torch.float32)
+            if self.with_dominant:
+                pooled = [r["ref_pooled"][0] for r in rows] + [r["ref_pooled"][1] for r in rows]
+                batch["ref_pooled"] = torch.tensor(pooled, dtype=torch.float32)
+        return batch
+
+
+def side(batch: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    """The ``input_ids``/``attention_mask``/``response_mask`` of one side (``target``/``dominant``)."""
+    return {key: batch[f"{name}_{key}"] for key in ("input_ids", "attention_mask", "response_mask")}
+
+
+def mpo_step_loss(
+    model: PreTrainedModel, batch: dict[str, Any], beta: float, lam: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """MPO loss of one collated batch with the precomputed reference; also returns per-row target gaps."""
+    n = batch["ref_gap"].shape[0]
+    target = sequence_outputs(model, side(batch, "target"), with_pooled=False)["avg_logps"]
+    if lam > 0:
+        policy_pooled = sequence_outputs(model, side(batch, "dominant"), with_logps=False)["pooled"]
+        ref_pooled = batch["ref_pooled"]
+    else:
+        policy_pooled = ref_pooled = target.new_zeros(1)
+    loss, metrics = mpo_loss(target[:n], target[n:], batch["ref_gap"], policy_pooled, ref_pooled, beta, lam)
+    return loss, metrics, reward_gap(target[:n], target[n:]).detach()
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere (paper): ``nn.Dropout`` modules and attention-dropout rates."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class MPOTrainer(Trainer):
+        """``transformers.Trainer`` with the MPO (or SimPO) loss and per-target-language metrics."""
+
+        def __init__(self, *args: Any, train_cfg: TrainConfig, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.train_cfg = train_cfg
+            self.model_accepts_loss_kwargs = False
+            self.loss_is_scaled_for_ga = False
+            self._sums: dict[str, float] = defaultdict(float)
+            self._count = 0
+            self._lang: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            cfg = self.train_cfg
+            if cfg.loss == "mpo":
+                loss, metrics, gaps = mpo_step_loss(model, inputs, cfg.beta, cfg.lam)
+                l1_rows = mpo_l1_terms(gaps, inputs["ref_gap"], cfg.beta)
+            else:
+                n = len(inputs["target_lang"])
+                target = sequence_outputs(model, side(inputs, "target"), with_pooled=False)["avg_logps"]
+                loss = simpo_loss(target[:n], target[n:], cfg.beta, cfg.simpo_gamma)
+                gaps = reward_gap(target[:n], target[n:]).detach()
+                metrics = {"target_gap": gaps.mean(), "target_gap_accuracy": (gaps > 0).float().mean()}
+                l1_rows = None
+            self._record(metrics, inputs["target_lang"], gaps, l1_rows)
+            return (loss, {}) if return_outputs else loss
+
+        def _record(self, metrics, langs, gaps, l1_rows) -> None:
+            for key, value in metrics.items():
+                self._sums[key] += float(value)
+            self._count += 1
+            for i, lang in enumerate(langs):
+                stats = self._lang[lang]
+                stats["n"] += 1
+                stats["target_gap"] += float(gaps[i])
+                stats["target_gap_accuracy"] += float(gaps[i] > 0)
+                if l1_rows is not None:
+                    stats["l1"] += float(l1_rows[i])
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs and self._count:
+                logs.update({key: value / self._count for key, value in self._sums.items()})
+                for lang, stats in sorted(self._lang.items()):
+                    for key, value in stats.items():
+                        if key != "n":
+                            logs[f"{key}/{lang}"] = value / stats["n"]
+                self._sums.clear()
+                self._count = 0
+                self._lang.clear()
+            super().log(logs, start_time)
+
+    return MPOTrainer
+
+
+def _callbacks(log_path: Path) -> list:
+    from transformers import TrainerCallback
+
+    from mpo_core.progress import Tracker
+
+    class ProgressAndLog(TrainerCallback):
+        """Progress through :mod:`mpo_core.progress`, every log line appended to the JSONL training log, and
+        the pickled ``training_args.bin`` removed from each checkpoint."""
+
+        tracker: Tracker | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.tracker = Tracker(state.max_steps, "train")
+            self.tracker.update(state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.tracker is not None:
+                self.tracker.update(1)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **(logs or {})}) + "\n")
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (ckpt / "training_args.bin").unlink(missing_ok=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.tracker is not None:
+                self.tracker.close()
+
+    return [ProgressAndLog()]
+
+
+def _common_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_cpu: bool, seed: int) -> dict[str, Any]:
+    return {
+        "output_dir": str(checkpoint_dir),
+        "per_device_train_batch_size": cfg.per_device_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "learning_rate": cfg.learning_rate,
+        "num_train_epochs": cfg.num_epochs,
+        "max_steps": cfg.max_steps,
+        "lr_scheduler_type": cfg.lr_scheduler,
+        "warmup_steps": min(cfg.warmup_ratio, 0.999),
+        "bf16": cfg.bf16,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "logging_steps": cfg.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        "use_cpu": use_cpu,
+        "seed": seed,
+    }
+
+
+def _lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    lora = cfg.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _preference_rows(pairs: pa.Table, loss: str) -> list[dict[str, Any]]:
+    """TRL conversational rows on the target-language side of each pair."""
+    rows = []
+    for row in pairs.select(["target_prompt", "target_chosen", "target_rejected"]).to_pylist():
+        prompt = [{"role": "user", "content": row["target_prompt"]}]
+        chosen = [{"role": "assistant", "content": row["target_chosen"]}]
+        if loss == "sft":
+            rows.append({"prompt": prompt, "completion": chosen})
+        else:
+            rejected = [{"role": "assistant", "content": row["target_rejected"]}]
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def build_trainer(
+    config: PipelineConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: pa.Table,
+    reference: pa.Table | None,
+    out_dir: Path,
+):
+    """The trainer of ``config.train.loss`` on ``pairs`` (a ``transformers.Trainer`` or a TRL trainer)."""
+    from mpo_core.models import resolve_device
+
+    cfg = config.train
+    use_cpu = resolve_device(config.model.device) == "cpu"
+    common = _common_arguments(cfg, out_dir / CHECKPOINT_DIR, use_cpu, config.run.seed)
+    callbacks = _callbacks(out_dir / TRAIN_LOG)
+    disable_dropout(model)
+    if cfg.loss in OWN_TRAINER_LOSSES:
+        from transformers import TrainingArguments
+
+        if cfg.lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, _lora_config(cfg))
+        if cfg.gradient_checkpointing:
+            common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        examples = build_examples(tokenizer, pairs, reference, cfg.max_length)
+        return _trainer_class()(
+            model=model,
+            args=TrainingArguments(**common),
+            train_dataset=examples,
+            data_collator=MPOCollator(
+                tokenizer.pad_token_id, with_dominant=cfg.loss == "mpo" and cfg.lam > 0
+            ),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            train_cfg=cfg,
+        )
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(_preference_rows(pairs, cfg.loss))
+    peft_config = _lora_config(cfg) if cfg.lora is not None else None
+    if cfg.loss == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**common, max_length=cfg.max_length, completion_only_loss=True)
+        return SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        **common,
+        beta=cfg.beta,
+        loss_type=["sigmoid" if cfg.loss == "dpo" else "ipo"],
+        max_length=cfg.max_length,
+        disable_dropout=True,
+    )
+    return DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` folder under ``out_dir/checkpoints`` (None if there is none)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return None
+    last = get_last_checkpoint(str(folder))
+    return Path(last) if last else None
+
+
+def _truncate_log(log_path: Path, resumed_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not log_path.exists():
+        return
+    kept = [
+        line
+        for line in log_path.read_text(encoding="utf-8").splitlines()
+        if json.loads(line)["step"] <= resumed_step
+    ]
+    log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def save_model_atomically(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, info: dict
+) -> Path:
+    """Save ``model`` (LoRA merged) as safetensors + tokenizer + ``mpo_train.json`` into ``target``, via a
+    temporary sibling folder renamed into place."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAIN_INFO).write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            shutil.rmtree(old)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """Stage entry: train on ``inputs["filtered"]`` (+ ``inputs["reference"]`` for MPO), resuming from the
+    latest checkpoint in ``out_dir/checkpoints``; returns ``{"checkpoint": out_dir/"model"}``."""
+    from mpo_core.models import load_model, load_tokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / MODEL_DIR
+    input_hashes = {name: read_manifest(p).content_hash for name, p in inputs.items()}
+    identity = stage_identity(get_stage("train"), config, input_hashes)
+    info_path = target / TRAIN_INFO
+    if info_path.exists() and json.loads(info_path.read_text(encoding="utf-8")).get("identity") == identity:
+        return {"checkpoint": target}
+
+    pairs = read_artifact(inputs["filtered"], "pairs")
+    if pairs.num_rows == 0:
+        raise InputDataError(f"{inputs['filtered']}: no pairs to train on")
+    reference = None
+    if config.train.loss == "mpo":
+        if "reference" not in inputs:
+            raise InputDataError("train.loss=mpo needs the 'reference' artifact")
+        reference = read_artifact(inputs["reference"], "reference")
+    tokenizer = load_tokenizer(config.model, padding_side="right")
+    model = load_model(config.model)
+    trainer = build_trainer(config, model, tokenizer, pairs, reference, out_dir)
+
+    resume = latest_checkpoint(out_dir)
+    if resume is not None:
+        _truncate_log(out_dir / TRAIN_LOG, int(resume.name.rsplit("-", 1)[-1]))
+    else:
+        (out_dir / TRAIN_LOG).unlink(missing_ok=True)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    info = {
+        "identity": identity,
+        "inputs": input_hashes,
+        "loss": config.train.loss,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "base_model": config.model.name_or_path,
+    }
+    save_model_atomically(trainer.model, tokenizer, target, info)
+    return {"checkpoint": target}
