@@ -166,6 +166,7 @@ class EvaluateConfig(Section):
     and ``multiple_choice`` (utility) are off when empty: MGSM is a folder of ``mgsm_<lang>.tsv``, one such
     file, or the hub id ``juletxara/mgsm``; multiple choice is M-MMLU-style CSV/JSONL files.
     """
+    simpo_gamma: float = Field(default=0.5, ge=0.0)
 
     safety_sets: list[str] = Field(default_factory=lambda: ["seed"])
     langs: list[str] | None = None
