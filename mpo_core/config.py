@@ -164,6 +164,7 @@ class EvaluateConfig(Section):
     loader. ``langs`` ``None`` means the run's dominant and target languages. ``pairs`` is a held-out pair
     file in any format ``mpo_core.ingest.load_pairs`` reads; ``None`` uses the ``filtered`` pairs. ``mgsm``
     and ``multiple_choice`` (utility) are off when empty: MGSM is a folder of ``mgsm_<lang>.tsv``, one such
+    save_total_limit: int = Field(default=2, ge=1)
     file, or the hub id ``juletxara/mgsm``; multiple choice is M-MMLU-style CSV/JSONL files.
     """
     simpo_gamma: float = Field(default=0.5, ge=0.0)
