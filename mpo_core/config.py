@@ -69,12 +69,22 @@ class ModelConfig(Section):
 
 
 class PromptsConfig(Section):
-    """Ingest: which prompt set becomes the ``prompts`` artifact."""
+    """Ingest: which prompt set becomes the ``prompts`` artifact.
+
+    ``source`` is ``seed``, a local file, or ``hf://<owner>/<dataset>/<file>`` (online users). The column
+    names apply to plain Parquet/CSV/JSONL sets; ``split_eval_fraction`` of the prompt ids (stable hash) go
+    to ``eval`` where the source has no split; ``limit`` keeps the first N prompt ids (all languages).
+    """
 
     source: str = "seed"
     format: Literal["auto", "seed", "parquet", "csv", "jsonl", "multijail", "mpo_json", "hh_rlhf"] = "auto"
     langs: list[str] | None = None
     limit: int | None = Field(default=None, ge=1)
+    text_column: str = "text"
+    lang_column: str = "lang"
+    id_column: str = "prompt_id"
+    split_eval_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
+    default_harmful: bool = True
 
 
 class TranslateConfig(Section):
@@ -112,11 +122,30 @@ class PairConfig(Section):
     fallback_refusal: bool = True
 
 
-class FilterConfig(Section):
-    """Noisy-pair filter thresholds (defaults chosen from the official MPO data)."""
+TruncatedField = Literal["dominant_chosen", "dominant_rejected", "target_chosen", "target_rejected"]
 
+
+class FilterConfig(Section):
+    """Noisy-pair filter thresholds (defaults chosen from the official MPO data; see mpo_core/filtering.py).
+
+    ``truncated_fields`` is empty by default: the official files are cut at a generation cap almost
+    everywhere (llama target answers ~88%, gemma English chosen ~73%) and so is the embedded default's own
+    48-token generation; list fields here to drop texts that end mid-word.
+    """
+
+    langid_enabled: bool = True
     langid_min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
+    langid_max_chars: int = Field(default=120, ge=16)
+    langid_fallback_below: float = Field(default=0.5, ge=0.0, le=1.0)
+    langid_processes: int = Field(default=2, ge=1)
+    langid_parallel_min_rows: int = Field(default=2000, ge=1)
+    langid_worker_share: float = Field(default=0.55, gt=0.0, lt=1.0)
     max_length_ratio: float = Field(default=20.0, gt=1.0)
+    truncated_fields: list[TruncatedField] = Field(default_factory=list)
+    truncated_min_chars: int = Field(default=200, ge=1)
+    judge_min_chosen_score: float = Field(default=0.5, ge=0.0, le=1.0)
+    judge_max_rejected_score: float = Field(default=0.5, ge=0.0, le=1.0)
+    batch_size: int = Field(default=8192, ge=1)
 
 
 class LoraSettings(Section):
