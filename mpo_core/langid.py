@@ -21,7 +21,7 @@ import atexit
 import functools
 import importlib.util
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 from mpo_core.errors import InputDataError, ModelLoadError
@@ -140,3 +140,14 @@ def identify(
     futures = [pool.submit(_identify_prepared, chunk, fallback_below) for chunk in chunks[:-1]]
     last = _identify_prepared(chunks[-1], fallback_below)
     return [g for f in futures for g in f.result()] + last
+
+
+def identify_background(
+    texts: Sequence[str | None], max_chars: int = DEFAULT_MAX_CHARS, *, fallback_below: float = DEFAULT_FALLBACK_BELOW
+) -> Future:
+    """Start identifying ``texts`` in a worker process; ``.result()`` is what :func:`identify` returns.
+
+    Lets a caller keep this process busy with other work meanwhile (the filter stage does).
+    """
+    prepared = [prepare(t, max_chars) for t in texts]
+    return _executor(1).submit(_identify_prepared, prepared, fallback_below)

@@ -1,0 +1,370 @@
+"""The noisy-pair filter: keep the quadruples that can be trusted, record why every other one went.
+
+Multilingual preference data is noisy (the MPO paper's own release is: untranslated prompts, answers in the
+wrong language, HTML entities from machine translation, empty or cut-off texts). :class:`PairFilter` checks
+each pair against the rules below; a pair that hits none is kept (with its safe repairs applied), a pair
+that hits any is dropped, with one ``dropped`` row per reason hit and a human-readable detail.
+
+Repairs (counted, pair kept): HTML entities (``&quot;`` -> ``"``, applied until stable), leaked special
+tokens (``</s>``, ``<|endoftext|>``), mojibake that round-trips through cp1252 -> UTF-8.
+
+Reasons (a pair is dropped for each hit):
+
+- ``empty_prompt`` / ``empty_response``: empty or whitespace-only text;
+- ``empty_after_truncation``: a response with no tokens under the model's tokenizer once the training
+  sequence is built at ``reference.max_length`` (:func:`mpo_core.logps.encode_prompt_response` always
+  keeps at least half the length for the response, so only a response that tokenises to nothing ends
+  empty; only texts of at most ``TOKENIZE_BELOW_CHARS`` characters can, and only those are tokenised);
+- ``untranslated_prompt``: a target prompt equal to the dominant prompt, or identified as the dominant
+  language with confidence >= ``langid_min_confidence``;
+- ``wrong_language_prompt`` / ``wrong_language_response``: a target text identified as another language
+  with confidence >= ``langid_min_confidence`` (macrolanguages folded: ``yue`` counts as ``zh``);
+- ``markup``: HTML tags in a target text whose dominant counterpart has none (MT artefact, not code);
+- ``encoding_damage``: U+FFFD replacement characters or mojibake that does not round-trip;
+- ``duplicate``: the same target language, prompt, chosen and rejected as an earlier pair;
+- ``chosen_equals_rejected``: identical (whitespace and case folded) on either side;
+- ``length_ratio``: a target text over ``max_length_ratio`` times longer or shorter than its dominant
+  counterpart (UTF-8 bytes + 64, so one-line refusals do not make ratios explode);
+- ``truncated``: a text among ``truncated_fields`` that ends mid-word (last character a letter, digit or
+  mark, or a comma/hyphen/opening bracket) and is at least ``truncated_min_chars`` long;
+- ``judge_disagreement``: where scores are present, a chosen scored below ``judge_min_chosen_score`` or
+  a rejected above ``judge_max_rejected_score``.
+
+The core (:meth:`PairFilter.filter_batch`) is a pure function of a record batch and the duplicates seen so
+far; language identification for a batch runs in a worker process while this process does the other checks
+(``langid_processes=2``), so both cores are busy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from mpo_core.config import FilterConfig, PipelineConfig
+from mpo_core.languages import language_name, same_language
+from mpo_core.schemas import DROPPED, FILTER_REPORT, PAIRS
+
+TOKENIZE_BELOW_CHARS = 32
+LENGTH_SMOOTHING_BYTES = 64
+TEXT_FIELDS = ("dominant_prompt", "dominant_chosen", "dominant_rejected",
+               "target_prompt", "target_chosen", "target_rejected")
+RESPONSE_FIELDS = ("dominant_chosen", "dominant_rejected", "target_chosen", "target_rejected")
+LANGID_FIELDS = ("target_prompt", "target_chosen", "target_rejected")
+REASONS = ("empty_prompt", "empty_response", "empty_after_truncation", "untranslated_prompt",
+           "wrong_language_prompt", "wrong_language_response", "markup", "encoding_damage", "duplicate",
+           "chosen_equals_rejected", "length_ratio", "truncated", "judge_disagreement")
+REPAIRS = ("html_entities", "special_tokens", "mojibake")
+
+_ENTITY = re.compile(r"&(?:#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+_SPECIAL_TOKEN = re.compile(r"</?s>|<pad>|<unk>|<eos>|<bos>|<\|(?:endoftext|im_end|im_start|eot_id|end)\|>")
+_HTML_TAG = re.compile(
+    r"</?(?:a|b|i|u|p|br|hr|em|strong|span|div|font|body|html|head|h[1-6]|ul|ol|li|table|tr|td|th|img|sup|sub)"
+    r"(?:\s[^<>]{0,200})?/?>", re.IGNORECASE)
+_MOJIBAKE = re.compile("[\u00c2\u00c3][\u0080-\u00bf]|\u00e2\u20ac")
+_CUT_PUNCT = set(",，、،-–—([{（【「『《")
+
+
+@dataclass(frozen=True)
+class Repair:
+    text: str
+    kinds: tuple[str, ...] = ()
+    damage: str | None = None
+
+
+def repair_text(text: str) -> Repair:
+    """Safe repairs of one text: HTML entities, leaked special tokens, cp1252 mojibake.
+
+    ``damage`` is set (and the text left as is) where encoding damage cannot be undone.
+    """
+    kinds = []
+    if "&" in text and _ENTITY.search(text):
+        fixed = text
+        for _ in range(3):
+            unescaped = html.unescape(fixed)
+            if unescaped == fixed:
+                break
+            fixed = unescaped
+        if fixed != text:
+            text, kinds = fixed, kinds + ["html_entities"]
+    if "<" in text and _SPECIAL_TOKEN.search(text):
+        text, kinds = _SPECIAL_TOKEN.sub("", text), kinds + ["special_tokens"]
+    damage = None
+    if "\ufffd" in text:
+        damage = "U+FFFD replacement character"
+    elif _MOJIBAKE.search(text):
+        try:
+            text, kinds = text.encode("cp1252").decode("utf-8"), kinds + ["mojibake"]
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            damage = "mojibake that does not round-trip through cp1252"
+    return Repair(text, tuple(kinds), damage)
+
+
+def looks_cut_off(text: str, min_chars: int) -> bool:
+    """True if ``text`` (at least ``min_chars`` long) ends mid-word or mid-clause, in any script."""
+    stripped = text.rstrip()
+    if len(stripped) < min_chars:
+        return False
+    last = stripped[-1]
+    return unicodedata.category(last)[0] in "LNM" or last in _CUT_PUNCT
+
+
+def _folded(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _dedup_key(lang: str, prompt: str, chosen: str, rejected: str) -> int:
+    blob = "\x1f".join((lang, _folded(prompt), chosen.strip(), rejected.strip())).encode("utf-8", "replace")
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little")
+
+
+@dataclass
+class PairFilter:
+    """Filter state for one run: settings, the tokenizer (optional), duplicates seen, counts.
+
+    ``filter_batch`` may be called on any number of record batches in order; ``counts`` maps
+    ``(target_lang, outcome, reason)`` to a number of pairs (outcome: input, kept, dropped, repaired).
+    """
+
+    cfg: FilterConfig
+    max_length: int = 1024
+    tokenizer: Any = None
+    processes: int = 1
+    seen: set[int] = field(default_factory=set)
+    counts: Counter = field(default_factory=Counter)
+    seconds: Counter = field(default_factory=Counter)
+
+    # ------------------------------------------------------------------------------- public API
+
+    def filter_batch(self, batch: pa.RecordBatch | pa.Table) -> tuple[pa.Table, pa.Table]:
+        """``(kept, dropped)`` for one batch of PAIRS rows; kept rows carry their repaired texts."""
+        from mpo_core.langid import identify, identify_background
+
+        start = time.perf_counter()
+        columns = batch.to_pydict()
+        n = len(columns["pair_id"])
+        reasons: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+        self._repair(columns, reasons)
+        texts = [columns[name][i] for i in range(n) for name in LANGID_FIELDS]
+        background = None
+        if self.cfg.langid_enabled and self.processes > 1 and n >= self.cfg.langid_parallel_min_rows:
+            split = int(len(texts) * self.cfg.langid_worker_share) // 3 * 3
+            background = identify_background(texts[:split], self.cfg.langid_max_chars,
+                                             fallback_below=self.cfg.langid_fallback_below)
+            texts = texts[split:]
+        self._check_rows(columns, reasons)
+        self.seconds["checks"] += time.perf_counter() - start
+        if self.cfg.langid_enabled:
+            start = time.perf_counter()
+            guesses = identify(texts, self.cfg.langid_max_chars, fallback_below=self.cfg.langid_fallback_below)
+            if background is not None:
+                guesses = background.result() + guesses
+            self._check_languages(columns, guesses, reasons)
+            self.seconds["langid"] += time.perf_counter() - start
+        return self._split(columns, reasons)
+
+    def report_table(self) -> pa.Table:
+        """The per-language, per-outcome, per-reason count table (FILTER_REPORT schema)."""
+        rows = [{"lang": lang, "outcome": outcome, "reason": reason or None, "pairs": count}
+                for (lang, outcome, reason), count in sorted(self.counts.items())]
+        return pa.Table.from_pylist(rows, schema=FILTER_REPORT)
+
+    # ------------------------------------------------------------------------------- the rules
+
+    def _repair(self, columns: dict[str, list], reasons: list[list[tuple[str, str]]]) -> None:
+        langs = columns["target_lang"]
+        for name in TEXT_FIELDS:
+            values = columns[name]
+            for i, text in enumerate(values):
+                if "&" not in text and "<" not in text and "\ufffd" not in text and not _MOJIBAKE.search(text):
+                    continue
+                fixed = repair_text(text)
+                values[i] = fixed.text
+                for kind in fixed.kinds:
+                    self.counts[(langs[i], "repaired", f"{kind}:{name}")] += 1
+                if fixed.damage:
+                    reasons[i].append(("encoding_damage", f"{name}: {fixed.damage}"))
+
+    def _check_rows(self, columns: dict[str, list], reasons: list[list[tuple[str, str]]]) -> None:
+        cfg = self.cfg
+        for i in range(len(columns["pair_id"])):
+            row = {name: columns[name][i] for name in TEXT_FIELDS}
+            hits = reasons[i]
+            for name in ("dominant_prompt", "target_prompt"):
+                if not row[name].strip():
+                    hits.append(("empty_prompt", name))
+            for name in RESPONSE_FIELDS:
+                text = row[name]
+                if not text.strip():
+                    hits.append(("empty_response", name))
+                elif self.tokenizer is not None and len(text.strip()) <= TOKENIZE_BELOW_CHARS:
+                    prompt = row[name.split("_")[0] + "_prompt"]
+                    if self._response_tokens(prompt, text) == 0:
+                        hits.append(("empty_after_truncation", f"{name}: {text!r} has no tokens"))
+            for side in ("dominant", "target"):
+                chosen, rejected = row[f"{side}_chosen"], row[f"{side}_rejected"]
+                if chosen.strip() and _folded(chosen) == _folded(rejected):
+                    hits.append(("chosen_equals_rejected", side))
+            for part in ("prompt", "chosen", "rejected"):
+                target, dominant = row[f"target_{part}"], row[f"dominant_{part}"]
+                if _HTML_TAG.search(target) and not _HTML_TAG.search(dominant):
+                    tag = _HTML_TAG.search(target).group(0)
+                    hits.append(("markup", f"target_{part}: {tag[:40]}"))
+                ratio = ((len(target.encode("utf-8", "replace")) + LENGTH_SMOOTHING_BYTES)
+                         / (len(dominant.encode("utf-8", "replace")) + LENGTH_SMOOTHING_BYTES))
+                if ratio > cfg.max_length_ratio or ratio < 1.0 / cfg.max_length_ratio:
+                    hits.append(("length_ratio", f"target_{part}/dominant_{part} = {ratio:.2f}"))
+            for name in cfg.truncated_fields:
+                if looks_cut_off(row[name], cfg.truncated_min_chars):
+                    hits.append(("truncated", f"{name} ends with {row[name].rstrip()[-12:]!r}"))
+            self._check_judge(columns, i, hits)
+            key = _dedup_key(columns["target_lang"][i], row["target_prompt"], row["target_chosen"],
+                             row["target_rejected"])
+            if key in self.seen:
+                hits.append(("duplicate", "same target prompt, chosen and rejected as an earlier pair"))
+            else:
+                self.seen.add(key)
+
+    def _check_judge(self, columns: dict[str, list], i: int, hits: list[tuple[str, str]]) -> None:
+        low, high = self.cfg.judge_min_chosen_score, self.cfg.judge_max_rejected_score
+        for side in ("dominant", "target"):
+            chosen, rejected = columns[f"{side}_chosen_score"][i], columns[f"{side}_rejected_score"][i]
+            if chosen is not None and chosen < low:
+                hits.append(("judge_disagreement", f"{side}_chosen score {chosen:.2f} < {low}"))
+            if rejected is not None and rejected > high:
+                hits.append(("judge_disagreement", f"{side}_rejected score {rejected:.2f} > {high}"))
+
+    def _response_tokens(self, prompt: str, response: str) -> int:
+        from mpo_core.logps import encode_prompt_response
+
+        encoded = encode_prompt_response(self.tokenizer, prompt, response, self.max_length)
+        return encoded.num_response_tokens - 1  # minus the EOS the encoding appends
+
+    def _check_languages(self, columns: dict[str, list], guesses: list[tuple[str, float]],
+                         reasons: list[list[tuple[str, str]]]) -> None:
+        threshold = self.cfg.langid_min_confidence
+        for i in range(len(columns["pair_id"])):
+            target, dominant = columns["target_lang"][i], columns["dominant_lang"][i]
+            translated = not same_language(target, dominant)
+            hits = reasons[i]
+            (p_lang, p_conf), *answers = guesses[3 * i : 3 * i + 3]
+            prompt = columns["target_prompt"][i]
+            if translated and prompt.strip() and _folded(prompt) == _folded(columns["dominant_prompt"][i]):
+                hits.append(("untranslated_prompt", "target_prompt identical to dominant_prompt"))
+            elif p_conf >= threshold and p_lang != "und" and not same_language(p_lang, target):
+                reason = "untranslated_prompt" if translated and same_language(p_lang, dominant) \
+                    else "wrong_language_prompt"
+                hits.append((reason, f"target_prompt: {p_lang} ({p_conf:.2f}), expected {target}"))
+            for name, (lang, conf) in zip(LANGID_FIELDS[1:], answers):
+                if conf >= threshold and lang != "und" and not same_language(lang, target):
+                    hits.append(("wrong_language_response", f"{name}: {lang} ({conf:.2f}), expected {target}"))
+
+    # ------------------------------------------------------------------------------- outputs
+
+    def _split(self, columns: dict[str, list], reasons: list[list[tuple[str, str]]]) -> tuple[pa.Table, pa.Table]:
+        kept_idx, dropped_rows = [], []
+        langs = columns["target_lang"]
+        for i, hits in enumerate(reasons):
+            self.counts[(langs[i], "input", "")] += 1
+            if not hits:
+                kept_idx.append(i)
+                self.counts[(langs[i], "kept", "")] += 1
+                continue
+            self.counts[(langs[i], "dropped", "any")] += 1
+            row = {name: columns[name][i] for name in PAIRS.names}
+            for reason in dict.fromkeys(r for r, _ in hits):
+                self.counts[(langs[i], "dropped", reason)] += 1
+                detail = "; ".join(d for r, d in hits if r == reason)
+                dropped_rows.append({**row, "reason": reason, "detail": detail})
+        table = pa.Table.from_pydict({name: columns[name] for name in PAIRS.names}, schema=PAIRS)
+        kept = table.take(pa.array(kept_idx, type=pa.int64()))
+        return kept, pa.Table.from_pylist(dropped_rows, schema=DROPPED)
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def report_markdown(report: pa.Table, title: str = "Filter report") -> str:
+    """A person-readable table: rows are outcomes and reasons, columns the target languages."""
+    counts: dict[tuple[str, str], int] = {}
+    langs: list[str] = []
+    for row in report.to_pylist():
+        key = (row["outcome"], row["reason"] or "")
+        counts[(key, row["lang"])] = row["pairs"]
+        if row["lang"] not in langs:
+            langs.append(row["lang"])
+    langs.sort()
+    lines_order = [("input", ""), ("kept", ""), ("dropped", "any")]
+    lines_order += [("dropped", r) for r in REASONS]
+    repaired = sorted({key for key, _ in counts if key[0] == "repaired"})
+    header = "| | " + " | ".join(f"{lang} ({language_name(lang)})" for lang in langs) + " | total |"
+    out = [f"# {title}", "", "Pairs per target language. A dropped pair counts once under every reason it",
+           "hit, so reason rows can add up to more than `dropped (any)`. Repairs count texts.", "",
+           header, "|" + "---|" * (len(langs) + 2)]
+    for key in lines_order + repaired:
+        values = [counts.get((key, lang), 0) for lang in langs]
+        if key[0] in ("dropped", "repaired") and key[1] != "any" and not any(values):
+            continue
+        label = key[0] if not key[1] else f"{key[0]}: {key[1]}"
+        out.append(f"| {label} | " + " | ".join(str(v) for v in values) + f" | {sum(values)} |")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- stage
+
+
+def _load_tokenizer(config: PipelineConfig) -> tuple[Any, str]:
+    from mpo_core.errors import ModelLoadError
+    from mpo_core.models import load_tokenizer
+
+    try:
+        return load_tokenizer(config.model), "tokenizer"
+    except (ModelLoadError, OSError, ValueError, ImportError) as err:
+        return None, f"text only (tokenizer of {config.model.name_or_path} not loadable: {err})"
+
+
+def run_filter(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """Stage ``filter``: ``pairs`` -> ``filtered`` (PAIRS), ``dropped`` (DROPPED), ``filter_report``.
+
+    Streams the input in record batches; the report is written as Parquet (``filter_report.parquet``,
+    an artifact) and Markdown beside it (``filter_report.md``, the returned path).
+    """
+    from mpo_core.artifacts import ArtifactWriter, iter_batches, read_manifest, write_artifact
+    from mpo_core.progress import Tracker
+    from mpo_core.stages import get_stage, stage_identity
+
+    out_dir = Path(out_dir)
+    source = Path(inputs["pairs"])
+    manifest = read_manifest(source)
+    input_hashes = {"pairs": manifest.content_hash}
+    identity = stage_identity(get_stage("filter"), config, input_hashes)
+    tokenizer, token_check = _load_tokenizer(config)
+    pair_filter = PairFilter(config.filter, max_length=config.reference.max_length, tokenizer=tokenizer,
+                             processes=config.filter.langid_processes)
+    paths = {"filtered": out_dir / "filtered.parquet", "dropped": out_dir / "dropped.parquet",
+             "report_parquet": out_dir / "filter_report.parquet", "filter_report": out_dir / "filter_report.md"}
+    common = {"config_hash": identity, "inputs": input_hashes}
+    with ArtifactWriter(paths["filtered"], "pairs", **common, extra={"token_check": token_check}) as kept_out, \
+            ArtifactWriter(paths["dropped"], "dropped", **common) as dropped_out, \
+            Tracker(manifest.rows, "filter", unit="pairs") as tracker:
+        for batch in iter_batches(source, "pairs", batch_size=config.filter.batch_size):
+            kept, dropped = pair_filter.filter_batch(batch)
+            kept_out.write(kept)
+            dropped_out.write(dropped)
+            tracker.update(batch.num_rows)
+    report = pair_filter.report_table()
+    write_artifact(report, paths["report_parquet"], "filter_report", **common,
+                   extra={"token_check": token_check})
+    markdown = report_markdown(report, f"Filter report: {source.name}")
+    tmp = paths["filter_report"].with_suffix(".md.tmp")
+    tmp.write_text(markdown + f"\nEmpty-after-truncation check: {token_check}.\n", encoding="utf-8")
+    tmp.replace(paths["filter_report"])
+    return {"filtered": paths["filtered"], "dropped": paths["dropped"], "filter_report": paths["filter_report"]}
