@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from mpo_core.artifacts import (
+    Manifest,
     artifact_is_complete,
     file_hash,
     manifest_path,
     read_manifest,
+    write_manifest,
 )
 from mpo_core.config import PipelineConfig, canonical_hash, dump_config, load_config
 from mpo_core.errors import ArtifactError, ConfigError
@@ -110,14 +112,12 @@ def stage_inputs_needed(spec: StageSpec, config: PipelineConfig) -> tuple[str, .
     return spec.inputs
 
 
-def output_fingerprint(path: Path) -> str:
-    """Content hash of an output: its manifest's hash, a file's sha256, or a folder's (name, size, mtime) hash.
+def content_fingerprint(path: Path) -> str:
+    """A file's sha256, or for a folder (a checkpoint) the hash of its files' (name, size, mtime).
 
-    Folders (a checkpoint) are fingerprinted by metadata, not bytes, so that checking a multi-GB checkpoint
-    for reuse costs milliseconds.
+    Folders are fingerprinted by metadata, not bytes, so that checking a multi-GB checkpoint for reuse
+    costs milliseconds.
     """
-    if manifest_path(path).exists():
-        return read_manifest(path).content_hash
     if path.is_dir():
         entries = sorted(
             (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
@@ -128,9 +128,34 @@ def output_fingerprint(path: Path) -> str:
     return file_hash(path)
 
 
+def output_fingerprint(path: Path) -> str:
+    """The content hash downstream stages see: the manifest's where there is one, else :func:`content_fingerprint`."""
+    if manifest_path(path).exists():
+        return read_manifest(path).content_hash
+    return content_fingerprint(path)
+
+
 def input_hashes(inputs: dict[str, Path]) -> dict[str, str]:
     """Content hash of each input artifact, by name (what a stage's identity is computed from)."""
     return {name: output_fingerprint(Path(p)) for name, p in inputs.items()}
+
+
+def external_inputs(spec: StageSpec, config: PipelineConfig) -> dict[str, Path]:
+    """Files from outside the run that a stage reads; their content hashes (as ``source``) join its identity.
+
+    Mirrors what the stage functions hash: ingest its prompt source, pair a ready-made ``pair.source``.
+    """
+    if spec.name == "ingest":
+        from mpo_core.ingest import resolve_source
+        from mpo_core.seed import seed_path
+
+        source = config.prompts.source
+        return {"source": seed_path() if source == "seed" else resolve_source(source)}
+    if spec.name == "pair" and pair_source(config):
+        from mpo_core.ingest import resolve_source
+
+        return {"source": resolve_source(pair_source(config))}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -255,7 +280,7 @@ class RunFolder:
                     return False, f"output {name} incomplete"
                 if read_manifest(path).config_hash != identity:
                     return False, f"output {name} made by another identity"
-            elif output_fingerprint(path) != marker["fingerprints"].get(name):
+            elif content_fingerprint(path) != marker["fingerprints"].get(name):
                 return False, f"output {name} changed"
         return True, "unchanged"
 
@@ -301,7 +326,8 @@ def check_stage(
     spec: StageSpec, config: PipelineConfig, run: RunFolder, inputs: dict[str, Path]
 ) -> StageCheck:
     """The reuse rule, in one place: compute the stage's identity and compare it with its marker."""
-    identity = stage_identity(spec, config, input_hashes(inputs))
+    hashes = input_hashes(inputs) | {k: file_hash(p) for k, p in external_inputs(spec, config).items()}
+    identity = stage_identity(spec, config, hashes)
     current, reason = run.is_current(spec, identity)
     outputs = {}
     if current:
@@ -368,6 +394,7 @@ def execute_stage(
     except BaseException as err:
         run.record(spec.name, status=FAILED, error=f"{type(err).__name__}: {err}"[:2000])
         raise
+    _manifest_plain_outputs(outputs, check.identity, input_hashes(inputs))
     relative = {k: str(p.relative_to(run.path.resolve())) for k, p in outputs.items()}
     seconds = time.perf_counter() - started
     run._write_marker(
@@ -376,7 +403,7 @@ def execute_stage(
         "complete",
         outputs=relative,
         seconds=round(seconds, 3),
-        fingerprints={k: output_fingerprint(p) for k, p in outputs.items()},
+        fingerprints={k: content_fingerprint(p) for k, p in outputs.items()},
     )
     absolute = {k: run.path / v for k, v in relative.items()}
     run.record(
@@ -387,6 +414,36 @@ def execute_stage(
         finished_at=_now(),
     )
     return StageOutcome(spec.name, RAN, absolute, check.identity, seconds, reason)
+
+
+PLAIN_OUTPUT_WRITER = "mpo_core.runs"
+
+
+def _manifest_plain_outputs(outputs: dict[str, Path], identity: str, inputs: dict[str, str]) -> None:
+    """Give each non-Parquet output (a checkpoint folder, a report) that has no manifest of its own one.
+
+    Downstream stages read every input's ``content_hash`` from its manifest; for folders it is the
+    (name, size, mtime) fingerprint of :func:`output_fingerprint`. A manifest we wrote earlier is refreshed.
+    """
+    for path in outputs.values():
+        if path.suffix == ".parquet":
+            continue
+        mpath = manifest_path(path)
+        if mpath.exists() and read_manifest(path).extra.get("written_by") != PLAIN_OUTPUT_WRITER:
+            continue
+        mpath.unlink(missing_ok=True)
+        write_manifest(
+            path,
+            Manifest(
+                kind="folder" if path.is_dir() else "file",
+                rows=0,
+                content_hash=content_fingerprint(path),
+                config_hash=identity,
+                inputs=inputs,
+                created_at=_now(),
+                extra={"written_by": PLAIN_OUTPUT_WRITER},
+            ),
+        )
 
 
 def _check_outputs(spec: StageSpec, produced: dict[str, Path], out_dir: Path) -> dict[str, Path]:

@@ -13,7 +13,6 @@ Each is a default: a value the user already set in the environment wins.
 from __future__ import annotations
 
 import os
-import sys
 
 FORWARDED_LOGGERS = ("mpo_core", "transformers", "vllm", "accelerate", "peft", "trl")
 
@@ -26,8 +25,7 @@ DEFAULTS = {
 
 
 def apply_defaults() -> None:
-    """Set each of :data:`DEFAULTS` unless already set; warn if Prefect was imported before us."""
-    if "prefect" in sys.modules and any(key not in os.environ for key in DEFAULTS):
-        print("mpo: Prefect was imported before tasks.environment; its settings may differ", file=sys.stderr)
+    """Set each of :data:`DEFAULTS` unless already set (they take effect where Prefect is not yet imported;
+    deployments set them as job variables)."""
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)

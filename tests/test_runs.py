@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mpo_core.artifacts import read_manifest, write_artifact
+from mpo_core.artifacts import file_hash, read_manifest, write_artifact
 from mpo_core.config import config_from_dict
 from mpo_core.errors import ArtifactError, ConfigError
 from mpo_core.runs import (
@@ -25,6 +25,7 @@ from mpo_core.runs import (
     open_run,
     resolve_inputs,
 )
+from mpo_core.seed import seed_path
 from mpo_core.stages import get_stage, stage_identity
 
 
@@ -48,8 +49,12 @@ def fake_ingest(config, inputs, out_dir):
     """Writes ``prompts`` with as many rows as ``prompts.limit`` (default 4)."""
     spec = FAKE["ingest"]
     path = out_dir / "prompts.parquet"
+    source = {"source": file_hash(seed_path())}  # ingest's identity includes its source file
     write_artifact(
-        _prompt_rows(config.prompts.limit or 4), path, "prompts", config_hash=stage_identity(spec, config, {})
+        _prompt_rows(config.prompts.limit or 4),
+        path,
+        "prompts",
+        config_hash=stage_identity(spec, config, source),
     )
     return {"prompts": path}
 
@@ -238,3 +243,11 @@ def test_state_file_is_json_with_invocation(config):
     state = json.loads(Path(run.state_path).read_text())
     assert state["invocation"] == invocation
     assert state["stages"]["ingest"]["status"] == "pending"
+
+
+def test_plain_outputs_get_a_manifest_downstream_stages_can_read(config):
+    run = RunFolder.for_config(config)
+    _, translate = _run_both(config, run)
+    manifest = read_manifest(translate.outputs["notes"])
+    assert manifest.kind == "folder" and manifest.config_hash == translate.identity
+    assert manifest.inputs == {"prompts": read_manifest(run.stage_dir("ingest") / "prompts.parquet").content_hash}
