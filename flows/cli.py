@@ -1,0 +1,146 @@
+"""The ``mpo`` command line: run the pipeline, rerun one stage of a run, list runs.
+
+``import flows.cli`` stays light (no Prefect, no torch): heavy imports happen inside the commands, after
+:func:`tasks.environment.apply_defaults` has set Prefect's process settings.
+
+    mpo run [--config FILE] [--set key=value ...] [--gpu-deployments]
+    mpo stage NAME --run RUN [--set key=value ...] [--force]
+    mpo runs [--root DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mpo_core.errors import MPOError
+
+LOCAL_UI = "http://127.0.0.1:4200"
+
+
+def _prefect_ui_hint(flow_run_id: str | None) -> str:
+    """Where to find a flow run in the Prefect UI: the configured server's URL, or how to open a local one."""
+    if flow_run_id is None:
+        return "Prefect UI: no flow run recorded"
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        ui = settings.ui_url or settings.api.url.removesuffix("/api")
+        return f"Prefect UI: {ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
+    return (
+        f"Prefect UI: flow run {flow_run_id} is in the local Prefect database ({settings.home}); "
+        f"run `prefect server start` (or scripts/start-server.sh) and open "
+        f"{LOCAL_UI}/runs/flow-run/{flow_run_id}"
+    )
+
+
+def _report_path(outputs: dict[str, str]) -> str | None:
+    return outputs.get("report")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import pipeline
+
+    state = pipeline(
+        config=args.config,
+        overrides=args.set,
+        gpu_deployments=args.gpu_deployments,
+        return_state=True,
+    )
+    flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
+    outputs = state.result(raise_on_failure=True)
+    from mpo_core.config import load_config
+    from mpo_core.runs import RunFolder
+
+    run = RunFolder.for_config(load_config(args.config, args.set))
+    _print_states(run)
+    report = _report_path(outputs)
+    print(f"Report: {Path(report).resolve() if report else '(not produced)'}")
+    print(f"Run folder: {run.path.resolve()}")
+    print(_prefect_ui_hint(flow_run_id))
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from flows.stages import STAGE_FLOWS
+    from mpo_core.runs import RunFolder
+
+    if args.name not in STAGE_FLOWS:
+        raise MPOError(f"unknown stage {args.name!r}; stages: {', '.join(STAGE_FLOWS)}")
+    state = STAGE_FLOWS[args.name](run=args.run, overrides=args.set, force=args.force, return_state=True)
+    outputs = state.result(raise_on_failure=True)
+    _print_states(RunFolder(args.run))
+    for name, path in outputs.items():
+        print(f"{name}: {path}")
+    flow_run_id = state.state_details.flow_run_id
+    print(_prefect_ui_hint(str(flow_run_id) if flow_run_id else None))
+    return 0
+
+
+def _print_states(run) -> None:
+    print(f"run {run.name}:")
+    for stage, status in run.stage_statuses().items():
+        print(f"  {stage:<10} {status}")
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from mpo_core.runs import list_runs
+
+    runs = list_runs(args.root)
+    if not runs:
+        print(f"no runs under {args.root}")
+    for run in runs:
+        state = run.read_state()
+        print(f"{run.name}  ({run.path})  last: {state.get('kind', '-')} at {state.get('started_at', '-')}")
+        for stage, status in run.stage_statuses().items():
+            seconds = state["stages"][stage].get("seconds")
+            print(f"  {stage:<10} {status:<9} {'' if seconds is None else f'{seconds:.1f} s'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpo", description="MPO pipeline on Prefect")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run", help="run the whole pipeline (stages whose identity is unchanged are skipped)"
+    )
+    run.add_argument("--config", default="configs/default.yaml", help="YAML recipe (default: %(default)s)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    run.add_argument(
+        "--gpu-deployments",
+        action="store_true",
+        help="run GPU stages as flow runs of their 'gpu' deployments (needs a server, pools and workers)",
+    )
+    run.set_defaults(func=cmd_run)
+
+    stage = sub.add_parser("stage", help="rerun one stage of an existing run, with changed settings")
+    stage.add_argument("name", help="stage name (ingest, translate, ..., evaluate)")
+    stage.add_argument("--run", required=True, help="run folder, e.g. runs/default")
+    stage.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    stage.add_argument("--force", action="store_true", help="run even if the stage's identity is unchanged")
+    stage.set_defaults(func=cmd_stage)
+
+    runs = sub.add_parser("runs", help="list runs and their stages' state")
+    runs.add_argument("--root", default="runs", help="runs root folder (default: %(default)s)")
+    runs.set_defaults(func=cmd_runs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "runs":
+        from tasks.environment import apply_defaults
+
+        apply_defaults()
+    try:
+        return args.func(args)
+    except MPOError as err:
+        print(f"mpo: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The whole MPO pipeline as one Prefect flow that reads like the pipeline diagram.
+
+Each stage is first checked against its marker (:func:`mpo_core.runs.check_stage`): a current stage is
+recorded as skipped and costs no Prefect run at all; a stage that must run becomes a subflow run of its
+stage flow, in this process, or, for GPU stages with ``gpu_deployments=True``, a flow run of its deployment
+``mpo-<stage>/<gpu_deployment>`` on the ``gpu`` work pool (``run_deployment``, shown as a subflow).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
+
+from flows.stages import STAGE_FLOWS, stage_flow_name
+from mpo_core.config import PipelineConfig
+from mpo_core.errors import MPOError
+from mpo_core.runs import (
+    PAIR_SOURCE_BYPASSES,
+    RunFolder,
+    bypass_stage,
+    check_stage,
+    open_run,
+    pair_source,
+    record_skip,
+    resolve_inputs,
+)
+from mpo_core.stages import STAGES, get_stage
+from tasks.stage import artifact_key
+
+Outputs = dict[str, str]
+
+
+class StageCaller:
+    """Runs one stage of the pipeline given its upstream outputs, skipping it when current."""
+
+    def __init__(self, run: RunFolder, config: PipelineConfig, gpu_deployments: bool, gpu_deployment: str):
+        self.run, self.config = run, config
+        self.gpu_deployments, self.gpu_deployment = gpu_deployments, gpu_deployment
+
+    def __call__(self, stage: str, *upstream: Outputs) -> Outputs:
+        spec = get_stage(stage)
+        available = {k: Path(v) for outputs in upstream for k, v in outputs.items()}
+        inputs = resolve_inputs(spec, self.config, available)
+        check = check_stage(spec, self.config, self.run, inputs)
+        if check.current:
+            get_run_logger().info("stage %s skipped: %s", stage, check.reason)
+            return {k: str(v) for k, v in record_skip(spec, self.run, check).outputs.items()}
+        parameters = {"run": str(self.run.path.resolve()), "inputs": {k: str(v) for k, v in inputs.items()}}
+        if spec.device == "gpu" and self.gpu_deployments:
+            return self._via_deployment(stage, parameters)
+        return STAGE_FLOWS[stage](**parameters)
+
+    def _via_deployment(self, stage: str, parameters: dict) -> Outputs:
+        """Run the stage as a flow run of its GPU deployment and read its outputs from the run folder."""
+        name = f"{stage_flow_name(stage)}/{self.gpu_deployment}"
+        child = run_deployment(name=name, parameters=parameters, as_subflow=True, timeout=None)
+        if child.state is None or not child.state.is_completed():
+            raise MPOError(f"deployment {name} ended in state {child.state and child.state.name}")
+        marker = self.run.read_marker(stage) or {}
+        return {k: str(self.run.path / v) for k, v in marker.get("outputs", {}).items()}
+
+    def bypass(self, *stages: str, reason: str) -> None:
+        for stage in stages:
+            bypass_stage(get_stage(stage), self.run, reason)
+
+
+def publish_run_summary(run: RunFolder) -> None:
+    """A markdown artifact with every stage's state in this invocation (and where the run folder is)."""
+    state = run.read_state()["stages"]
+    lines = [f"## mpo run `{run.name}`", "", f"Run folder: `{run.path.resolve()}`", ""]
+    lines += ["| stage | status | seconds | reason |", "|---|---|---|---|"]
+    for spec in STAGES:
+        entry = state.get(spec.name, {})
+        lines.append(
+            f"| {spec.name} | {entry.get('status', '-')} | {entry.get('seconds', '')} | {entry.get('reason', '')} |"
+        )
+    create_markdown_artifact("\n".join(lines), key=artifact_key(run.name, "run"), description="stage states")
+
+
+@flow(name="mpo-pipeline", persist_result=False)
+def pipeline(
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    run: str | None = None,
+    gpu_deployments: bool = False,
+    gpu_deployment: str = "gpu",
+) -> Outputs:
+    """ingest -> translate -> generate -> label -> pair -> filter -> reference -> train -> evaluate.
+
+    With ``pair.source`` set (ready-made quadruples), generate and label are bypassed. Returns the
+    outputs of evaluate (``eval`` and ``report``).
+    """
+    folder, cfg = open_run(run, config, overrides)
+    folder.begin_invocation("pipeline", [s.name for s in STAGES], flow_run.get_flow_run_ui_url())
+    stage = StageCaller(folder, cfg, gpu_deployments, gpu_deployment)
+
+    prompts = stage("ingest")
+    translated = stage("translate", prompts)
+    if pair_source(cfg):
+        stage.bypass(*PAIR_SOURCE_BYPASSES, reason=f"pairs read from {pair_source(cfg)}")
+        pairs = stage("pair")
+    else:
+        responses = stage("generate", translated)
+        labelled = stage("label", responses)
+        pairs = stage("pair", labelled)
+    filtered = stage("filter", pairs)
+    reference = stage("reference", filtered)
+    checkpoint = stage("train", filtered, reference)
+    evaluation = stage("evaluate", translated, filtered, reference, checkpoint)
+
+    publish_run_summary(folder)
+    return evaluation

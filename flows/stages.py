@@ -1,0 +1,63 @@
+"""One Prefect flow per stage, each runnable and deployable alone.
+
+Every stage flow takes the run (an existing run folder, or a recipe that creates/refreshes one), optional
+``key=value`` overrides and optional input artifact paths, and returns ``{artifact name: path}``. Without
+``inputs`` it reads the outputs the run's earlier stages left (their ``stage.json`` markers). A stage flow
+reruns its stage only when its identity changed, unless ``force`` is set.
+
+Deployment entry points: ``flows/stages.py:ingest_flow``, ``...:translate_flow``, ... ``...:evaluate_flow``.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from mpo_core.runs import open_run, resolve_inputs
+from mpo_core.stages import STAGES, StageSpec
+from tasks.stage import stage_task_for
+
+
+def stage_flow_name(stage: str) -> str:
+    """The Prefect flow name of a stage (``mpo-<stage>``), also the first half of its deployment names."""
+    return f"mpo-{stage}"
+
+
+def _make_stage_flow(spec: StageSpec):
+    def stage_flow(
+        run: str | None = None,
+        config: str | None = None,
+        overrides: list[str] | None = None,
+        inputs: dict[str, str] | None = None,
+        force: bool = False,
+    ) -> dict[str, str]:
+        folder, cfg = open_run(run, config, overrides)
+        available = folder.available_outputs() if inputs is None else inputs
+        resolved = resolve_inputs(spec, cfg, available)
+        return stage_task_for(spec)(
+            spec.name, str(folder.path.resolve()), {k: str(v) for k, v in resolved.items()}, force
+        )
+
+    stage_flow.__name__ = f"{spec.name}_flow"
+    stage_flow.__doc__ = (
+        f"Stage {spec.name} ({spec.device}): reads {', '.join(spec.inputs) or 'the prompt source'}, "
+        f"writes {', '.join(spec.outputs)}."
+    )
+    return flow(
+        stage_flow,
+        name=stage_flow_name(spec.name),
+        persist_result=False,
+        validate_parameters=True,
+    )
+
+
+STAGE_FLOWS = {spec.name: _make_stage_flow(spec) for spec in STAGES}
+
+ingest_flow = STAGE_FLOWS["ingest"]
+translate_flow = STAGE_FLOWS["translate"]
+generate_flow = STAGE_FLOWS["generate"]
+label_flow = STAGE_FLOWS["label"]
+pair_flow = STAGE_FLOWS["pair"]
+filter_flow = STAGE_FLOWS["filter"]
+reference_flow = STAGE_FLOWS["reference"]
+train_flow = STAGE_FLOWS["train"]
+evaluate_flow = STAGE_FLOWS["evaluate"]

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create the work pools and the `gpu` concurrency limit, then register every deployment of
+# deployments/prefect.yaml with the server at $PREFECT_API_URL. Run from anywhere.
+#
+#   export PREFECT_API_URL=http://127.0.0.1:4200/api
+#   scripts/deploy.sh
+#   prefect worker start --pool cpu &  prefect worker start --pool gpu &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MPO_PROJECT_DIR="${MPO_PROJECT_DIR:-$PWD}"
+export MPO_IMAGE="${MPO_IMAGE:-mpo:latest}"
+: "${PREFECT_API_URL:?set PREFECT_API_URL to your server, e.g. http://127.0.0.1:4200/api}"
+
+prefect work-pool inspect cpu >/dev/null 2>&1 || prefect work-pool create cpu --type process
+prefect work-pool inspect gpu >/dev/null 2>&1 || prefect work-pool create gpu --type process
+prefect gcl inspect gpu >/dev/null 2>&1 || prefect gcl create gpu --limit "${MPO_GPU_SLOTS:-1}"
+prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
