@@ -41,9 +41,9 @@ def _report_path(outputs: dict[str, str]) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import pipeline
+    from flows.pipeline import mpo_pipeline
 
-    state = pipeline(
+    state = mpo_pipeline(
         config=args.config,
         overrides=args.set,
         gpu_deployments=args.gpu_deployments,

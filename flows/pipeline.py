@@ -82,7 +82,7 @@ def publish_run_summary(run: RunFolder) -> None:
 
 
 @flow(name="mpo-pipeline", persist_result=False)
-def pipeline(
+def mpo_pipeline(
     config: str | None = None,
     overrides: list[str] | None = None,
     run: str | None = None,

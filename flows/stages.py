@@ -5,7 +5,9 @@ Every stage flow takes the run (an existing run folder, or a recipe that creates
 ``inputs`` it reads the outputs the run's earlier stages left (their ``stage.json`` markers). A stage flow
 reruns its stage only when its identity changed, unless ``force`` is set.
 
-Deployment entry points: ``flows/stages.py:ingest_flow``, ``...:translate_flow``, ... ``...:evaluate_flow``.
+Deployment entry points: ``flows/stages.py:mpo_ingest``, ``...:mpo_translate``, ... ``...:mpo_evaluate``; the
+attribute names equal the flow names (``mpo-ingest``, ...), so ``prefect deploy --name mpo-ingest/cpu`` and
+``run_deployment("mpo-ingest/cpu")`` name the same deployment.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _make_stage_flow(spec: StageSpec):
             spec.name, str(folder.path.resolve()), {k: str(v) for k, v in resolved.items()}, force
         )
 
-    stage_flow.__name__ = f"{spec.name}_flow"
+    stage_flow.__name__ = f"mpo_{spec.name}"
     stage_flow.__doc__ = (
         f"Stage {spec.name} ({spec.device}): reads {', '.join(spec.inputs) or 'the prompt source'}, "
         f"writes {', '.join(spec.outputs)}."
@@ -52,12 +54,12 @@ def _make_stage_flow(spec: StageSpec):
 
 STAGE_FLOWS = {spec.name: _make_stage_flow(spec) for spec in STAGES}
 
-ingest_flow = STAGE_FLOWS["ingest"]
-translate_flow = STAGE_FLOWS["translate"]
-generate_flow = STAGE_FLOWS["generate"]
-label_flow = STAGE_FLOWS["label"]
-pair_flow = STAGE_FLOWS["pair"]
-filter_flow = STAGE_FLOWS["filter"]
-reference_flow = STAGE_FLOWS["reference"]
-train_flow = STAGE_FLOWS["train"]
-evaluate_flow = STAGE_FLOWS["evaluate"]
+mpo_ingest = STAGE_FLOWS["ingest"]
+mpo_translate = STAGE_FLOWS["translate"]
+mpo_generate = STAGE_FLOWS["generate"]
+mpo_label = STAGE_FLOWS["label"]
+mpo_pair = STAGE_FLOWS["pair"]
+mpo_filter = STAGE_FLOWS["filter"]
+mpo_reference = STAGE_FLOWS["reference"]
+mpo_train = STAGE_FLOWS["train"]
+mpo_evaluate = STAGE_FLOWS["evaluate"]
