@@ -85,7 +85,11 @@ class PrefectServer:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=self.server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.home,
+                env=self.server_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.home,
             )
         wait_healthy(self.api_url, self.process, self.log, SERVER_START_TIMEOUT_S)
         return self
@@ -93,7 +97,12 @@ class PrefectServer:
     def prefect(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run the ``prefect`` CLI against this server (raises with its output on failure)."""
         result = subprocess.run(
-            [str(BIN / "prefect"), *args], env=self.client_env, cwd=ROOT, capture_output=True, text=True,
+            [str(BIN / "prefect"), *args],
+            check=False,
+            env=self.client_env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
             timeout=timeout,
         )
         if result.returncode != 0:
@@ -118,5 +127,7 @@ def use_server(prefect_server):
     """Point in-process Prefect clients (flows run in this test process) at the session's server."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url, PREFECT_HOME: prefect_server.home}):
+    with temporary_settings(
+        updates={PREFECT_API_URL: prefect_server.api_url, PREFECT_HOME: prefect_server.home}
+    ):
         yield prefect_server
