@@ -136,10 +136,11 @@ class FilterConfig(Section):
     langid_enabled: bool = True
     langid_min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
     langid_max_chars: int = Field(default=120, ge=16)
+    langid_quick_chars: int = Field(default=64, ge=8)
     langid_fallback_below: float = Field(default=0.5, ge=0.0, le=1.0)
     langid_processes: int = Field(default=2, ge=1)
     langid_parallel_min_rows: int = Field(default=2000, ge=1)
-    langid_worker_share: float = Field(default=0.55, gt=0.0, lt=1.0)
+    langid_worker_share: float = Field(default=0.7, gt=0.0, lt=1.0)
     max_length_ratio: float = Field(default=20.0, gt=1.0)
     truncated_fields: list[TruncatedField] = Field(default_factory=list)
     truncated_min_chars: int = Field(default=200, ge=1)
