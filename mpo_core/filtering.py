@@ -32,7 +32,8 @@ Reasons (a pair is dropped for each hit):
 
 The core (:meth:`PairFilter.filter_batch`) is a pure function of a record batch and the duplicates seen so
 far; language identification for a batch runs in a worker process while this process does the other checks
-(``langid_processes=2``), so both cores are busy.
+and its own share of identification (``langid_processes=2``), the share moving batch by batch towards the
+process that finished first, so both cores stay busy.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ _HTML_TAG = re.compile(
     r"</?(?:a|b|i|u|p|br|hr|em|strong|span|div|font|body|html|head|h[1-6]|ul|ol|li|table|tr|td|th|img|sup|sub)"
     r"(?:\s[^<>]{0,200})?/?>", re.IGNORECASE)
 _MOJIBAKE = re.compile("[\u00c2\u00c3][\u0080-\u00bf]|\u00e2\u20ac")
+_MOJIBAKE_LEADS = ("\u00c2", "\u00c3", "\u00e2")
 _CUT_PUNCT = set(",，、،-–—([{（【「『《")
 
 
@@ -100,12 +102,34 @@ def repair_text(text: str) -> Repair:
     damage = None
     if "\ufffd" in text:
         damage = "U+FFFD replacement character"
-    elif _MOJIBAKE.search(text):
+    elif _maybe_mojibake(text) and _MOJIBAKE.search(text):
         try:
             text, kinds = text.encode("cp1252").decode("utf-8"), kinds + ["mojibake"]
         except (UnicodeEncodeError, UnicodeDecodeError):
             damage = "mojibake that does not round-trip through cp1252"
     return Repair(text, tuple(kinds), damage)
+
+
+def _maybe_mojibake(text: str) -> bool:
+    return not text.isascii() and any(lead in text for lead in _MOJIBAKE_LEADS)
+
+
+def _has_markup(text: str) -> re.Match | None:
+    return _HTML_TAG.search(text) if "<" in text else None
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
+
+
+def same_text(a: str, b: str) -> bool:
+    """True if ``a`` and ``b`` are equal once whitespace runs and case are folded (cheap first-word test)."""
+    if a == b:
+        return True
+    head_a, head_b = a.split(None, 1), b.split(None, 1)
+    if not head_a or not head_b or head_a[0].casefold() != head_b[0].casefold():
+        return False
+    return _folded(a) == _folded(b)
 
 
 def looks_cut_off(text: str, min_chars: int) -> bool:
@@ -122,7 +146,7 @@ def _folded(text: str) -> str:
 
 
 def _dedup_key(lang: str, prompt: str, chosen: str, rejected: str) -> int:
-    blob = "\x1f".join((lang, _folded(prompt), chosen.strip(), rejected.strip())).encode("utf-8", "replace")
+    blob = f"{lang}\x1f{prompt.strip()}\x1f{chosen.strip()}\x1f{rejected.strip()}".encode("utf-8", "replace")
     return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little")
 
 
@@ -141,6 +165,10 @@ class PairFilter:
     seen: set[int] = field(default_factory=set)
     counts: Counter = field(default_factory=Counter)
     seconds: Counter = field(default_factory=Counter)
+    worker_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.worker_share = self.cfg.langid_worker_share
 
     # ------------------------------------------------------------------------------- public API
 
@@ -154,22 +182,30 @@ class PairFilter:
         reasons: list[list[tuple[str, str]]] = [[] for _ in range(n)]
         self._repair(columns, reasons)
         texts = [columns[name][i] for i in range(n) for name in LANGID_FIELDS]
+        expected = [lang for lang in columns["target_lang"] for _ in LANGID_FIELDS]
+        options = {"fallback_below": self.cfg.langid_fallback_below, "quick_chars": self.cfg.langid_quick_chars}
         background = None
         if self.cfg.langid_enabled and self.processes > 1 and n >= self.cfg.langid_parallel_min_rows:
-            split = int(len(texts) * self.cfg.langid_worker_share) // 3 * 3
+            split = int(len(texts) * self.worker_share) // 3 * 3
             background = identify_background(texts[:split], self.cfg.langid_max_chars,
-                                             fallback_below=self.cfg.langid_fallback_below)
-            texts = texts[split:]
+                                             expected=expected[:split], **options)
+            texts, expected = texts[split:], expected[split:]
         self._check_rows(columns, reasons)
         self.seconds["checks"] += time.perf_counter() - start
         if self.cfg.langid_enabled:
             start = time.perf_counter()
-            guesses = identify(texts, self.cfg.langid_max_chars, fallback_below=self.cfg.langid_fallback_below)
+            guesses = identify(texts, self.cfg.langid_max_chars, expected=expected, **options)
             if background is not None:
+                self._rebalance(worker_was_done=background.done())
                 guesses = background.result() + guesses
             self._check_languages(columns, guesses, reasons)
             self.seconds["langid"] += time.perf_counter() - start
         return self._split(columns, reasons)
+
+    def _rebalance(self, worker_was_done: bool) -> None:
+        """Shift language-id work towards whichever process finished first (the cores are shared)."""
+        step = 0.03 if worker_was_done else -0.03
+        self.worker_share = min(0.97, max(0.05, self.worker_share + step))
 
     def report_table(self) -> pa.Table:
         """The per-language, per-outcome, per-reason count table (FILTER_REPORT schema)."""
@@ -184,7 +220,7 @@ class PairFilter:
         for name in TEXT_FIELDS:
             values = columns[name]
             for i, text in enumerate(values):
-                if "&" not in text and "<" not in text and "\ufffd" not in text and not _MOJIBAKE.search(text):
+                if "&" not in text and "<" not in text and "\ufffd" not in text and not _maybe_mojibake(text):
                     continue
                 fixed = repair_text(text)
                 values[i] = fixed.text
@@ -211,15 +247,15 @@ class PairFilter:
                         hits.append(("empty_after_truncation", f"{name}: {text!r} has no tokens"))
             for side in ("dominant", "target"):
                 chosen, rejected = row[f"{side}_chosen"], row[f"{side}_rejected"]
-                if chosen.strip() and _folded(chosen) == _folded(rejected):
+                if chosen.strip() and same_text(chosen, rejected):
                     hits.append(("chosen_equals_rejected", side))
             for part in ("prompt", "chosen", "rejected"):
                 target, dominant = row[f"target_{part}"], row[f"dominant_{part}"]
-                if _HTML_TAG.search(target) and not _HTML_TAG.search(dominant):
-                    tag = _HTML_TAG.search(target).group(0)
-                    hits.append(("markup", f"target_{part}: {tag[:40]}"))
-                ratio = ((len(target.encode("utf-8", "replace")) + LENGTH_SMOOTHING_BYTES)
-                         / (len(dominant.encode("utf-8", "replace")) + LENGTH_SMOOTHING_BYTES))
+                tag = _has_markup(target)
+                if tag and not _has_markup(dominant):
+                    hits.append(("markup", f"target_{part}: {tag.group(0)[:40]}"))
+                ratio = ((_utf8_len(target) + LENGTH_SMOOTHING_BYTES)
+                         / (_utf8_len(dominant) + LENGTH_SMOOTHING_BYTES))
                 if ratio > cfg.max_length_ratio or ratio < 1.0 / cfg.max_length_ratio:
                     hits.append(("length_ratio", f"target_{part}/dominant_{part} = {ratio:.2f}"))
             for name in cfg.truncated_fields:
@@ -257,7 +293,7 @@ class PairFilter:
             hits = reasons[i]
             (p_lang, p_conf), *answers = guesses[3 * i : 3 * i + 3]
             prompt = columns["target_prompt"][i]
-            if translated and prompt.strip() and _folded(prompt) == _folded(columns["dominant_prompt"][i]):
+            if translated and prompt.strip() and same_text(prompt, columns["dominant_prompt"][i]):
                 hits.append(("untranslated_prompt", "target_prompt identical to dominant_prompt"))
             elif p_conf >= threshold and p_lang != "und" and not same_language(p_lang, target):
                 reason = "untranslated_prompt" if translated and same_language(p_lang, dominant) \
