@@ -93,14 +93,29 @@ def _where(origin: str, column: str, row: int | None = None) -> str:
 
 
 def _first_uncastable_row(col: pa.ChunkedArray, type_: pa.DataType) -> int | None:
-    for i, value in enumerate(col.to_pylist()):
-        if value is None:
-            continue
+    """Index of the first value of ``col`` that Arrow cannot cast to ``type_`` (binary search)."""
+
+    def casts(lo: int, hi: int) -> bool:
         try:
-            pa.array([value], type=type_, from_pandas=False)
+            col.slice(lo, hi - lo).cast(type_)
+            return True
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
-            return i
-    return None
+            return False
+
+    lo, hi = 0, len(col)
+    if casts(lo, hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if casts(lo, mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _first_valid_row(col: pa.ChunkedArray) -> int:
+    return _first_true(pc.fill_null(pc.is_valid(col), False)) if col.null_count < len(col) else 0
 
 
 def validate_table(table: pa.Table, kind: str, origin: str, *, row_offset: int = 0) -> None:
@@ -121,7 +136,7 @@ def validate_table(table: pa.Table, kind: str, origin: str, *, row_offset: int =
         col = table.column(fld.name)
         if not col.type.equals(fld.type):
             bad = _first_uncastable_row(col, fld.type)
-            row = row_offset + (bad if bad is not None else 0)
+            row = row_offset + (bad if bad is not None else _first_valid_row(col))
             raise ArtifactError(f"{_where(origin, fld.name, row)}: type {col.type}, expected {fld.type}")
         if not fld.nullable and col.null_count:
             row = row_offset + _first_true(col.is_null())
