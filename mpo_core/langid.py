@@ -17,7 +17,8 @@ instead of 150, 2 more missed against reading 400 characters, for 48 instead of 
 clean data the saving is larger.
 
 Labels are mapped to the project's codes (:mod:`mpo_core.languages`) and folded onto macrolanguages
-(``wuu``/``yue`` -> ``zh``, ``arz`` -> ``ar``). An empty text is ``("und", 0.0)``.
+(``wuu``/``yue`` -> ``zh``, ``arz`` -> ``ar``). A text without a single letter (empty, digits, symbols,
+zero-width characters) is ``("und", 0.0)``.
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ def _identify_prepared(texts: Sequence[str], fallback_below: float, expected: Se
             if quick[0] == want:
                 guesses.append(quick)
                 continue
+        if not any(ch.isalpha() for ch in text):  # digits, symbols, invisible characters: no language
+            guesses.append((UNDETERMINED, 0.0))
+            continue
         guess = _fasttext_guess(model, text)
         if guess[1] < fallback_below and guess[0] != want:
             label, confidence = _py3langid().classify(text)
