@@ -157,8 +157,8 @@ def split_hh_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str,
     return render_dialogue(turns), chosen[start:].strip(), rejected[start:].strip()
 
 
-def read_hh_rlhf(path: Path) -> Iterator[tuple[int, str, str, str]]:
-    """``(row, prompt, chosen, rejected)`` for each line of an HH-RLHF ``.jsonl(.gz)`` file."""
+def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(row, object)`` for each non-blank line of a ``.jsonl(.gz)`` file (row = line number - 1)."""
     with _open_text(path) as fh:
         for row, line in enumerate(fh):
             if not line.strip():
@@ -169,9 +169,15 @@ def read_hh_rlhf(path: Path) -> Iterator[tuple[int, str, str, str]]:
                 raise InputDataError(f"{path}: row {row} (line {row + 1}) is not valid JSON: {err}") from None
             if not isinstance(record, dict):
                 raise InputDataError(f"{path}: row {row} is not a JSON object")
-            chosen = _text(record.get("chosen"), path, "chosen", row)
-            rejected = _text(record.get("rejected"), path, "rejected", row)
-            yield (row, *split_hh_dialogue(chosen, rejected, f"{path}: column 'chosen', row {row}"))
+            yield row, record
+
+
+def read_hh_rlhf(path: Path) -> Iterator[tuple[int, str, str, str]]:
+    """``(row, prompt, chosen, rejected)`` for each line of an HH-RLHF ``.jsonl(.gz)`` file."""
+    for row, record in _json_lines(path):
+        chosen = _text(record.get("chosen"), path, "chosen", row)
+        rejected = _text(record.get("rejected"), path, "rejected", row)
+        yield (row, *split_hh_dialogue(chosen, rejected, f"{path}: column 'chosen', row {row}"))
 
 
 # ------------------------------------------------------------------------------------------ MPO JSON
@@ -395,18 +401,7 @@ def _read_records(path: Path, fmt: str) -> tuple[list[str], Iterator[dict]]:
         reader = csv.DictReader(io.StringIO(text))
         return list(reader.fieldnames or []), iter(reader)
 
-    def lines() -> Iterator[dict]:
-        with _open_text(path) as fh:
-            for row, line in enumerate(fh):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise InputDataError(f"{path}: row {row} (line {row + 1}) is not valid JSON: {err}") from None
-                if not isinstance(record, dict):
-                    raise InputDataError(f"{path}: row {row} is not a JSON object")
-                yield record
-
-    records = list(lines())
+    records = [record for _, record in _json_lines(path)]
     return sorted({k for r in records for k in r}), iter(records)
 
 

@@ -93,6 +93,11 @@ def prepare(text: str | None, max_chars: int = DEFAULT_MAX_CHARS) -> str:
     return short.lower() if short.isupper() else short
 
 
+def _prepare_all(texts: Sequence[str | None], max_chars: int,
+                 expected: Sequence[str] | None) -> tuple[list[str], list[str] | None]:
+    return [prepare(t, max_chars) for t in texts], list(expected) if expected is not None else None
+
+
 def _fasttext_guess(model, text: str) -> Guess:
     top = model.predict(text + "\n", 1, 0.0, "replace")
     return (_our_code(top[0][1][9:]), min(float(top[0][0]), 1.0)) if top else (UNDETERMINED, 0.0)
@@ -157,8 +162,7 @@ def identify(
     (spawned once per session; a script calling this needs the ``if __name__ == "__main__"`` guard)
     while this process identifies the last one.
     """
-    prepared = [prepare(t, max_chars) for t in texts]
-    wanted = list(expected) if expected is not None else None
+    prepared, wanted = _prepare_all(texts, max_chars, expected)
     if processes <= 1 or len(prepared) < 2 * processes:
         return _identify_prepared(prepared, fallback_below, wanted, quick_chars)
     step = -(-len(prepared) // processes)
@@ -183,6 +187,5 @@ def identify_background(
 
     Lets a caller keep this process busy with other work meanwhile (the filter stage does).
     """
-    prepared = [prepare(t, max_chars) for t in texts]
-    wanted = list(expected) if expected is not None else None
+    prepared, wanted = _prepare_all(texts, max_chars, expected)
     return _executor(1).submit(_identify_prepared, prepared, fallback_below, wanted, quick_chars)
