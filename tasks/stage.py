@@ -30,6 +30,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
+from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
 from mpo_core.artifacts import read_manifest
@@ -142,8 +143,12 @@ def publish_stage_summary(run: RunFolder, outcome: StageOutcome) -> None:
 
 
 def _gpu_slot(spec: StageSpec):
-    """Hold one slot of the ``gpu`` global concurrency limit for GPU stages (no-op if the limit is absent)."""
-    if spec.device != "gpu":
+    """Hold one slot of the ``gpu`` global concurrency limit for GPU stages.
+
+    Only against a configured server (``PREFECT_API_URL``; ``scripts/deploy.sh`` creates the limit): a
+    temporary local server has no limits, and the pipeline runs its stages one at a time anyway.
+    """
+    if spec.device != "gpu" or not get_current_settings().api.url:
         return contextlib.nullcontext()
     return concurrency(GPU_LIMIT, occupy=1, strict=False)
 
