@@ -1,0 +1,191 @@
+"""The whole pipeline on its fast path (ready-made pairs from the official MPO data, the real default model):
+reuse when nothing changed, reruns of filter and downstream only when filter settings change, and a
+training run killed mid-way that resumes from its last checkpoint with no artifact half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mpo_core.artifacts import artifact_is_complete, read_manifest
+from mpo_core.runs import RunFolder
+from tests.integration.conftest import BIN, ROOT, prefect_env
+
+pytestmark = pytest.mark.slow
+
+PAIRS_PER_RUN = 12  # two prompts x six target languages of the official file
+ALL_STAGES = ["ingest", "translate", "generate", "label", "pair", "filter", "reference", "train", "evaluate"]
+
+
+def fast_recipe(
+    folder: Path, shared_data: Path, name: str, *, max_steps: int = 1, save_steps: int = 50
+) -> Path:
+    """A recipe on the pair-source path: a few real quadruples, tiny lengths, one or two training steps."""
+    pairs = folder / "pairs.json"
+    if not pairs.exists():
+        rows = json.loads((shared_data / "mpo_official" / "llama_mpo_data.json").read_text(encoding="utf-8"))
+        pairs.write_text(json.dumps(rows[:PAIRS_PER_RUN], ensure_ascii=False), encoding="utf-8")
+    recipe = folder / f"{name}.yaml"
+    recipe.write_text(
+        f"""run:
+  name: {name}
+  root: {folder / "runs"}
+model:
+  dtype: float32
+  device: cpu
+prompts:
+  source: seed
+  limit: 3
+pair:
+  source: {pairs}
+reference:
+  batch_size: 6
+  max_length: 96
+train:
+  learning_rate: 1.0e-5
+  max_steps: {max_steps}
+  per_device_batch_size: 2
+  max_length: 96
+  save_steps: {save_steps}
+evaluate:
+  langs: [en, zh]
+  max_prompts_per_lang: 1
+  max_new_tokens: 4
+  bootstrap_samples: 10
+  max_pairs_per_lang: 1
+""",
+        encoding="utf-8",
+    )
+    return recipe
+
+
+def assert_no_half_written_artifact(run_dir: Path) -> None:
+    """Every Parquet file in the run is a whole artifact (its manifest's hash matches); no temp file is one."""
+    for parquet in run_dir.rglob("*.parquet"):
+        assert artifact_is_complete(parquet), f"{parquet} is not a complete artifact"
+    for temp in run_dir.rglob("*.tmp"):
+        assert temp.name.startswith("."), f"temporary file {temp} is not hidden"
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory, shared_data):
+    return tmp_path_factory.mktemp("pipeline"), shared_data
+
+
+def test_rerun_skips_every_stage_and_filter_change_reruns_only_downstream(use_server, pipeline_folder):
+    from flows.pipeline import mpo_pipeline
+
+    folder, shared_data = pipeline_folder
+    recipe = fast_recipe(folder, shared_data, "reuse")
+    run = RunFolder(folder / "runs" / "reuse")
+
+    started = time.perf_counter()
+    first = mpo_pipeline(config=str(recipe))
+    first_s = time.perf_counter() - started
+    assert run.stage_statuses() == {
+        s: ("bypassed" if s in ("generate", "label") else "ran") for s in ALL_STAGES
+    }
+    assert Path(first["report"]).exists()
+
+    started = time.perf_counter()
+    second = mpo_pipeline(config=str(recipe))
+    rerun_s = time.perf_counter() - started
+    assert second == first
+    assert run.stage_statuses() == {
+        s: ("bypassed" if s in ("generate", "label") else "skipped") for s in ALL_STAGES
+    }
+    print(f"\nfirst run {first_s:.1f} s, unchanged rerun {rerun_s:.1f} s: ratio {rerun_s / first_s:.3f}")
+
+    filtered_before = read_manifest(run.stage_dir("filter") / "filtered.parquet").content_hash
+    mpo_pipeline(config=str(recipe), overrides=["filter.max_length_ratio=30.0"])
+    statuses = run.stage_statuses()
+    assert {s: statuses[s] for s in ("ingest", "translate", "pair")} == dict.fromkeys(
+        ("ingest", "translate", "pair"), "skipped"
+    )
+    assert {s: statuses[s] for s in ("filter", "reference", "train", "evaluate")} == dict.fromkeys(
+        ("filter", "reference", "train", "evaluate"), "ran"
+    )
+    assert read_manifest(run.stage_dir("filter") / "filtered.parquet").content_hash != filtered_before
+    assert_no_half_written_artifact(run.path)
+
+
+def test_single_stage_rerun_with_changed_settings(use_server, pipeline_folder):
+    """``mpo stage filter --run R --set ...`` (the stage flow) reruns filter only, and records the override."""
+    from flows.stages import mpo_filter
+
+    folder, _ = pipeline_folder
+    run = RunFolder(folder / "runs" / "reuse")
+    outputs = mpo_filter(run=str(run.path), overrides=["filter.max_length_ratio=22.0"])
+    assert set(outputs) == {"filtered", "dropped", "filter_report"}
+    assert run.stage_statuses()["filter"] == "ran"
+    assert run.load_config().filter.max_length_ratio == 22.0
+    assert mpo_filter(run=str(run.path)) == outputs
+    assert run.stage_statuses()["filter"] == "skipped"
+
+
+def test_killed_during_training_resumes_from_last_checkpoint(pipeline_folder, prefect_server):
+    folder, shared_data = pipeline_folder
+    recipe = fast_recipe(folder, shared_data, "killed", max_steps=4, save_steps=1)
+    run_dir = folder / "runs" / "killed"
+    checkpoints = run_dir / "train" / "checkpoints"
+    env = prefect_env(prefect_server.home, prefect_server.api_url)
+    log_path = folder / "killed-first.log"
+    with open(log_path, "wb") as log:
+        first = subprocess.Popen(
+            [str(BIN / "mpo"), "run", "--config", str(recipe)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 900
+        while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
+            assert first.poll() is None, (
+                f"pipeline ended before a checkpoint:\n{log_path.read_text()[-3000:]}"
+            )
+            assert time.monotonic() < deadline, "no training checkpoint within 15 minutes"
+            time.sleep(0.5)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    run = RunFolder(run_dir)
+    assert run.stage_statuses()["train"] == "running"
+    assert run.read_marker("train")["status"] == "running"
+    assert not (run_dir / "train" / "model").exists()
+    assert_no_half_written_artifact(run_dir)
+    saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    # A probe in the training log: a resumed run keeps log lines up to its checkpoint, a fresh start drops them.
+    train_log = run_dir / "train" / "train_log.jsonl"
+    with open(train_log, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"step": 0, "probe": "written before the resume"}) + "\n")
+
+    second = subprocess.run(
+        [str(BIN / "mpo"), "run", "--config", str(recipe)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    statuses = run.stage_statuses()
+    assert statuses["train"] == "ran" and statuses["evaluate"] == "ran"
+    assert all(statuses[s] == "skipped" for s in ("ingest", "translate", "pair", "filter", "reference"))
+    info = json.loads((run_dir / "train" / "model" / "mpo_train.json").read_text(encoding="utf-8"))
+    assert info["global_step"] == 4
+    lines = [json.loads(line) for line in train_log.read_text(encoding="utf-8").splitlines()]
+    assert any(line.get("probe") for line in lines), f"training restarted instead of resuming from {saved}"
+    steps = [line["step"] for line in lines if not line.get("probe")]
+    assert steps == sorted(set(steps)) and steps[-1] == 4, f"steps logged twice or missing: {steps}"
+    assert "Report:" in second.stdout and "Prefect UI:" in second.stdout
+    assert_no_half_written_artifact(run_dir)
