@@ -45,7 +45,8 @@ def bootstrap_mean_ci(
 
     Draws ``num_samples`` resamples of size n with replacement (vectorised, in chunks of at most
     ``max_cells`` indices) and returns the ``(1-confidence)/2`` and ``(1+confidence)/2`` quantiles of the
-    resampled means. Empty input gives NaNs with n = 0; one value gives a zero-width interval.
+    resampled means, widened where needed to contain the point estimate (a skewed bootstrap distribution
+    can otherwise leave it outside). Empty input gives NaNs with n = 0; one value a zero-width interval.
     """
     data = np.asarray(values, dtype=np.float64).ravel()
     n = data.size
