@@ -1,9 +1,10 @@
 """Filter-stage throughput at scale: synthetic multilingual pairs through :class:`PairFilter`.
 
 Pairs are built from real sentences (the MPO paper's released quadruples in ../shared/data, split into
-sentences per language) at realistic lengths: prompts of 1-3 sentences, answers of 2-10 (about 100-300 and
-300-1,500 characters, as in the official files), six target languages, and the noise the filter exists for
-mixed in (HTML entities, answers in English, untranslated prompts, duplicates, empty answers). Batches are
+sentences per language) at realistic lengths: prompts of 1-2 sentences, English answers of 2-10, target
+answers of 3-16 (the three target texts of a pair average about 500 characters; in the official files
+about 450, prompts 92-108 and answers 355-954), six target languages, and the noise the filter exists for mixed in (HTML entities,
+answers in English, untranslated prompts, duplicates, empty answers, chosen == rejected). Batches are
 generated on the fly and pushed through the filter exactly as the stage does (language identification on,
 three texts a pair, in a worker process while this one runs the other checks) and the kept and dropped rows
 are written with :class:`ArtifactWriter` to a temporary folder. Only the filter and the writes are timed.
@@ -63,7 +64,7 @@ def synthetic_batch(pools: dict[str, list[str]], targets: list[str], n: int, sta
     """``n`` PAIRS rows; about 8% carry one kind of noise each."""
     english = pools["en"]
     starts = rng.random((n, 6))
-    sizes = rng.integers([1, 2, 2, 1, 2, 2], [4, 11, 11, 4, 11, 11], size=(n, 6))
+    sizes = rng.integers([1, 2, 2, 1, 3, 3], [3, 11, 11, 3, 17, 17], size=(n, 6))
 
     def text(pool: list[str], k: int, j: int) -> str:
         start = int(starts[k, j] * (len(pool) - 12))
