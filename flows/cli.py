@@ -41,6 +41,10 @@ def _report_path(outputs: dict[str, str]) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mpo_core.config import load_config
+    from mpo_core.runs import RunFolder
+
+    run = RunFolder.for_config(load_config(args.config, args.set))  # a bad recipe fails here, before Prefect
     from flows.pipeline import mpo_pipeline
 
     state = mpo_pipeline(
@@ -51,10 +55,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
     outputs = state.result(raise_on_failure=True)
-    from mpo_core.config import load_config
-    from mpo_core.runs import RunFolder
-
-    run = RunFolder.for_config(load_config(args.config, args.set))
     _print_states(run)
     report = _report_path(outputs)
     print(f"Report: {Path(report).resolve() if report else '(not produced)'}")
@@ -64,11 +64,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from flows.stages import STAGE_FLOWS
     from mpo_core.runs import RunFolder
+    from mpo_core.stages import STAGE_BY_NAME
 
-    if args.name not in STAGE_FLOWS:
-        raise MPOError(f"unknown stage {args.name!r}; stages: {', '.join(STAGE_FLOWS)}")
+    if args.name not in STAGE_BY_NAME:
+        raise MPOError(f"unknown stage {args.name!r}; stages: {', '.join(STAGE_BY_NAME)}")
+    RunFolder(args.run).load_config(args.set)  # a missing run or bad override fails here, before Prefect
+    from flows.stages import STAGE_FLOWS
+
     state = STAGE_FLOWS[args.name](run=args.run, overrides=args.set, force=args.force, return_state=True)
     outputs = state.result(raise_on_failure=True)
     _print_states(RunFolder(args.run))

@@ -1,0 +1,146 @@
+"""The CLI (parsing, ``mpo runs``), secret redaction, artifact keys and summaries, the accelerate launcher."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import build_parser, main
+from mpo_core.artifacts import write_artifact
+from mpo_core.config import config_from_dict
+from mpo_core.runs import RunFolder
+from mpo_core.stages import get_stage
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_import_of_the_cli_is_light():
+    code = "import sys, flows.cli; print(any(m in sys.modules for m in ('prefect', 'torch', 'transformers')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_parser_commands():
+    parser = build_parser()
+    run = parser.parse_args(["run", "--config", "c.yaml", "--set", "train.beta=1.5", "--set", "run.name=x"])
+    assert (run.config, run.set, run.gpu_deployments) == ("c.yaml", ["train.beta=1.5", "run.name=x"], False)
+    stage = parser.parse_args(["stage", "filter", "--run", "runs/x", "--set", "filter.max_length_ratio=9.0"])
+    assert (stage.name, stage.run, stage.set, stage.force) == (
+        "filter",
+        "runs/x",
+        ["filter.max_length_ratio=9.0"],
+        False,
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["stage", "filter"])  # --run is required
+
+
+def test_mpo_runs_lists_stage_states(tmp_path, capsys):
+    config = config_from_dict({"run": {"name": "listed", "root": str(tmp_path)}})
+    run = RunFolder.for_config(config)
+    run.save_config(config)
+    run.begin_invocation("pipeline", ["ingest", "filter"])
+    run.record("ingest", status="skipped", seconds=0.0)
+    run.record("filter", status="ran", seconds=12.5)
+    assert main(["runs", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "listed" in out and "ingest     skipped" in out and "filter     ran       12.5 s" in out
+
+
+def test_mpo_stage_on_a_missing_run_is_a_clean_error(tmp_path, capsys):
+    assert main(["stage", "filter", "--run", str(tmp_path / "nope")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_secrets_are_redacted_from_every_log_record(monkeypatch, caplog):
+    from tasks.secrets import install_redaction, redact
+
+    token = "hf_abcdefghijklmnopqrstuvwxyz123456"
+    monkeypatch.setenv("HF_TOKEN", token)
+    install_redaction()
+    with caplog.at_level(logging.INFO, logger="transformers.test"):
+        logging.getLogger("transformers.test").info("downloading with token %s", token)
+    assert token not in caplog.text and "***" in caplog.text
+    assert redact(f"Authorization: Bearer {token}") == "Authorization: Bearer ***"
+
+
+def test_hub_token_from_environment_is_not_looked_up_elsewhere(monkeypatch):
+    from tasks.secrets import load_hub_token
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("MPO_HF_TOKEN_BLOCK", raising=False)
+    assert load_hub_token() is False
+    monkeypatch.setenv("HF_TOKEN", "hf_fromtheenvironment")
+    assert load_hub_token() is True
+
+
+def test_artifact_keys_are_valid_prefect_keys():
+    from tasks.stage import artifact_key
+
+    assert artifact_key("My_Run.v2", "filter", "progress") == "my-run-v2-filter-progress"
+
+
+def test_output_summary_links_and_counts_without_data(tmp_path):
+    from tasks.stage import output_summary
+
+    rows = [
+        {
+            "prompt_id": f"p{i}",
+            "lang": lang,
+            "text": f"secret text {i}",
+            "category": None,
+            "split": "train",
+            "source": "t",
+            "translated_by": "original",
+            "harmful": True,
+        }
+        for i, lang in enumerate(["en", "en", "zh"])
+    ]
+    path = tmp_path / "prompts.parquet"
+    write_artifact(rows, path, "prompts")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    listing, per_lang = output_summary({"prompts": path, "checkpoint": folder})
+    assert listing[0] == {"output": "prompts", "kind": "prompts", "rows": 3, "link": path.resolve().as_uri()}
+    assert listing[1]["kind"] == "folder" and listing[1]["link"].startswith("file://")
+    assert per_lang == [
+        {"output": "prompts", "lang": "en", "rows": 2},
+        {"output": "prompts", "lang": "zh", "rows": 1},
+    ]
+    assert "secret text" not in str(listing) + str(per_lang)
+
+
+def test_accelerate_launch_command(tmp_path, monkeypatch):
+    from mpo_core.runs import run_in_process
+    from tasks.launch import launch_command, launcher_for
+
+    spec = get_stage("train")
+    command = launch_command(
+        "accelerate launch --multi_gpu --num_processes 8",
+        spec,
+        tmp_path,
+        {"filtered": tmp_path / "f.parquet"},
+    )
+    assert command[:6] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "8", "-m"]
+    assert command[6:9] == ["mpo_core.runs", "train", str(tmp_path.resolve())]
+    monkeypatch.delenv("MPO_TRAIN_LAUNCHER", raising=False)
+    assert launcher_for(spec) is run_in_process
+    monkeypatch.setenv("MPO_TRAIN_LAUNCHER", "accelerate launch")
+    assert launcher_for(spec) is not run_in_process
+    assert launcher_for(get_stage("filter")) is run_in_process
+
+
+def test_transient_failures_are_retried_but_not_our_own_errors():
+    from prefect.states import Failed
+
+    from mpo_core.errors import InputDataError
+    from tasks.stage import is_transient
+
+    assert is_transient(None, None, Failed(data=OSError("disk hiccup"))) is True
+    assert is_transient(None, None, Failed(data=InputDataError("bad row 3"))) is False
