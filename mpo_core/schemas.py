@@ -74,7 +74,7 @@ PAIRS = pa.schema(
         _f("dominant_prompt", pa.string(), nonempty=True),
         _f("dominant_chosen", pa.string()),
         _f("dominant_rejected", pa.string()),
-        _f("target_prompt", pa.string(), nonempty=True),
+        _f("target_prompt", pa.string()),  # may be empty: MT noise, dropped by the filter stage
         _f("target_chosen", pa.string()),
         _f("target_rejected", pa.string()),
         _f("source", pa.string()),
