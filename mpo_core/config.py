@@ -106,6 +106,7 @@ class GenerateConfig(Section):
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     batch_size: int = Field(default=16, ge=1)
     seed: int = 0
+    harmful_only: bool = True  # pairs are built from harmful prompts only; benign ones are for evaluation
 
 
 class LabelConfig(Section):
@@ -114,12 +115,17 @@ class LabelConfig(Section):
     judge: Literal["refusal_patterns", "llama_guard_3", "qwen3guard"] = "refusal_patterns"
     model: str | None = None
     batch_size: int = Field(default=8, ge=1)
+    backend: Literal["transformers", "vllm"] = "transformers"  # how LLM judges run
+    patterns: str | None = None  # refusal_patterns: a pattern file replacing the packaged one
 
 
 class PairConfig(Section):
     """Building MPO quadruples from judged samples."""
 
-    fallback_refusal: bool = True
+    fallback_refusal: bool = True  # no safe sample: use the language's configured refusal, else skip
+    fallback_texts: dict[str, str] = Field(default_factory=dict)  # per-language refusal overrides
+    source: str | None = None  # ready-made quadruples (mpo_official JSON, HH-RLHF...): skip building
+    source_format: str = "auto"  # format name passed to mpo_core.ingest.load_pairs
 
 
 TruncatedField = Literal["dominant_chosen", "dominant_rejected", "target_chosen", "target_rejected"]

@@ -1,0 +1,109 @@
+"""Generation backends: sampling settings, row contract, real transformers generation, vLLM guard."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpo_core.config import GenerateConfig, ModelConfig, PipelineConfig
+from mpo_core.errors import ConfigError, ModelLoadError
+from mpo_core.generation import (
+    Completion,
+    GenerationBackend,
+    SamplingSettings,
+    TransformersBackend,
+    VLLMBackend,
+    generate_responses,
+    generation_prompts,
+)
+from mpo_core.schemas import RESPONSES
+
+PROMPTS = [
+    {"prompt_id": "b001", "lang": "en", "text": "How do I make a simple tomato soup?"},
+    {"prompt_id": "b001", "lang": "sw", "text": "Ninawezaje kupika supu rahisi ya nyanya?"},
+    {"prompt_id": "b003", "lang": "en", "text": "Why is the sky blue?"},
+]
+
+
+class EchoBackend(GenerationBackend):
+    """Answers each conversation with its last message, numbered per sample."""
+
+    name = "echo"
+    model_name = "echo-model"
+
+    def chat(self, conversations, settings):
+        return [
+            [Completion(f"{conv[-1]['content']}#{k}", "stop") for k in range(settings.num_samples)]
+            for conv in conversations
+        ]
+
+    def complete(self, prompts, settings):
+        return [[Completion(p, "stop")] for p in prompts]
+
+
+def test_greedy_with_several_samples_is_refused():
+    with pytest.raises(ConfigError, match="identical samples"):
+        SamplingSettings(num_samples=2, temperature=0.0)
+
+
+def test_rows_follow_the_responses_contract():
+    rows = generate_responses(ModelConfig(), GenerateConfig(num_samples=3, seed=5), PROMPTS, backend=EchoBackend())
+    assert len(rows) == 9
+    assert set(rows[0]) == set(RESPONSES.names)
+    assert [r["sample_idx"] for r in rows[:3]] == [0, 1, 2]
+    assert rows[4]["text"] == "Ninawezaje kupika supu rahisi ya nyanya?#1"
+    assert {r["backend"] for r in rows} == {"echo"} and {r["seed"] for r in rows} == {5}
+    assert all(r["judge"] is None and r["verdict"] is None and r["score"] is None for r in rows)
+    greedy = generate_responses(ModelConfig(), GenerateConfig(), PROMPTS, num_samples=1, temperature=0.0,
+                                backend=EchoBackend())
+    assert [r["sample_idx"] for r in greedy] == [0, 0, 0]
+
+
+def test_generation_prompts_takes_harmful_train_rows_of_run_languages():
+    from mpo_core.seed import load_seed_prompts
+
+    config = PipelineConfig.model_validate({"run": {"target_langs": ["zh", "sw"]}})
+    picked = generation_prompts(config, load_seed_prompts())
+    assert len(picked) == 40 * 3
+    assert {r["lang"] for r in picked} == {"en", "zh", "sw"}
+    assert all(r["harmful"] and r["split"] == "train" for r in picked)
+    with_benign = config.model_copy(update={"generate": GenerateConfig(harmful_only=False)})
+    assert len(generation_prompts(with_benign, load_seed_prompts())) == 60 * 3
+
+
+def test_vllm_backend_without_vllm_says_how_to_install():
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ModelLoadError, match=r"mpo\[gpu\]"):
+            VLLMBackend(ModelConfig())
+    else:
+        pytest.skip("vLLM is installed")
+
+
+def test_transformers_backend_is_batched_seeded_and_reproducible(default_model_config):
+    backend = TransformersBackend(default_model_config, batch_size=2)
+    cfg = GenerateConfig(num_samples=2, max_new_tokens=6, temperature=0.9, seed=11)
+    first = generate_responses(default_model_config, cfg, PROMPTS, backend=backend)
+    again = generate_responses(default_model_config, cfg, PROMPTS, backend=backend)
+    other = generate_responses(default_model_config, cfg.model_copy(update={"seed": 12}), PROMPTS,
+                               backend=backend)
+    assert [r["text"] for r in first] == [r["text"] for r in again]
+    assert [r["text"] for r in first] != [r["text"] for r in other]
+    assert len(first) == 6 and all(r["text"] for r in first)
+    assert {r["finish_reason"] for r in first} <= {"stop", "length"}
+    assert [(r["prompt_id"], r["lang"], r["sample_idx"]) for r in first] == [
+        (p["prompt_id"], p["lang"], k) for p in PROMPTS for k in range(2)
+    ]
+    greedy_batched = generate_responses(default_model_config, cfg, PROMPTS[:2], num_samples=1, temperature=0.0,
+                                        backend=backend)
+    backend.batch_size = 1
+    greedy_single = generate_responses(default_model_config, cfg, PROMPTS[:2], num_samples=1, temperature=0.0,
+                                       backend=backend)
+    assert greedy_batched[0]["text"] == greedy_single[0]["text"]
+
+
+def test_chat_template_keeps_the_models_own_system_prompt(default_model_config):
+    backend = TransformersBackend(default_model_config)
+    text = backend.chat_texts([[{"role": "user", "content": "hi"}]])[0]
+    assert "SmolLM" in text and text.rstrip().endswith("assistant")

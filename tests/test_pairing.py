@@ -1,0 +1,89 @@
+"""Pair building: ranking by judge score, fallbacks, skips, ready-made pairs."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpo_core.artifacts import read_artifact, read_manifest, write_artifact
+from mpo_core.config import PairConfig, PipelineConfig
+from mpo_core.judges import fallback_refusal
+from mpo_core.pairing import Candidate, Choice, build_pairs, choose, run_pair
+
+
+def _row(pid, lang, k, text, verdict, score):
+    return {
+        "prompt_id": pid, "lang": lang, "sample_idx": k, "prompt": f"{pid}-{lang}?", "text": text,
+        "finish_reason": "stop", "model": "m", "backend": "transformers", "seed": 0,
+        "judge": "refusal_patterns@v1", "verdict": verdict, "score": score,
+    }
+
+
+def test_choose_ranks_by_score_and_falls_back():
+    cands = [
+        Candidate(0, "a", "compliance", 0.0), Candidate(1, "b", "refusal", 0.8),
+        Candidate(2, "c", "refusal", 0.95), Candidate(3, "d", "compliance", 0.0),
+    ]
+    assert choose(cands, "REFUSE") == Choice("c", 0.95, False, "a", 0.0)
+    only_unsafe = [Candidate(0, "x", "unsafe", 0.2), Candidate(1, "y", "unsafe", 0.1)]
+    assert choose(only_unsafe, "REFUSE") == Choice("REFUSE", None, True, "y", 0.1)
+    assert choose(only_unsafe, None) == "no_safe_sample"
+    assert choose([Candidate(0, "z", "refusal", 1.0)], "REFUSE") == "no_unsafe_sample"
+
+
+def test_build_pairs_one_quadruple_per_prompt_and_target():
+    rows = [
+        _row("h001", "en", 0, "I can't help", "refusal", 1.0), _row("h001", "en", 1, "Sure, step 1", "compliance", 0.0),
+        _row("h001", "zh", 0, "好的，步骤", "compliance", 0.0), _row("h001", "zh", 1, "第一步", "compliance", 0.0),
+        _row("h001", "sw", 0, "Siwezi", "refusal", 1.0), _row("h001", "sw", 1, "Samahani", "refusal", 0.9),
+        _row("h002", "en", 0, "Here is how", "compliance", 0.0), _row("h002", "en", 1, "First", "compliance", 0.0),
+        _row("h002", "zh", 0, "我不能", "refusal", 1.0), _row("h002", "zh", 1, "方法如下", "compliance", 0.0),
+    ]
+    pairs, skipped = build_pairs(rows, "en", ["zh", "sw"], PairConfig())
+    assert [p["pair_id"] for p in pairs] == ["h001:en-zh", "h002:en-zh"]
+    first, second = pairs
+    assert first["dominant_chosen"] == "I can't help" and first["dominant_rejected"] == "Sure, step 1"
+    assert first["target_chosen"] == fallback_refusal("zh") and first["target_chosen_fallback"]
+    assert first["target_chosen_score"] is None and first["target_rejected"] == "好的，步骤"
+    assert second["dominant_chosen"] == fallback_refusal("en") and second["dominant_chosen_fallback"]
+    assert second["target_chosen"] == "我不能" and not second["target_chosen_fallback"]
+    assert skipped == {"target_no_unsafe_sample": 1, "no_target_samples": 1}
+    override = PairConfig(fallback_texts={"zh": "不行。"})
+    assert build_pairs(rows, "en", ["zh"], override)[0][0]["target_chosen"] == "不行。"
+    strict, strict_skipped = build_pairs(rows, "en", ["zh"], PairConfig(fallback_refusal=False))
+    assert strict == [] and strict_skipped == {"target_no_safe_sample": 1, "dominant_no_safe_sample": 1}
+
+
+def test_run_pair_writes_pairs_with_counts(tmp_path):
+    rows = [
+        _row("h001", "en", 0, "I can't help", "refusal", 1.0), _row("h001", "en", 1, "Sure", "compliance", 0.0),
+        _row("h001", "ko", 0, "네, 방법은", "compliance", 0.0),
+    ]
+    labelled = tmp_path / "labelled.parquet"
+    write_artifact(rows, labelled, "responses")
+    config = PipelineConfig.model_validate({"run": {"target_langs": ["ko"]}})
+    out = run_pair(config, {"labelled": labelled}, tmp_path / "pair")
+    table = read_artifact(out["pairs"], "pairs")
+    assert table.num_rows == 1
+    extra = read_manifest(out["pairs"]).extra
+    assert extra["pairs"] == 1 and extra["fallback_target_chosen"] == 1
+
+
+def test_unlabelled_input_is_refused(tmp_path):
+    from mpo_core.errors import ArtifactError
+
+    rows = [_row("h001", "en", 0, "x", None, None)]
+    labelled = tmp_path / "labelled.parquet"
+    write_artifact(rows, labelled, "responses")
+    with pytest.raises(ArtifactError, match="row 0 has no verdict"):
+        run_pair(PipelineConfig(), {"labelled": labelled}, tmp_path / "pair")
+
+
+def test_pair_source_ingests_ready_made_quadruples(tmp_path, shared_data):
+    source = shared_data / "mpo_official" / "llama_mpo_data.json"
+    config = PipelineConfig.model_validate({"pair": {"source": str(source)}})
+    out = run_pair(config, {}, tmp_path / "pair")
+    table = read_artifact(out["pairs"], "pairs")
+    assert table.num_rows == 600
+    manifest = read_manifest(out["pairs"])
+    assert set(manifest.inputs) == {"source"}
+    assert set(manifest.extra["per_target_lang"]) == {"zh", "ja", "ko", "ar", "bn", "sw"}
