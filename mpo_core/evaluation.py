@@ -347,10 +347,11 @@ def _reward_gaps(obs: Observations, model, tokenizer, pair_set: PairSet, dominan
         model, tokenizer, [p["target_prompt"] for p in pairs], [p["target_chosen"] for p in pairs],
         [p["target_rejected"] for p in pairs], max_length=max_length, batch_size=batch_size,
     ).tolist()
-    for lang, idx in _group_by_lang(pairs).items():
+    obs_langs = _group_by_lang(pairs)
+    for lang, idx in obs_langs.items():
         obs.add((lang, "reward_gap", pair_set.name), [gaps[i] for i in idx])
     dominant = _dominant_triples(pairs, dominant_lang)
-    if dominant:
+    if dominant and dominant_lang not in obs_langs:  # English-only pairs (HH-RLHF): already measured
         dom_gaps = reward_gaps(
             model, tokenizer, [t[0] for t in dominant], [t[1] for t in dominant], [t[2] for t in dominant],
             max_length=max_length, batch_size=batch_size,
@@ -498,7 +499,7 @@ def paired_delta_rows(base: Observations, trained: Observations, config: Pipelin
 
 def reference_rows(pair_set: PairSet | None, config: PipelineConfig) -> list[dict]:
     """RG^d of the frozen reference (from the ``reference`` artifact) per target language of the pairs it
-    was computed on, and over all pairs for the dominant language."""
+    was computed on, and over the distinct dominant-language triples for the dominant language."""
     if pair_set is None or not pair_set.reference_gaps:
         return []
     ev = config.evaluate
@@ -508,10 +509,13 @@ def reference_rows(pair_set: PairSet | None, config: PipelineConfig) -> list[dic
     for lang, idx in _group_by_lang(known).items():
         gaps = [pair_set.reference_gaps[known[i]["pair_id"]] for i in idx]
         rows.append(_row("reference", (lang, "reward_gap", pair_set.name), bootstrap_mean_ci(gaps, **kwargs), None))
-    if known:
-        all_gaps = [pair_set.reference_gaps[p["pair_id"]] for p in known]
+    by_triple: dict[tuple[str, str, str], float] = {}
+    for p in known:  # one dominant triple serves every target language: count it once
+        triple = (p["dominant_prompt"], p["dominant_chosen"], p["dominant_rejected"])
+        by_triple.setdefault(triple, pair_set.reference_gaps[p["pair_id"]])
+    if by_triple:
         key = (config.run.dominant_lang, "reward_gap", pair_set.name)
-        rows.append(_row("reference", key, bootstrap_mean_ci(all_gaps, **kwargs), None))
+        rows.append(_row("reference", key, bootstrap_mean_ci(list(by_triple.values()), **kwargs), None))
     return rows
 
 

@@ -120,12 +120,16 @@ def test_paired_delta_is_trained_minus_base_on_the_same_items():
 
 def test_reference_rows_per_target_and_dominant():
     config = _config(bootstrap_samples=100)
-    pairs = [{"pair_id": "a", "lang": "zh"}, {"pair_id": "b", "lang": "zh"}, {"pair_id": "c", "lang": "bn"}]
-    rows = reference_rows(PairSet("pairs:train", pairs, {"a": 0.2, "b": 0.4, "c": 1.0}), config)
+    def pair(pair_id, lang, prompt):
+        return {"pair_id": pair_id, "lang": lang, "dominant_prompt": prompt, "dominant_chosen": "no",
+                "dominant_rejected": "yes"}
+
+    pairs = [pair("a", "zh", "x1"), pair("b", "zh", "x2"), pair("c", "bn", "x3"), pair("d", "bn", "x1")]
+    rows = reference_rows(PairSet("pairs:train", pairs, {"a": 0.2, "b": 0.4, "c": 1.0, "d": 0.2}), config)
     by_lang = {r["lang"]: r for r in rows}
     assert by_lang["zh"]["value"] == pytest.approx(0.3) and by_lang["zh"]["model"] == "reference"
-    assert by_lang["bn"]["value"] == pytest.approx(1.0)
-    assert by_lang["en"]["value"] == pytest.approx(1.6 / 3) and by_lang["en"]["n"] == 3
+    assert by_lang["bn"]["value"] == pytest.approx(0.6)
+    assert by_lang["en"]["value"] == pytest.approx(1.6 / 3) and by_lang["en"]["n"] == 3  # x1 counted once
 
 
 @pytest.mark.slow
@@ -137,11 +141,16 @@ def test_run_evaluate_stage_on_the_real_default_model(tmp_path, shared_data):
     from mpo_core.ingest import load_pairs
     from mpo_core.models import resolve_model_path
 
+    mc_path = tmp_path / "mc.jsonl"
+    mc_path.write_text(json.dumps({"lang": "en", "question": "What colour is the clear daytime sky?",
+                                   "options": ["Blue.", "Seventeen kilograms of gravel."], "answer": 0}) + "\n")
     config = config_from_dict({
         "model": {"device": "cpu", "dtype": "float32"},
         "run": {"target_langs": ["zh"]},
         "evaluate": {"safety_sets": ["seed"], "max_prompts_per_lang": 1, "max_new_tokens": 8,
-                     "max_pairs_per_lang": 1, "max_length": 96, "bootstrap_samples": 100},
+                     "max_pairs_per_lang": 1, "max_length": 96, "bootstrap_samples": 100,
+                     "mgsm": [str(shared_data / "mgsm" / "mgsm_en.tsv")], "mgsm_max_per_lang": 1,
+                     "mgsm_max_new_tokens": 8, "multiple_choice": [str(mc_path)]},
     })
     seed_rows = [r for r in seed_holdout(None) if r["lang"] in ("en", "zh")]
     translated = tmp_path / "translated.parquet"
@@ -174,6 +183,9 @@ def test_run_evaluate_stage_on_the_real_default_model(tmp_path, shared_data):
     assert cell[("trained", "zh", "reward_gap", "pairs:train")]["value"] == pytest.approx(gap_base["value"], abs=1e-6)
     assert cell[("base", "en", "reward_gap", "pairs:train")]["n"] == 1  # the dominant side
     assert cell[("reference", "zh", "reward_gap", "pairs:train")]["value"] == pytest.approx(0.5)
+    for metric, dataset in (("mgsm_accuracy", "mgsm"), ("mc_accuracy", "mc")):
+        base, trained = cell[("base", "en", metric, dataset)], cell[("trained", "en", metric, dataset)]
+        assert base["n"] == 1 and base["value"] in (0.0, 1.0) and base["value"] == trained["value"]
     responses = read_artifact(tmp_path / "evaluate" / "responses_base.parquet", "responses").to_pylist()
     assert len(responses) == 4 and all(r["verdict"] for r in responses)
     report = Path(outputs["report"])
