@@ -26,7 +26,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "eval_base"))
-    parser.add_argument("--multijail", default=str(SHARED / "multijail" / "MultiJail.csv"))
+    parser.add_argument("--no-seed", action="store_true", help="skip the seed hold-out")
+    parser.add_argument("--multijail", default=str(SHARED / "multijail" / "MultiJail.csv"),
+                        help="MultiJail CSV ('' to skip)")
     parser.add_argument("--multijail-per-lang", type=int, default=50)
     parser.add_argument("--pairs", default=str(SHARED / "mpo_official" / "llama_mpo_data.json"),
                         help="held-out pairs for reward gaps ('' to skip)")
@@ -39,8 +41,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key.sub=value")
     args = parser.parse_args()
 
+    safety_sets = ([] if args.no_seed else ["seed"]) + ([f"'{args.multijail}'"] if args.multijail else [])
     overrides = [
-        f"evaluate.safety_sets=[seed, '{args.multijail}']",
+        f"evaluate.safety_sets=[{', '.join(safety_sets)}]",
         f"evaluate.max_prompts_per_lang={args.multijail_per_lang}",
         f"evaluate.max_new_tokens={args.max_new_tokens}",
         f"evaluate.max_pairs_per_lang={args.pairs_per_lang}",
