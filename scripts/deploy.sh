@@ -14,4 +14,8 @@ export MPO_IMAGE="${MPO_IMAGE:-mpo:latest}"
 prefect work-pool inspect cpu >/dev/null 2>&1 || prefect work-pool create cpu --type process
 prefect work-pool inspect gpu >/dev/null 2>&1 || prefect work-pool create gpu --type process
 prefect gcl inspect gpu >/dev/null 2>&1 || prefect gcl create gpu --limit "${MPO_GPU_SLOTS:-1}"
-prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+names=(--name "mpo-pipeline/default" --name "*/cpu" --name "*/gpu" --name "mpo-train/gpu-multi")
+# container pools only where they exist (prefect-docker / prefect-kubernetes workers)
+prefect work-pool inspect gpu-docker >/dev/null 2>&1 && names+=(--name "mpo-train/gpu-docker")
+prefect work-pool inspect gpu-kubernetes >/dev/null 2>&1 && names+=(--name "mpo-train/gpu-kubernetes")
+prefect --no-prompt deploy --prefect-file deployments/prefect.yaml "${names[@]}"
