@@ -81,9 +81,10 @@ def test_vllm_backend_without_vllm_says_how_to_install():
         pytest.skip("vLLM is installed")
 
 
+@pytest.mark.slow
 def test_transformers_backend_is_batched_seeded_and_reproducible(default_model_config):
     backend = TransformersBackend(default_model_config, batch_size=2)
-    cfg = GenerateConfig(num_samples=2, max_new_tokens=6, temperature=0.9, seed=11)
+    cfg = GenerateConfig(num_samples=2, max_new_tokens=4, temperature=0.9, seed=11)
     first = generate_responses(default_model_config, cfg, PROMPTS, backend=backend)
     again = generate_responses(default_model_config, cfg, PROMPTS, backend=backend)
     other = generate_responses(default_model_config, cfg.model_copy(update={"seed": 12}), PROMPTS,
