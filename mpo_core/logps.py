@@ -104,7 +104,8 @@ def final_hidden_states(
 def _chunk_token_logps(
     hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, softcap: float | None
 ) -> torch.Tensor:
-    logits = lm_head(hidden).float()
+    logits = lm_head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -135,8 +136,8 @@ def response_logp_sums(
             pieces.append(checkpoint(_chunk_token_logps, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_token_logps(*args))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    sums = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(
+    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0).float()
+    sums = torch.zeros(hidden.shape[0], dtype=token_logps.dtype, device=hidden.device).index_add(
         0, rows, token_logps
     )
     counts = predicts_response.sum(dim=1)
@@ -173,7 +174,8 @@ def full_logits_outputs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) 
         output_hidden_states=True,
         use_cache=False,
     )
-    logps = out.logits[:, :-1].float().log_softmax(-1)
+    logits = out.logits[:, :-1]
+    logps = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
     token_logps = logps.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
     mask = batch["response_mask"][:, 1:]
     sums = (token_logps * mask).sum(-1)

@@ -42,8 +42,28 @@ def reward_gap(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor)
 
 
 def mpo_l1_terms(target_gap: torch.Tensor, dominant_gap: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-pair L1 terms ``(beta * RG^t_b - RG^d_b)^2`` (L1 is their mean)."""
-    return (beta * target_gap - dominant_gap.to(target_gap.dtype)) ** 2
+    """Per-pair L1 terms ``(beta * RG^t_b - RG^d_b)^2`` (L1 is their mean); ``RG^d`` is a constant."""
+    return (beta * target_gap - dominant_gap.detach().to(target_gap.dtype)) ** 2
+
+
+def mpo_l2(policy_dominant_pooled: torch.Tensor, ref_dominant_pooled: torch.Tensor) -> torch.Tensor:
+    """``L2 = mean((h_policy - h_ref)^2)`` over the pooled states; the reference states are constants."""
+    return F.mse_loss(policy_dominant_pooled, ref_dominant_pooled.detach().to(policy_dominant_pooled.dtype))
+
+
+def mpo_metrics(
+    target_gap: torch.Tensor, dominant_gap: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Detached MPO metrics: ``l1``, ``l2``, ``target_gap`` (mean RG^t), ``dominant_gap`` (mean RG^d),
+    ``target_gap_accuracy`` (fraction of pairs with RG^t > 0)."""
+    target_gap = target_gap.detach()
+    return {
+        "l1": l1.detach(),
+        "l2": l2.detach(),
+        "target_gap": target_gap.mean(),
+        "dominant_gap": dominant_gap.detach().float().mean(),
+        "target_gap_accuracy": (target_gap > 0).float().mean(),
+    }
 
 
 def mpo_loss(
@@ -61,23 +81,12 @@ def mpo_loss(
     rejected sequences (any matching shape, e.g. ``[2B, H]``). The reference inputs are constants: they are
     detached, so gradients reach only the policy's target log-likelihoods and its pooled states.
 
-    Returns the loss and detached metrics: ``l1``, ``l2``, ``target_gap`` (mean RG^t), ``dominant_gap``
-    (mean RG^d) and ``target_gap_accuracy`` (fraction of pairs with RG^t > 0).
+    Returns the loss and the detached metrics of :func:`mpo_metrics`.
     """
     target_gap = reward_gap(policy_target_chosen_avg_logps, policy_target_rejected_avg_logps)
-    dominant_gap = ref_dominant_reward_gap.detach().to(target_gap.dtype)
-    l1 = mpo_l1_terms(target_gap, dominant_gap, beta).mean()
-    ref_pooled = ref_dominant_pooled.detach().to(policy_dominant_pooled.dtype)
-    l2 = F.mse_loss(policy_dominant_pooled, ref_pooled)
-    loss = l1 + lam * l2
-    metrics = {
-        "l1": l1.detach(),
-        "l2": l2.detach(),
-        "target_gap": target_gap.detach().mean(),
-        "dominant_gap": dominant_gap.mean(),
-        "target_gap_accuracy": (target_gap.detach() > 0).float().mean(),
-    }
-    return loss, metrics
+    l1 = mpo_l1_terms(target_gap, ref_dominant_reward_gap, beta).mean()
+    l2 = mpo_l2(policy_dominant_pooled, ref_dominant_pooled)
+    return l1 + lam * l2, mpo_metrics(target_gap, ref_dominant_reward_gap, l1, l2)
 
 
 def dpo_sigmoid_loss(

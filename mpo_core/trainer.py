@@ -25,20 +25,22 @@ import json
 import os
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import torch
 
 from mpo_core.artifacts import read_artifact, read_manifest
 from mpo_core.config import PipelineConfig, TrainConfig
 from mpo_core.errors import InputDataError
 from mpo_core.logps import EncodedSequence, collate_sequences, encode_prompt_response, sequence_outputs
-from mpo_core.losses import mpo_l1_terms, mpo_loss, reward_gap, simpo_loss
+from mpo_core.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
 from mpo_core.stages import get_stage, stage_identity
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MODEL_DIR = "model"
@@ -92,8 +94,6 @@ class MPOCollator:
         self.pad_token_id, self.with_dominant = pad_token_id, with_dominant
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
         batch: dict[str, Any] = {"target_lang": [r["target_lang"] for r in rows]}
         sides = ("target", "dominant") if self.with_dominant else ("target",)
         for side in sides:
@@ -118,7 +118,8 @@ def side(batch: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
 def mpo_step_loss(
     model: PreTrainedModel, batch: dict[str, Any], beta: float, lam: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """MPO loss of one collated batch with the precomputed reference; also returns per-row target gaps."""
+    """MPO loss of one collated batch with the precomputed reference (one graph; for evaluation and checks).
+    Returns the loss, the metrics and the per-pair target gaps."""
     n = batch["ref_gap"].shape[0]
     target = sequence_outputs(model, side(batch, "target"), with_pooled=False)["avg_logps"]
     if lam > 0:
@@ -130,10 +131,43 @@ def mpo_step_loss(
     return loss, metrics, reward_gap(target[:n], target[n:]).detach()
 
 
+def mpo_backward_step(
+    model: PreTrainedModel,
+    batch: dict[str, Any],
+    beta: float,
+    lam: float,
+    *,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    scale: float = 1.0,
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Accumulate ``scale * grad L`` of one batch into the parameters' ``.grad``, in two backward passes.
+
+    L1 depends only on the target-language sequences and L2 only on the dominant-language ones, so
+    ``grad L = grad L1 + lam * grad L2`` is accumulated as: dominant forward (backbone only), backward of
+    ``lam * L2``; then target forward (chunked LM head on response tokens), backward of ``L1``. Only one side's
+    activations are alive at a time; the gradients are those of the joint loss. Returns the detached loss,
+    the metrics and the per-pair target gaps.
+    """
+    backward = backward or torch.Tensor.backward
+    n = batch["ref_gap"].shape[0]
+    l2 = batch["ref_gap"].new_zeros(())
+    if lam > 0:
+        with forward_context():
+            policy_pooled = sequence_outputs(model, side(batch, "dominant"), with_logps=False)["pooled"]
+            l2 = mpo_l2(policy_pooled, batch["ref_pooled"])
+        backward(lam * scale * l2)
+        del policy_pooled
+    with forward_context():
+        target = sequence_outputs(model, side(batch, "target"), with_pooled=False)["avg_logps"]
+        gaps = reward_gap(target[:n], target[n:])
+        l1 = mpo_l1_terms(gaps, batch["ref_gap"], beta).mean()
+    backward(scale * l1)
+    return (l1 + lam * l2).detach(), mpo_metrics(gaps, batch["ref_gap"], l1, l2), gaps.detach()
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Dropout off everywhere (paper): ``nn.Dropout`` modules and attention-dropout rates."""
-    import torch
-
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -156,6 +190,28 @@ def _trainer_class():
             self._count = 0
             self._lang: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """MPO: :func:`mpo_backward_step` (two backward passes, same gradients); SimPO: the default."""
+            cfg = self.train_cfg
+            if cfg.loss != "mpo":
+                return super().training_step(model, inputs, num_items_in_batch)
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            scale = 1.0 / self.current_gradient_accumulation_steps
+            loss, metrics, gaps = mpo_backward_step(
+                model,
+                inputs,
+                cfg.beta,
+                cfg.lam,
+                backward=self.accelerator.backward,
+                scale=scale,
+                forward_context=self.compute_loss_context_manager,
+            )
+            self._record(
+                metrics, inputs["target_lang"], gaps, mpo_l1_terms(gaps, inputs["ref_gap"], cfg.beta)
+            )
+            return loss * scale
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             cfg = self.train_cfg
             if cfg.loss == "mpo":
@@ -168,7 +224,8 @@ def _trainer_class():
                 gaps = reward_gap(target[:n], target[n:]).detach()
                 metrics = {"target_gap": gaps.mean(), "target_gap_accuracy": (gaps > 0).float().mean()}
                 l1_rows = None
-            self._record(metrics, inputs["target_lang"], gaps, l1_rows)
+            if model.training:
+                self._record(metrics, inputs["target_lang"], gaps, l1_rows)
             return (loss, {}) if return_outputs else loss
 
         def _record(self, metrics, langs, gaps, l1_rows) -> None:
@@ -243,7 +300,7 @@ def _common_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_cpu: bool, see
         "lr_scheduler_type": cfg.lr_scheduler,
         "warmup_steps": min(cfg.warmup_ratio, 0.999),
         "bf16": cfg.bf16,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "activation_checkpointing": cfg.gradient_checkpointing,
         "logging_steps": cfg.logging_steps,
         "save_strategy": "steps",
         "save_steps": cfg.save_steps,
@@ -308,7 +365,7 @@ def build_trainer(
 
             model = get_peft_model(model, _lora_config(cfg))
         if cfg.gradient_checkpointing:
-            common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+            common["activation_checkpointing_kwargs"] = {"use_reentrant": False}
         examples = build_examples(tokenizer, pairs, reference, cfg.max_length)
         return _trainer_class()(
             model=model,

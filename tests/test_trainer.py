@@ -1,0 +1,219 @@
+"""The train stage on real MPO pairs and the real default model: equivalence with the paper's online
+reference, L1 going down, resume, LoRA, baselines, safe checkpoints, and the YAML recipes."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from core_pairs import official_pairs, write_pairs
+
+from mpo_core.config import CONFIGS_DIR, config_from_dict, load_config
+from mpo_core.logps import full_logits_outputs, sequence_outputs
+from mpo_core.losses import mpo_loss
+from mpo_core.reference import run_reference
+from mpo_core.trainer import (
+    TRAIN_LOG,
+    MPOCollator,
+    build_examples,
+    mpo_backward_step,
+    mpo_step_loss,
+    run_train,
+)
+
+ALLOWED_MODEL_FILES = {".safetensors", ".json", ".jinja", ".txt", ".model"}
+
+
+def _config(tmp: Path, **train) -> object:
+    return config_from_dict(
+        {
+            "model": {"device": "cpu", "dtype": "float32"},
+            "reference": {"batch_size": 4, "max_length": 40},
+            "train": {
+                "max_length": 40,
+                "per_device_batch_size": 2,
+                "learning_rate": 2.0e-5,
+                "lr_scheduler": "constant",
+                "warmup_ratio": 0.0,
+                "save_steps": 1,
+                **train,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def real_pairs(shared_data, tmp_path_factory) -> Path:
+    return write_pairs(
+        official_pairs(shared_data, 2, step=11), tmp_path_factory.mktemp("train") / "pairs.parquet"
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_path(real_pairs, tmp_path_factory) -> Path:
+    config = _config(tmp_path_factory.getbasetemp())
+    return run_reference(config, {"filtered": real_pairs}, tmp_path_factory.mktemp("reference"))["reference"]
+
+
+def test_every_recipe_validates():
+    recipes = sorted(CONFIGS_DIR.glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"default", "llama3.1-8b", "gemma2-9b", "qwen2.5-7b"}
+    for path in recipes:
+        load_config(path)
+    paper = {"llama3.1-8b": (1.0, 6e-7), "gemma2-9b": (1.5, 4e-7), "qwen2.5-7b": (1.5, 6e-7)}
+    for name, (beta, lr) in paper.items():
+        cfg = load_config(CONFIGS_DIR / f"{name}.yaml")
+        assert (cfg.train.beta, cfg.train.learning_rate, cfg.train.num_epochs) == (beta, lr, 2.0)
+        assert (cfg.train.lr_scheduler, cfg.train.warmup_ratio, cfg.train.per_device_batch_size) == (
+            "cosine",
+            0.1,
+            1,
+        )
+        assert cfg.train.bf16 and cfg.train.max_length == 1024 and cfg.model.device == "cuda"
+    qwen = load_config(CONFIGS_DIR / "qwen2.5-7b.yaml").run
+    assert qwen.dominant_lang == "zh" and qwen.target_langs == ["en", "ja", "ko", "ar", "bn", "sw"]
+
+
+@pytest.mark.slow
+def test_precomputed_reference_equals_online_reference(shared_data, default_model_config):
+    """The paper's code runs the reference inside every step with full logits and one backward; ours reads
+    RG^d and pooled states computed beforehand, uses the chunked LM head on the target side only and two
+    backward passes. Same loss and gradients (float64, so only the maths is compared)."""
+    from mpo_core.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(default_model_config)
+    reference = load_model(default_model_config).eval()
+    # the real weights, cut to their first 4 of 30 layers: float64 on a shared 2-core CPU stays quick
+    reference.model.layers = reference.model.layers[:4]
+    reference.config.num_hidden_layers = 4
+    reference = reference.double()
+    policy = copy.deepcopy(reference)
+    torch.manual_seed(0)
+    with torch.no_grad():  # policy != reference so that L2 and its gradient are not zero
+        weight = policy.model.layers[2].mlp.up_proj.weight
+        weight.add_(1e-3 * torch.randn_like(weight))
+    pairs = official_pairs(shared_data, 2, step=13)
+    batch = MPOCollator(tok.pad_token_id)(build_examples(tok, pairs, None, 32))
+    dominant = {k: batch[f"dominant_{k}"] for k in ("input_ids", "attention_mask", "response_mask")}
+    target = {k: batch[f"target_{k}"] for k in ("input_ids", "attention_mask", "response_mask")}
+    n, beta = 2, 1.5
+
+    with torch.no_grad():
+        ref_out = sequence_outputs(reference, dominant)
+    batch["ref_gap"] = ref_out["avg_logps"][:n] - ref_out["avg_logps"][n:]
+    batch["ref_pooled"] = ref_out["pooled"]
+    loss_pre, metrics_pre, _ = mpo_backward_step(policy, batch, beta, 1.0)
+    grads_pre = [p.grad for p in policy.parameters()]
+    single_graph_loss, _, _ = mpo_step_loss(policy, batch, beta, 1.0)
+
+    with torch.no_grad():
+        ref_online = full_logits_outputs(reference, dominant)
+    pol_target = full_logits_outputs(policy, target)
+    pol_dominant = full_logits_outputs(policy, dominant)
+    loss_online, metrics_online = mpo_loss(
+        pol_target["avg_logps"][:n],
+        pol_target["avg_logps"][n:],
+        ref_online["avg_logps"][:n] - ref_online["avg_logps"][n:],
+        pol_dominant["pooled"],
+        ref_online["pooled"],
+        beta,
+    )
+    grads_online = torch.autograd.grad(loss_online, list(policy.parameters()))
+
+    assert metrics_pre["l2"].item() > 0
+    torch.testing.assert_close(loss_pre, loss_online.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single_graph_loss.detach(), loss_online.detach(), atol=1e-5, rtol=1e-5)
+    for key in ("l1", "l2"):
+        torch.testing.assert_close(metrics_pre[key], metrics_online[key], atol=1e-5, rtol=1e-5)
+    for ours, paper in zip(grads_pre, grads_online):
+        torch.testing.assert_close(ours, paper, atol=1e-5, rtol=1e-5)
+
+
+def _log_steps(out_dir: Path) -> list[int]:
+    lines = [json.loads(line) for line in (out_dir / TRAIN_LOG).read_text().splitlines()]
+    return [line["step"] for line in lines if "loss" in line]
+
+
+@pytest.mark.slow
+def test_training_reduces_l1_resumes_and_saves_safely(
+    real_pairs, reference_path, tmp_path, default_model_config
+):
+    from mpo_core.artifacts import read_artifact
+    from mpo_core.models import load_model, load_tokenizer
+
+    inputs = {"filtered": real_pairs, "reference": reference_path}
+    out = run_train(_config(tmp_path, max_steps=2), inputs, tmp_path)["checkpoint"]
+    assert _log_steps(tmp_path) == [1, 2]
+    # a longer run in the same folder resumes from checkpoint-2 instead of starting again
+    out = run_train(_config(tmp_path, max_steps=4), inputs, tmp_path)["checkpoint"]
+    assert _log_steps(tmp_path) == [1, 2, 3, 4]
+    assert json.loads((out / "mpo_train.json").read_text())["global_step"] == 4
+
+    assert out == tmp_path / "model"
+    assert {p.suffix for p in out.iterdir()} <= ALLOWED_MODEL_FILES
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    for ckpt in (tmp_path / "checkpoints").iterdir():
+        assert not list(ckpt.glob("*.bin")), "no pickled training_args in checkpoints"
+
+    tok = load_tokenizer(default_model_config)
+    pairs = read_artifact(real_pairs, "pairs")
+    reference = read_artifact(reference_path, "reference")
+    batch = MPOCollator(tok.pad_token_id)(build_examples(tok, pairs, reference, 40))
+    with torch.no_grad():
+        _, before, _ = mpo_step_loss(load_model(default_model_config).eval(), batch, 1.0, 1.0)
+        trained = load_model(default_model_config.model_copy(update={"name_or_path": str(out)})).eval()
+        _, after, _ = mpo_step_loss(trained, batch, 1.0, 1.0)
+    assert after["l1"] < 0.7 * before["l1"], (before, after)
+    ref_scale = batch["ref_pooled"].square().mean()
+    assert after["l2"] < 1e-3 * ref_scale, (after["l2"], ref_scale)
+
+
+@pytest.mark.slow
+def test_lora_training_runs_and_merges(real_pairs, reference_path, tmp_path, default_model_config):
+    from safetensors.torch import load_file
+
+    from mpo_core.models import resolve_model_path
+
+    config = _config(tmp_path, max_steps=1, learning_rate=1.0e-3, lora={"r": 4, "alpha": 8})
+    out = run_train(config, {"filtered": real_pairs, "reference": reference_path}, tmp_path)["checkpoint"]
+    merged = load_file(out / "model.safetensors")
+    base = load_file(Path(resolve_model_path(default_model_config.name_or_path)) / "model.safetensors")
+    assert not any("lora" in key for key in merged)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[name], base[name]), "the LoRA update is merged into the saved weights"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo", "sft"])
+def test_baselines_run_a_step(loss, real_pairs, tmp_path):
+    one_pair = tmp_path / "one.parquet"
+    from mpo_core.artifacts import read_artifact
+
+    write_pairs(read_artifact(real_pairs, "pairs").slice(0, 1), one_pair)
+    config = _config(tmp_path, loss=loss, max_steps=1, per_device_batch_size=1, max_length=32, beta=0.1)
+    out = run_train(config, {"filtered": one_pair}, tmp_path / "run")["checkpoint"]
+    assert (out / "model.safetensors").exists()
+    log = [json.loads(line) for line in (tmp_path / "run" / TRAIN_LOG).read_text().splitlines()]
+    assert any("loss" in line and line["step"] == 1 for line in log)
+
+
+def test_pairs_without_reference_rows_are_named(default_model_config):
+    from mpo_core.errors import InputDataError
+    from mpo_core.models import load_tokenizer
+
+    tok = load_tokenizer(default_model_config)
+    pairs = pa.table(
+        {
+            **{c: ["x"] for c in ("pair_id", "target_lang", "dominant_prompt", "dominant_chosen")},
+            **{c: ["y"] for c in ("dominant_rejected", "target_prompt", "target_chosen", "target_rejected")},
+        }
+    )
+    reference = pa.table(
+        {"pair_id": ["other"], "reward_gap": [0.0], "chosen_pooled": [[0.0]], "rejected_pooled": [[0.0]]}
+    )
+    with pytest.raises(InputDataError, match="row 0.*pair_id.*'x'"):
+        build_examples(tok, pairs, reference, 32)
