@@ -113,7 +113,7 @@ class LabelConfig(Section):
     """Which judge labels responses."""
 
     judge: Literal["refusal_patterns", "llama_guard_3", "qwen3guard"] = "refusal_patterns"
-    model: str | None = None
+    model: str | None = None  # LLM judges: a hub id or path (default: the official 8B checkpoint)
     batch_size: int = Field(default=8, ge=1)
     backend: Literal["transformers", "vllm"] = "transformers"  # how LLM judges run
     patterns: str | None = None  # refusal_patterns: a pattern file replacing the packaged one
@@ -125,7 +125,7 @@ class PairConfig(Section):
     fallback_refusal: bool = True  # no safe sample: use the language's configured refusal, else skip
     fallback_texts: dict[str, str] = Field(default_factory=dict)  # per-language refusal overrides
     source: str | None = None  # ready-made quadruples (mpo_official JSON, HH-RLHF...): skip building
-    source_format: str = "auto"  # format name passed to mpo_core.ingest.load_pairs
+    source_format: Literal["auto", "mpo_json", "hh_rlhf"] = "auto"  # for mpo_core.ingest.load_pairs
 
 
 TruncatedField = Literal["dominant_chosen", "dominant_rejected", "target_chosen", "target_rejected"]

@@ -71,7 +71,7 @@ class GenerationBackend(abc.ABC):
 
     @abc.abstractmethod
     def complete(self, prompts: list[str], settings: SamplingSettings) -> list[list[Completion]]:
-        """Completions of already formatted prompt texts (no template applied)."""
+        """Completions of already formatted prompt texts (no template, no special tokens added)."""
 
 
 class TransformersBackend(GenerationBackend):
