@@ -38,7 +38,6 @@ process that finished first, so both cores stay busy.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import re
 import time
@@ -146,8 +145,8 @@ def _folded(text: str) -> str:
 
 
 def _dedup_key(lang: str, prompt: str, chosen: str, rejected: str) -> int:
-    blob = f"{lang}\x1f{prompt.strip()}\x1f{chosen.strip()}\x1f{rejected.strip()}".encode("utf-8", "replace")
-    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little")
+    """64-bit key of a pair's target side (Python's string hash: stable within the one run that uses it)."""
+    return hash((lang, prompt.strip(), chosen.strip(), rejected.strip()))
 
 
 @dataclass
@@ -308,11 +307,10 @@ class PairFilter:
     def _split(self, columns: dict[str, list], reasons: list[list[tuple[str, str]]]) -> tuple[pa.Table, pa.Table]:
         kept_idx, dropped_rows = [], []
         langs = columns["target_lang"]
+        self.counts.update((lang, "input", "") for lang in langs)
         for i, hits in enumerate(reasons):
-            self.counts[(langs[i], "input", "")] += 1
             if not hits:
                 kept_idx.append(i)
-                self.counts[(langs[i], "kept", "")] += 1
                 continue
             self.counts[(langs[i], "dropped", "any")] += 1
             row = {name: columns[name][i] for name in PAIRS.names}
@@ -322,6 +320,7 @@ class PairFilter:
                 dropped_rows.append({**row, "reason": reason, "detail": detail})
         table = pa.Table.from_pydict({name: columns[name] for name in PAIRS.names}, schema=PAIRS)
         kept = table.take(pa.array(kept_idx, type=pa.int64()))
+        self.counts.update((langs[i], "kept", "") for i in kept_idx)
         return kept, pa.Table.from_pylist(dropped_rows, schema=DROPPED)
 
 
