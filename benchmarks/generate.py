@@ -9,13 +9,17 @@ and new tokens/s of each and, on the last line, ``generate_speedup_batched=<batc
 
 ``--langs`` picks the seed languages the prompts come from (comma-separated, default ``en``, the dominant
 language); ``--langs all`` mixes all seven, whose prompt lengths differ up to 5x (Bengali is long for this
-tokenizer), so one batch pads the short ones.
+tokenizer), so one batch pads the short ones. On a CPU shared with other busy processes, ``--threads 1``
+(or ``OMP_NUM_THREADS=1``) avoids thread oversubscription, which slowed both modes about 5-10x on the
+2-core build machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+
+import torch
 
 from mpo_core.config import GenerateConfig, ModelConfig
 from mpo_core.generation import TransformersBackend, generate_responses
@@ -44,7 +48,10 @@ def main() -> None:
     parser.add_argument("--langs", default="en")
     parser.add_argument("--model", default=ModelConfig().name_or_path)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model_cfg = ModelConfig(name_or_path=args.model, device=args.device, dtype="float32")
     langs = None if args.langs == "all" else set(args.langs.split(","))
@@ -62,7 +69,8 @@ def main() -> None:
     backend.batch_size = 1
     sequential = timed_generation(backend, model_cfg, gen_cfg, prompts, args.max_new_tokens)
 
-    print(f"prompts={len(prompts)} langs={args.langs} max_new_tokens={args.max_new_tokens} greedy model={args.model}")
+    print(f"prompts={len(prompts)} langs={args.langs} max_new_tokens={args.max_new_tokens} greedy "
+          f"model={args.model} threads={torch.get_num_threads()}")
     print(f"batched(batch_size={args.batch_size}): {batched[0]:.2f} samples/s, {batched[1]:.1f} tokens/s, "
           f"{batched[2]:.1f} s")
     print(f"one-at-a-time: {sequential[0]:.2f} samples/s, {sequential[1]:.1f} tokens/s, {sequential[2]:.1f} s")
