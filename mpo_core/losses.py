@@ -89,27 +89,23 @@ def mpo_loss(
     return l1 + lam * l2, mpo_metrics(target_gap, ref_dominant_reward_gap, l1, l2)
 
 
-def dpo_sigmoid_loss(
+def dpo_margin(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
-    beta: float,
 ) -> torch.Tensor:
-    """DPO: ``-mean log sigmoid(beta * [(log pi_w - log ref_w) - (log pi_l - log ref_l)])`` (summed logps)."""
-    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    """The DPO log-ratio margin ``(log pi_w - log ref_w) - (log pi_l - log ref_l)`` per pair."""
+    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+
+
+def dpo_sigmoid_loss(margin: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO: ``-mean log sigmoid(beta * margin)`` with :func:`dpo_margin` of summed log-probabilities."""
     return -F.logsigmoid(beta * margin).mean()
 
 
-def ipo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float,
-) -> torch.Tensor:
-    """IPO: ``mean (margin - 1/(2 beta))^2`` with the DPO log-ratio margin (TRL uses avg logps here)."""
-    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+def ipo_loss(margin: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO: ``mean (margin - 1/(2 beta))^2`` with :func:`dpo_margin` (TRL uses average log-probabilities)."""
     return ((margin - 1.0 / (2.0 * beta)) ** 2).mean()
 
 

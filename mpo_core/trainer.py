@@ -4,7 +4,9 @@
   :meth:`~MPOTrainer.compute_loss` runs the policy on the target-language chosen/rejected sequences (response
   log-likelihoods through the chunked LM head, :mod:`mpo_core.logps`) and on the dominant-language sequences
   (backbone only, pooled states for L2); ``RG^d`` and the reference's pooled states come from the
-  ``reference`` artifact, so no reference model is ever in memory.
+  ``reference`` artifact, so no reference model is ever in memory. Because L1 and L2 read disjoint sequences,
+  each step runs two backward passes (``lam * L2`` on the dominant side, then ``L1`` on the target side), so
+  only one side's activations are alive at a time (:func:`mpo_backward_step`).
 - ``dpo`` / ``ipo``: TRL's ``DPOTrainer`` (loss_type ``sigmoid`` / ``ipo``) and ``sft``: TRL's ``SFTTrainer``
   on the chosen responses, all on the target-language side of the same pairs.
 
@@ -380,20 +382,18 @@ def build_trainer(
         )
     from datasets import Dataset
 
-    dataset = Dataset.from_list(_preference_rows(pairs, cfg.loss))
-    peft_config = _lora_config(cfg) if cfg.lora is not None else None
+    trl_kwargs = {
+        "model": model,
+        "train_dataset": Dataset.from_list(_preference_rows(pairs, cfg.loss)),
+        "processing_class": tokenizer,
+        "peft_config": _lora_config(cfg) if cfg.lora is not None else None,
+        "callbacks": callbacks,
+    }
     if cfg.loss == "sft":
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**common, max_length=cfg.max_length, completion_only_loss=True)
-        return SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
+        return SFTTrainer(args=args, **trl_kwargs)
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
@@ -403,14 +403,13 @@ def build_trainer(
         max_length=cfg.max_length,
         disable_dropout=True,
     )
-    return DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+    trainer = DPOTrainer(args=args, **trl_kwargs)
+    if len(trainer.train_dataset) == 0:
+        raise InputDataError(
+            f"{cfg.loss}: TRL dropped every pair because its target prompt alone reaches "
+            f"train.max_length={cfg.max_length} tokens; raise train.max_length"
+        )
+    return trainer
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

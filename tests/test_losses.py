@@ -10,6 +10,7 @@ import torch
 from mpo_core.losses import (
     MPOLoss,
     SimPOLoss,
+    dpo_margin,
     dpo_sigmoid_loss,
     ipo_loss,
     masked_mean_pool,
@@ -94,9 +95,11 @@ def test_baseline_losses_match_hand_computation():
     margins = [(-10 + 10.5) - (-11 + 10), (-12 + 12) - (-9 + 10)]  # [1.5, -1.0]
     beta = 0.1
     dpo = sum(-math.log(1 / (1 + math.exp(-beta * m))) for m in margins) / 2
-    assert dpo_sigmoid_loss(pc, pr, rc, rr, beta).item() == pytest.approx(dpo, rel=1e-6)
+    margin = dpo_margin(pc, pr, rc, rr)
+    assert margin.tolist() == pytest.approx(margins)
+    assert dpo_sigmoid_loss(margin, beta).item() == pytest.approx(dpo, rel=1e-6)
     ipo = sum((m - 1 / (2 * beta)) ** 2 for m in margins) / 2
-    assert ipo_loss(pc, pr, rc, rr, beta).item() == pytest.approx(ipo, rel=1e-6)
+    assert ipo_loss(margin, beta).item() == pytest.approx(ipo, rel=1e-6)
     gap = reward_gap(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]))  # [0.5, -1.0]
     simpo = sum(-math.log(1 / (1 + math.exp(-(2.0 * g - 0.5)))) for g in gap.tolist()) / 2
     assert simpo_loss(

@@ -1,0 +1,274 @@
+"""Training-step benchmark on the embedded default model and real MPO pairs (../shared/data/mpo_official).
+
+Three variants, same batches (``--pairs-per-step`` real quadruples, ``--max-length`` tokens), same AdamW:
+
+(a) ``precomputed``: MPO as mpo trains — RG^d and the reference's pooled states read from the reference stage's
+    values (computed before timing, as the reference stage does once), no reference model in memory, no LM head
+    on the dominant side, the LM head only on target response tokens in chunks, two backward passes
+    (:func:`mpo_core.trainer.mpo_backward_step`).
+(b) ``online``: MPO as the paper's code does it — a frozen reference model in memory, its forward with full
+    logits in every step, full-vocabulary float32 logits for every sequence of the policy, one backward.
+(c) ``trl_dpo``: one step of TRL's ``DPOTrainer`` (sigmoid loss) on the target-language side.
+
+Each variant runs in a fresh subprocess. Step time: median over the timed steps (after warm-up). Peak memory:
+the kernel's resident-set high-water mark of that subprocess (``getrusage(RUSAGE_SELF).ru_maxrss``) minus its
+resident set after imports, before any model is loaded; so weights, optimizer state, activations and logits
+all count, and a reference model in memory counts too.
+
+MFU of (a): model FLOPs per step / median step time / measured fp32 matmul peak. Model FLOPs are
+``6 * N_body * real_tokens`` (forward + backward of the backbone without embeddings, every non-padding token of
+the four sequences of each pair) ``+ 6 * N_head * response_tokens`` (the LM head on the target chosen and
+rejected response tokens); attention score FLOPs and the recomputed LM-head chunks are not counted. The peak is
+the best of several large ``torch.mm`` (fp32) in this same run, with the same thread count.
+
+The machine is shared while this runs: the figures are printed as measured, with the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("MPO_SHARED_DATA", ROOT.parent / "shared" / "data"))
+VARIANTS = ("precomputed", "online", "trl_dpo")
+
+
+def rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_batches(args) -> list:
+    """``steps`` lists of ``pairs_per_step`` real quadruples (PAIRS rows), the same for every variant."""
+    from mpo_core.ingest import load_pairs
+
+    table = load_pairs(SHARED_DATA / "mpo_official" / "llama_mpo_data.json")
+    rows = table.to_pylist()
+    n = args.pairs_per_step
+    total = args.warmup + args.steps
+    return [rows[i * n : (i + 1) * n] for i in range(total)]
+
+
+def model_config():
+    from mpo_core.config import ModelConfig
+
+    return ModelConfig(device="cpu", dtype="float32")
+
+
+def run_variant(args) -> dict:
+    """Run one variant in this process and return its measurements."""
+    import torch
+
+    from mpo_core.artifacts import to_table
+    from mpo_core.models import load_model, load_tokenizer
+
+    base_rss = rss_mib()
+    batches = load_batches(args)
+    tok = load_tokenizer(model_config())
+    model = load_model(model_config())
+    step_times: list[float] = []
+    tokens = {"real": 0, "response": 0}
+
+    if args.variant == "trl_dpo":
+        step_times = run_trl_dpo(args, model, tok, batches)
+    else:
+        from mpo_core.logps import full_logits_outputs, sequence_outputs
+        from mpo_core.losses import mpo_loss
+        from mpo_core.trainer import MPOCollator, build_examples, disable_dropout, mpo_backward_step, side
+
+        disable_dropout(model)
+        collate = MPOCollator(tok.pad_token_id)
+        collated = [
+            collate(build_examples(tok, to_table(rows, "pairs"), None, args.max_length)) for rows in batches
+        ]
+        reference = None
+        if args.variant == "precomputed":
+            with torch.no_grad():  # what the reference stage stores, computed before timing
+                for batch in collated:
+                    out = sequence_outputs(model.eval(), side(batch, "dominant"))
+                    n = len(batch["target_lang"])
+                    batch["ref_gap"] = out["avg_logps"][:n] - out["avg_logps"][n:]
+                    batch["ref_pooled"] = out["pooled"]
+        else:
+            import copy
+
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        for i, batch in enumerate(collated):
+            start = time.perf_counter()
+            if args.variant == "precomputed":
+                mpo_backward_step(model, batch, 1.0, 1.0)
+            else:
+                n = len(batch["target_lang"])
+                with torch.no_grad():
+                    ref = full_logits_outputs(reference, side(batch, "dominant"))
+                target = full_logits_outputs(model, side(batch, "target"))
+                dominant = full_logits_outputs(model, side(batch, "dominant"))
+                loss, _ = mpo_loss(
+                    target["avg_logps"][:n],
+                    target["avg_logps"][n:],
+                    ref["avg_logps"][:n] - ref["avg_logps"][n:],
+                    dominant["pooled"],
+                    ref["pooled"],
+                    1.0,
+                )
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - start
+            if i >= args.warmup:
+                step_times.append(elapsed)
+                for name in ("target", "dominant"):
+                    tokens["real"] += int(batch[f"{name}_attention_mask"].sum())
+                tokens["response"] += int(batch["target_response_mask"][:, 1:].sum())
+    n_head = model.get_output_embeddings().weight.numel()
+    n_embed = model.get_input_embeddings().weight.numel()
+    n_total = sum(p.numel() for p in model.parameters())
+    return {
+        "variant": args.variant,
+        "median_step_s": statistics.median(step_times),
+        "step_times_s": step_times,
+        "peak_mem_mib": peak_rss_mib() - base_rss,
+        "tokens_per_step": {k: v / max(1, len(step_times)) for k, v in tokens.items()},
+        "n_body": n_total - n_embed,
+        "n_head": n_head,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_trl_dpo(args, model, tok, batches) -> list[float]:
+    """Time the optimizer steps of TRL's DPOTrainer (sigmoid) on the target side of the same pairs."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    rows = []
+    for batch in batches:
+        for r in batch:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": r["target_prompt"]}],
+                    "chosen": [{"role": "assistant", "content": r["target_chosen"]}],
+                    "rejected": [{"role": "assistant", "content": r["target_rejected"]}],
+                }
+            )
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = DPOConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=args.pairs_per_step,
+            max_steps=args.warmup + args.steps,
+            learning_rate=1e-6,
+            lr_scheduler_type="constant",
+            max_length=args.max_length,
+            bf16=False,
+            activation_checkpointing=False,
+            use_cpu=True,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            logging_steps=1000,
+            beta=0.1,
+            loss_type=["sigmoid"],
+        )
+        trainer = DPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            callbacks=[StepTimer()],
+        )
+        trainer.train()
+    return times[args.warmup :]
+
+
+def matmul_peak_gflops(size: int = 2048, reps: int = 5) -> float:
+    """Best fp32 ``torch.mm`` throughput of ``size x size`` matrices over ``reps`` tries (GFLOP/s)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=VARIANTS)
+    parser.add_argument("--pairs-per-step", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    if not (SHARED_DATA / "mpo_official").is_dir():
+        sys.exit(f"real data not found at {SHARED_DATA} (set MPO_SHARED_DATA)")
+
+    peak_before = matmul_peak_gflops()
+    results = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, "--variant", variant]
+        cmd += ["--pairs-per-step", str(args.pairs_per_step), "--max-length", str(args.max_length)]
+        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            sys.exit(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[variant]
+        print(
+            f"{variant:12s} median_step_s={r['median_step_s']:.3f} peak_mem_mib={r['peak_mem_mib']:.0f} "
+            f"steps={[round(t, 3) for t in r['step_times_s']]}"
+        )
+    peak = max(peak_before, matmul_peak_gflops())
+    a, b = results["precomputed"], results["online"]
+    flops = (
+        6 * a["n_body"] * a["tokens_per_step"]["real"] + 6 * a["n_head"] * a["tokens_per_step"]["response"]
+    )
+    achieved = flops / a["median_step_s"] / 1e9
+    print(f"pairs_per_step={args.pairs_per_step} max_length={args.max_length} threads={a['threads']}")
+    print(f"tokens_per_step(a)={a['tokens_per_step']} model_gflop_per_step(a)={flops / 1e9:.1f}")
+    print(f"achieved_gflops(a)={achieved:.1f} matmul_peak_fp32_gflops={peak:.1f} loadavg={os.getloadavg()}")
+    print(
+        f"step_time_ratio_dpo_over_precomputed={results['trl_dpo']['median_step_s'] / a['median_step_s']:.3f} "
+        f"peak_mem_ratio_dpo_over_precomputed={results['trl_dpo']['peak_mem_mib'] / a['peak_mem_mib']:.3f}"
+    )
+    print(
+        f"step_time_ratio_online_over_precomputed={b['median_step_s'] / a['median_step_s']:.3f} "
+        f"peak_mem_ratio_online_over_precomputed={b['peak_mem_mib'] / a['peak_mem_mib']:.3f} "
+        f"mfu={achieved / peak:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
