@@ -189,7 +189,9 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = None
     save_steps: int = Field(default=50, ge=1)
+    save_total_limit: int = Field(default=2, ge=1)
     logging_steps: int = Field(default=1, ge=1)
+    simpo_gamma: float = Field(default=0.5, ge=0.0)
 
 
 class EvaluateConfig(Section):
@@ -200,10 +202,8 @@ class EvaluateConfig(Section):
     loader. ``langs`` ``None`` means the run's dominant and target languages. ``pairs`` is a held-out pair
     file in any format ``mpo_core.ingest.load_pairs`` reads; ``None`` uses the ``filtered`` pairs. ``mgsm``
     and ``multiple_choice`` (utility) are off when empty: MGSM is a folder of ``mgsm_<lang>.tsv``, one such
-    save_total_limit: int = Field(default=2, ge=1)
     file, or the hub id ``juletxara/mgsm``; multiple choice is M-MMLU-style CSV/JSONL files.
     """
-    simpo_gamma: float = Field(default=0.5, ge=0.0)
 
     safety_sets: list[str] = Field(default_factory=lambda: ["seed"])
     langs: list[str] | None = None
