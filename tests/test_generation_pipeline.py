@@ -9,7 +9,7 @@ import pytest
 from mpo_core.artifacts import read_artifact, read_manifest, write_artifact
 from mpo_core.config import PipelineConfig
 from mpo_core.generation import run_generate
-from mpo_core.judges import is_safe, run_label
+from mpo_core.judges import RefusalPatternJudge, is_safe, run_label
 from mpo_core.pairing import run_pair
 from mpo_core.seed import load_seed_prompts
 from mpo_core.translate import run_translate
@@ -47,7 +47,7 @@ def test_generate_label_pair_on_seed_subset(tmp_path):
     assert generate_manifest.inputs == {"translated": read_manifest(translated["translated"]).content_hash}
 
     judged = read_artifact(labelled["labelled"], "responses").to_pylist()
-    assert all(r["judge"] == "refusal_patterns@v1" and 0.0 <= r["score"] <= 1.0 for r in judged)
+    assert all(r["judge"] == RefusalPatternJudge().name and 0.0 <= r["score"] <= 1.0 for r in judged)
     pair_rows = read_artifact(pairs["pairs"], "pairs").to_pylist()
     manifest = read_manifest(pairs["pairs"])
     assert len(pair_rows) + sum(manifest.extra["skipped"].values()) == 3 * 2

@@ -25,9 +25,9 @@ from mpo_core.judges import (
 )
 
 HAND_LABELS = Path(__file__).parent / "data" / "judge_hand_labels.jsonl"
-# Agreement floors per language: one label under what refusal_patterns@v1 measured on HAND_LABELS
+# Agreement floors per language: one label under what refusal_patterns@v2 measured on HAND_LABELS
 # (see tests/data/judge_hand_labels.md); a pattern change that loses agreement fails here.
-AGREEMENT_FLOOR = {"en": 0.9, "zh": 0.78, "ja": 0.95, "ko": 0.95, "ar": 0.95, "bn": 0.9, "sw": 0.9}
+AGREEMENT_FLOOR = {"en": 0.9, "zh": 0.82, "ja": 0.95, "ko": 0.95, "ar": 0.95, "bn": 0.9, "sw": 0.9}
 
 
 def _hand_labels() -> list[dict]:
