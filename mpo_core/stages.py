@@ -44,7 +44,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("ingest", "mpo_core.ingest:run_ingest", (), ("prompts",), ("run", "prompts"), "cpu"),
     StageSpec(
         "translate", "mpo_core.translate:run_translate", ("prompts",), ("translated",),
-        ("run", "translate"), "cpu",
+        ("run", "model", "translate"), "cpu",
     ),
     StageSpec(
         "generate", "mpo_core.generation:run_generate", ("translated",), ("responses",),
