@@ -6,6 +6,7 @@
 #   scripts/deploy.sh
 #   prefect worker start --pool cpu &  prefect worker start --pool gpu &
 set -euo pipefail
+venv_bin="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"; [ -d "$venv_bin" ] && export PATH="$venv_bin:$PATH"  # the project venv
 cd "$(dirname "$0")/.."
 export MPO_PROJECT_DIR="${MPO_PROJECT_DIR:-$PWD}"
 export MPO_IMAGE="${MPO_IMAGE:-mpo:latest}"

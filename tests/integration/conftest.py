@@ -34,6 +34,7 @@ def prefect_env(home: Path, api_url: str | None = None, **extra: str) -> dict[st
         TRANSFORMERS_OFFLINE="1",
         **extra,
     )
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env
