@@ -73,7 +73,8 @@ class PromptsConfig(Section):
 
     ``source`` is ``seed``, a local file, or ``hf://<owner>/<dataset>/<file>`` (online users). The column
     names apply to plain Parquet/CSV/JSONL sets; ``split_eval_fraction`` of the prompt ids (stable hash) go
-    to ``eval`` where the source has no split; ``limit`` keeps the first N prompt ids (all languages).
+    to ``eval`` where the source has no split; ``limit`` keeps the first N prompt ids (all languages),
+    taken in turn from harmful and benign prompts.
     """
 
     source: str = "seed"

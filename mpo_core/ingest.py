@@ -27,6 +27,7 @@ import io
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -445,6 +446,18 @@ def _prompts_from_pairs(pairs: pa.Table) -> list[dict]:
     return rows
 
 
+def _first_prompt_ids(rows: list[dict], limit: int) -> list[str]:
+    """The first ``limit`` prompt ids, taken in turn from harmful and benign prompts (order kept in each),
+    so that a limited set still measures over-refusal when the source has benign prompts."""
+    groups: dict[bool, list[str]] = {True: [], False: []}
+    for row in rows:
+        ids = groups[bool(row.get("harmful", True))]
+        if row["prompt_id"] not in ids:
+            ids.append(row["prompt_id"])
+    interleaved = [pid for pair in zip_longest(groups[True], groups[False]) for pid in pair if pid is not None]
+    return interleaved[:limit]
+
+
 def load_prompts(cfg: PromptsConfig, seed: int = 0) -> pa.Table:
     """The PROMPTS table for ``cfg``: read, restricted to ``cfg.langs``, limited, split assigned."""
     if cfg.source == "seed" or cfg.format == "seed":
@@ -464,8 +477,8 @@ def load_prompts(cfg: PromptsConfig, seed: int = 0) -> pa.Table:
         wanted = {normalize_lang(lang, "prompts.langs") for lang in cfg.langs}
         rows = [r for r in rows if r["lang"] in wanted]
     if cfg.limit is not None:
-        keep = list(dict.fromkeys(r["prompt_id"] for r in rows))[: cfg.limit]
-        rows = [r for r in rows if r["prompt_id"] in set(keep)]
+        keep = set(_first_prompt_ids(rows, cfg.limit))
+        rows = [r for r in rows if r["prompt_id"] in keep]
     for row in rows:
         row["split"] = row.get("split") or assign_split(row["prompt_id"], cfg.split_eval_fraction, seed)
     if not rows:

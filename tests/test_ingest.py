@@ -148,3 +148,14 @@ def test_run_ingest_writes_the_prompts_artifact_with_the_source_hash(tmp_path, s
     assert read_artifact(out["prompts"], "prompts").num_rows == 10
     manifest = read_manifest(out["prompts"])
     assert set(manifest.inputs) == {"source"} and manifest.extra["rows_per_lang"] == {"bn": 5, "en": 5}
+
+
+def test_limit_takes_harmful_and_benign_prompts_in_turn():
+    from mpo_core.ingest import load_prompts
+
+    table = load_prompts(PromptsConfig(source="seed", limit=4))
+    rows = table.to_pylist()
+    harmful = {r["prompt_id"] for r in rows if r["harmful"]}
+    benign = {r["prompt_id"] for r in rows if not r["harmful"]}
+    assert len(harmful) == 2 and len(benign) == 2
+    assert {r["lang"] for r in rows} == {"en", "zh", "ja", "ko", "ar", "bn", "sw"}
