@@ -41,7 +41,7 @@ model:
   device: cpu
 prompts:
   source: seed
-  limit: 3
+  limit: 6
 pair:
   source: {pairs}
 reference:
