@@ -110,7 +110,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """``auto`` is bfloat16 on a GPU that supports it and float32 on CPU."""
     import torch
 
@@ -121,7 +121,7 @@ def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
     return getattr(torch, dtype)
 
 
-def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> "PreTrainedTokenizerBase":
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> PreTrainedTokenizerBase:
     """The tokenizer of ``cfg``, with a pad token set (the EOS token where the model has none)."""
     from transformers import AutoTokenizer
 
@@ -135,7 +135,7 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> "PreTrained
     return tok
 
 
-def load_model(cfg: ModelConfig, **kwargs: Any) -> "PreTrainedModel":
+def load_model(cfg: ModelConfig, **kwargs: Any) -> PreTrainedModel:
     """The causal LM of ``cfg`` on its device and dtype, from safetensors only."""
     from transformers import AutoModelForCausalLM
 

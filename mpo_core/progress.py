@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
@@ -53,7 +54,7 @@ class Tracker:
     def close(self) -> None:
         self._bar.close()
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

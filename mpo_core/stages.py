@@ -13,9 +13,10 @@ outputs of the stages before it.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from mpo_core import __version__
 from mpo_core.config import PipelineConfig, canonical_hash, section_hash
