@@ -13,11 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpo_core.artifacts import atomic_directory
 from mpo_core.config import EMBEDDED_DEFAULT_MODEL, ModelConfig
 from mpo_core.errors import ModelLoadError
 
@@ -64,9 +63,7 @@ def ensure_embedded_checkpoint() -> Path:
     gguf = embedded_gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model.hf_quantizer = None
@@ -78,12 +75,6 @@ def ensure_embedded_checkpoint() -> Path:
         (tmp / _DONE_MARKER).write_text(
             json.dumps({"source": str(gguf), "sha256": _file_sha256(gguf)}, indent=2), encoding="utf-8"
         )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

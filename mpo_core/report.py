@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import base64
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from mpo_core.artifacts import atomic_directory
 
 MODEL_ROLES = ("base", "trained")
 # (metric, label, lower is better) in the order the report shows them; other metrics follow alphabetically.
@@ -390,13 +389,10 @@ def write_report(
 
     matplotlib.use("Agg")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     view = EvalView.from_table(table)
     meta = dict(meta or {})
     makers = {"asr": plot_asr, "reward_gap": plot_reward_gaps, "gap_vs_asr": plot_gap_vs_asr}
-    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    build.chmod(0o755)
-    try:
+    with atomic_directory(out_dir) as build:
         plots = {}
         for name, make in makers.items():
             path = make(view, build / PLOT_FILES[name])
@@ -404,11 +400,5 @@ def write_report(
                 plots[name] = path
         (build / "report.html").write_text(render_html(view, meta, plots, title), encoding="utf-8")
         (build / "report.md").write_text(render_markdown(view, meta, plots, title), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(build, out_dir)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
     paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html"}
     return paths | {f"plot_{name}": out_dir / PLOT_FILES[name] for name in plots}

@@ -24,8 +24,6 @@ is deleted after every save. ``out_dir/model`` holds no pickle at all.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -35,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
-from mpo_core.artifacts import read_artifact, read_manifest
+from mpo_core.artifacts import atomic_directory, read_artifact, read_manifest
 from mpo_core.config import PipelineConfig, TrainConfig
 from mpo_core.errors import InputDataError
 from mpo_core.logps import EncodedSequence, collate_sequences, encode_prompt_response, sequence_outputs
@@ -442,21 +440,10 @@ def save_model_atomically(
     temporary sibling folder renamed into place."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / TRAIN_INFO).write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            shutil.rmtree(old)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
