@@ -29,6 +29,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+RUN_LOCATION_FIELDS = {"name", "root"}
+
+
 class RunConfig(Section):
     """Where a run lives and what it is about."""
 
@@ -306,8 +309,13 @@ def canonical_hash(obj: Any) -> str:
 
 
 def section_hash(config: PipelineConfig, *sections: str) -> str:
-    """Hash of the named sections of ``config``: the config part of a stage's identity."""
-    return canonical_hash({name: getattr(config, name).model_dump(mode="json") for name in sections})
+    """Hash of the named sections of ``config``: the config part of a stage's identity. Where a run lives
+    (``run.name``, ``run.root``) never changes what a stage computes, so it is left out."""
+    dumps = {}
+    for name in sections:
+        exclude = RUN_LOCATION_FIELDS if name == "run" else None
+        dumps[name] = getattr(config, name).model_dump(mode="json", exclude=exclude)
+    return canonical_hash(dumps)
 
 
 def dump_config(config: PipelineConfig) -> str:

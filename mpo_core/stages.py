@@ -65,11 +65,11 @@ STAGES: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         "train", "mpo_core.trainer:run_train", ("filtered", "reference"), ("checkpoint",),
-        ("model", "train"), "gpu",
+        ("run", "model", "train"), "gpu",
     ),
     StageSpec(
         "evaluate", "mpo_core.evaluation:run_evaluate", ("translated", "filtered", "reference", "checkpoint"),
-        ("eval", "report"), ("model", "generate", "label", "evaluate"), "gpu",
+        ("eval", "report"), ("run", "model", "generate", "label", "evaluate"), "gpu",
     ),
 )
 

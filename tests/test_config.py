@@ -31,3 +31,15 @@ def test_override_changes_only_its_section_hash():
     b = load_config(overrides=["filter.max_length_ratio=5.0"])
     assert section_hash(a, "filter") != section_hash(b, "filter")
     assert section_hash(a, "train", "model") == section_hash(b, "train", "model")
+
+
+def test_seed_is_part_of_training_and_evaluation_identity_but_run_location_is_not():
+    from mpo_core.stages import STAGES, stage_identity
+
+    base = load_config()
+    reseeded = load_config(overrides=["run.seed=7"])
+    moved = load_config(overrides=["run.name=elsewhere", "run.root=/tmp/other-runs"])
+    for spec in STAGES:
+        assert stage_identity(spec, base, {}) == stage_identity(spec, moved, {}), spec.name
+    changed = {s.name for s in STAGES if stage_identity(s, base, {}) != stage_identity(s, reseeded, {})}
+    assert {"train", "evaluate"} <= changed
