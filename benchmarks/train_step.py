@@ -4,8 +4,8 @@ Three variants, same batches (``--pairs-per-step`` real quadruples, ``--max-leng
 
 (a) ``precomputed``: MPO as mpo trains — RG^d and the reference's pooled states read from the reference stage's
     values (computed before timing, as the reference stage does once), no reference model in memory, no LM head
-    on the dominant side, the LM head only on target response tokens in chunks, two backward passes
-    (:func:`mpo_core.trainer.mpo_backward_step`).
+    on the dominant side, the LM head only on target response tokens in chunks, each pair's shared prompt run
+    once, two backward passes (:func:`mpo_core.trainer.mpo_backward_step`).
 (b) ``online``: MPO as the paper's code does it — a frozen reference model in memory, its forward with full
     logits in every step, full-vocabulary float32 logits for every sequence of the policy, one backward.
 (c) ``trl_dpo``: one step of TRL's ``DPOTrainer`` (sigmoid loss) on the target-language side.
@@ -16,9 +16,11 @@ resident set after imports, before any model is loaded; so weights, optimizer st
 all count, and a reference model in memory counts too.
 
 MFU of (a): model FLOPs per step / median step time / measured fp32 matmul peak. Model FLOPs are
-``6 * N_body * real_tokens`` (forward + backward of the backbone without embeddings, every non-padding token of
-the four sequences of each pair) ``+ 6 * N_head * response_tokens`` (the LM head on the target chosen and
-rejected response tokens); attention score FLOPs and the recomputed LM-head chunks are not counted. The peak is
+``6 * N_body * executed_tokens`` (forward + backward of the backbone without embeddings over the non-padding
+tokens (a) actually runs: the four sequences of each pair, each pair's shared prompt counted once, as (a) runs it
+once) ``+ 6 * N_head * response_tokens`` (the LM head on the target chosen and rejected response tokens);
+attention score FLOPs and the recomputed LM-head chunks are not counted, so the figure is a lower bound. The
+FLOPs the same step would cost without prompt sharing are printed beside it. The peak is
 the best of several large ``torch.mm`` (fp32) in this same run, with the same thread count.
 
 The machine is shared while this runs: the figures are printed as measured, with the load average.
@@ -80,12 +82,12 @@ def run_variant(args) -> dict:
     tok = load_tokenizer(model_config())
     model = load_model(model_config())
     step_times: list[float] = []
-    tokens = {"real": 0, "response": 0}
+    tokens = {"real": 0, "executed": 0, "response": 0}
 
     if args.variant == "trl_dpo":
         step_times = run_trl_dpo(args, model, tok, batches)
     else:
-        from mpo_core.logps import full_logits_outputs, sequence_outputs
+        from mpo_core.logps import full_logits_outputs, pair_prefix_lengths, sequence_outputs
         from mpo_core.losses import mpo_loss
         from mpo_core.trainer import MPOCollator, build_examples, disable_dropout, mpo_backward_step, side
 
@@ -98,7 +100,7 @@ def run_variant(args) -> dict:
         if args.variant == "precomputed":
             with torch.no_grad():  # what the reference stage stores, computed before timing
                 for batch in collated:
-                    out = sequence_outputs(model.eval(), side(batch, "dominant"))
+                    out = sequence_outputs(model.eval(), side(batch, "dominant"), paired=True)
                     n = len(batch["target_lang"])
                     batch["ref_gap"] = out["avg_logps"][:n] - out["avg_logps"][n:]
                     batch["ref_pooled"] = out["pooled"]
@@ -133,7 +135,11 @@ def run_variant(args) -> dict:
             if i >= args.warmup:
                 step_times.append(elapsed)
                 for name in ("target", "dominant"):
-                    tokens["real"] += int(batch[f"{name}_attention_mask"].sum())
+                    mask = batch[f"{name}_attention_mask"]
+                    tokens["real"] += int(mask.sum())
+                    tokens["executed"] += int(mask.sum())
+                    if args.variant == "precomputed":  # each pair's shared prompt runs once
+                        tokens["executed"] -= int(pair_prefix_lengths(batch[f"{name}_input_ids"], mask).sum())
                 tokens["response"] += int(batch["target_response_mask"][:, 1:].sum())
     n_head = model.get_output_embeddings().weight.numel()
     n_embed = model.get_input_embeddings().weight.numel()
@@ -252,12 +258,15 @@ def main() -> None:
         )
     peak = max(peak_before, matmul_peak_gflops())
     a, b = results["precomputed"], results["online"]
-    flops = (
-        6 * a["n_body"] * a["tokens_per_step"]["real"] + 6 * a["n_head"] * a["tokens_per_step"]["response"]
-    )
+    head_flops = 6 * a["n_head"] * a["tokens_per_step"]["response"]
+    flops = 6 * a["n_body"] * a["tokens_per_step"]["executed"] + head_flops
+    unshared_flops = 6 * a["n_body"] * a["tokens_per_step"]["real"] + head_flops
     achieved = flops / a["median_step_s"] / 1e9
     print(f"pairs_per_step={args.pairs_per_step} max_length={args.max_length} threads={a['threads']}")
-    print(f"tokens_per_step(a)={a['tokens_per_step']} model_gflop_per_step(a)={flops / 1e9:.1f}")
+    print(
+        f"tokens_per_step(a)={a['tokens_per_step']} model_gflop_per_step(a)={flops / 1e9:.1f} "
+        f"(unshared prompts: {unshared_flops / 1e9:.1f})"
+    )
     print(f"achieved_gflops(a)={achieved:.1f} matmul_peak_fp32_gflops={peak:.1f} loadavg={os.getloadavg()}")
     print(
         f"step_time_ratio_dpo_over_precomputed={results['trl_dpo']['median_step_s'] / a['median_step_s']:.3f} "

@@ -8,7 +8,8 @@ full-vocabulary logits for the whole batch: the base model (no LM head) gives th
 positions that predict a response token are selected, and the LM head is applied to them in chunks with
 ``logsumexp``/``gather``. Under autograd each chunk is recomputed in the backward pass (activation
 checkpointing), so at most one chunk of logits is alive at any time. Sequences that only need pooled
-states (the dominant side in training, for L2) skip the LM head entirely.
+states (the dominant side in training, for L2) skip the LM head entirely. The chosen and rejected sequences
+of a pair share their prompt; with ``paired=True`` that prompt runs once (:func:`paired_final_hidden_states`).
 
 Batches are right-padded; padding never changes a result (real tokens never attend to later positions,
 and padding is excluded from every sum).
@@ -50,22 +51,34 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     )
 
 
+def encode_prompt_responses(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, responses: Sequence[str], max_length: int
+) -> list[EncodedSequence]:
+    """Tokenise ``chat_template(prompt) + response + EOS`` for each response, into at most ``max_length``
+    tokens each, all with the same prompt tokens.
+
+    When too long, each response is cut first down to ``max(max_length - len(prompt), max_length // 2)``
+    tokens (keeping its start), then the prompt is cut from the left (keeping the assistant header) to fit
+    the longest response. At least one response token always remains. One shared prompt cut keeps the
+    chosen and rejected answers of a pair answering the same prompt, and lets their prefix run once
+    (:func:`paired_final_hidden_states`).
+    """
+    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    response_budget = max(max_length - len(prompt_ids), max_length // 2, 1)
+    response_ids = [
+        (tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:response_budget]
+        for r in responses
+    ]
+    longest = max((len(ids) for ids in response_ids), default=0)
+    prompt_ids = prompt_ids[-max(max_length - longest, 1) :]
+    return [EncodedSequence(list(prompt_ids) + ids, len(prompt_ids)) for ids in response_ids]
+
+
 def encode_prompt_response(
     tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int
 ) -> EncodedSequence:
-    """Tokenise ``chat_template(prompt) + response + EOS`` into at most ``max_length`` tokens.
-
-    When too long, the response is cut first down to ``max(max_length - len(prompt), max_length // 2)``
-    tokens (keeping its start), then the prompt is cut from the left (keeping the assistant header). At
-    least one response token always remains.
-    """
-    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(prompt_ids) + len(response_ids) > max_length:
-        response_ids = response_ids[: max(max_length - len(prompt_ids), max_length // 2, 1)]
-        keep_prompt = max(max_length - len(response_ids), 1)
-        prompt_ids = prompt_ids[-keep_prompt:]
-    return EncodedSequence(list(prompt_ids) + list(response_ids), len(prompt_ids))
+    """One sequence of :func:`encode_prompt_responses`."""
+    return encode_prompt_responses(tokenizer, prompt, [response], max_length)[0]
 
 
 def collate_sequences(
@@ -99,6 +112,81 @@ def final_hidden_states(
     """The backbone's final (post-norm) hidden states ``[B, T, H]``: the LM head's input, no logits."""
     backbone, _, _ = split_causal_lm(model)
     return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def pair_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per pair (rows ``b`` and ``b + n`` of a right-padded ``[2n, T]`` batch), the number of leading tokens
+    the two sequences share, capped so that each sequence keeps at least one token of its own."""
+    n = input_ids.shape[0] // 2
+    real = attention_mask.bool()
+    lengths = real.sum(dim=1)
+    same = (input_ids[:n] == input_ids[n:]) & real[:n] & real[n:]
+    common = same.long().cumprod(dim=1).sum(dim=1)
+    return torch.minimum(common, torch.minimum(lengths[:n], lengths[n:]) - 1).clamp_min(0)
+
+
+PACKABLE_ATTENTION = ("sdpa", "eager")  # the implementations that take an arbitrary 4D mask
+
+
+def _pair_attention_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, 1, W, W]`` mask of packed pairs from per-position segments (0 prefix, 1 chosen's own tokens,
+    2 rejected's own tokens, 3 padding): causal, and a token sees the prefix and its own segment; padding
+    sees only itself. Boolean (True = attend) for SDPA, additive float for eager attention."""
+    width = segments.shape[1]
+    steps = torch.arange(width, device=segments.device)
+    causal = steps[:, None] >= steps[None, :]
+    query, key = segments[:, :, None], segments[:, None, :]
+    visible = causal & (query < 3) & ((key == 0) | (key == query))
+    visible = (visible | torch.eye(width, dtype=torch.bool, device=segments.device))[:, None]
+    if implementation == "sdpa":
+        return visible
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=segments.device)
+    return torch.where(visible, torch.zeros((), dtype=dtype, device=segments.device), blocked)
+
+
+def paired_final_hidden_states(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """:func:`final_hidden_states` of a ``[2n, T]`` batch whose rows ``b`` and ``b + n`` are the chosen and
+    rejected sequence of one pair, running their shared prefix (the prompt) once.
+
+    A causal model's hidden state at position ``t`` depends on tokens ``<= t`` only, so the ``L_b`` tokens
+    both sequences of pair ``b`` share have the same states in both. Each pair is packed into one row,
+    ``prefix + chosen's own tokens + rejected's own tokens``, with true position ids and a 4D attention mask
+    in which each answer sees the prefix and itself only; one forward of ``n`` packed rows replaces ``2n``
+    rows, and the states are unpacked into the right-padded ``[2n, T, H]`` layout. Gradients are those of
+    the unshared forward: each prefix token receives the sum of both answers' gradients. Falls back to the
+    plain forward when some pair shares nothing or the attention implementation takes no 4D mask.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    implementation = getattr(base.config, "_attn_implementation", None)
+    prefix = pair_prefix_lengths(input_ids, attention_mask)
+    if prefix.numel() == 0 or int(prefix.min()) < 1 or implementation not in PACKABLE_ATTENTION:
+        return final_hidden_states(model, input_ids, attention_mask)
+    backbone, _, _ = split_causal_lm(model)
+    n, total = prefix.shape[0], input_ids.shape[1]
+    device = input_ids.device
+    lengths = attention_mask.sum(dim=1)
+    pair = torch.arange(n, device=device)[:, None]
+    start = prefix[:, None]
+    chosen_end = lengths[:n][:, None]  # packed row: [0, chosen_end) is the chosen sequence, then
+    packed_end = chosen_end + lengths[n:][:, None] - start  # the rejected sequence's own tokens
+    steps = torch.arange(int(packed_end.max()), device=device)[None, :]
+    real = steps < packed_end
+    in_rejected = (steps >= chosen_end) & real
+    source_row = torch.where(in_rejected, pair + n, pair)
+    source_col = torch.where(in_rejected, steps - chosen_end + start, torch.where(real, steps, 0))
+    segments = torch.where(steps < start, 0, torch.where(steps < chosen_end, 1, torch.where(real, 2, 3)))
+    packed = backbone(
+        input_ids=input_ids[source_row, source_col],
+        attention_mask=_pair_attention_mask(segments, implementation, base.dtype),
+        position_ids=source_col,
+        use_cache=False,
+    ).last_hidden_state
+    positions = torch.arange(total, device=device)[None, :]
+    rejected_cols = torch.where(positions < start, positions, positions - start + chosen_end)
+    columns = torch.cat([positions.expand(n, total), rejected_cols]).clamp_max(packed.shape[1] - 1)
+    return packed[pair.repeat(2, 1), columns]
 
 
 def _chunk_token_logps(
@@ -150,10 +238,13 @@ def sequence_outputs(
     *,
     with_logps: bool = True,
     with_pooled: bool = True,
+    paired: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One backbone forward of a collated batch: ``avg_logps`` [B] (response tokens) and/or ``pooled`` [B, H]
-    (mean of the final hidden states over real tokens)."""
-    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    (mean of the final hidden states over real tokens). ``paired``: rows ``b`` and ``b + B/2`` are the chosen
+    and rejected sequence of one pair, and their shared prompt runs once (:func:`paired_final_hidden_states`)."""
+    hidden_states = paired_final_hidden_states if paired else final_hidden_states
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
     out: dict[str, torch.Tensor] = {}
     if with_logps:
         sums, counts = response_logp_sums(model, hidden, batch["input_ids"], batch["response_mask"])
@@ -221,6 +312,35 @@ def response_avg_logps(
     return result
 
 
+@torch.no_grad()
+def pair_avg_logps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    chosen: list[str],
+    rejected: list[str],
+    *,
+    max_length: int,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s(y_w|x), s(y_l|x))`` per pair, in input order, as float32 CPU tensors (no grad), encoded as the
+    reference stage and the trainer encode a pair (one prompt cut for both answers, the prompt run once)."""
+    if not len(prompts) == len(chosen) == len(rejected):
+        raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected")
+    encoded = [
+        encode_prompt_responses(tokenizer, p, [c, r], max_length) for p, c, r in zip(prompts, chosen, rejected)
+    ]
+    result = torch.zeros(2, len(encoded), dtype=torch.float32)
+    device = _model_device(model)
+    lengths = [max(len(c.input_ids), len(r.input_ids)) for c, r in encoded]
+    for idx in length_sorted_batches(lengths, batch_size):
+        sequences = [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx]
+        batch = {k: v.to(device) for k, v in collate_sequences(sequences, tokenizer.pad_token_id).items()}
+        avg = sequence_outputs(model, batch, with_pooled=False, paired=True)["avg_logps"].float().cpu()
+        result[:, idx] = avg.view(2, len(idx))
+    return result[0], result[1]
+
+
 def reward_gaps(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -232,8 +352,8 @@ def reward_gaps(
     batch_size: int,
 ) -> torch.Tensor:
     """``RG = s(y_w|x) - s(y_l|x)`` per prompt under ``model`` (float32 CPU tensor, no grad)."""
-    kwargs = {"max_length": max_length, "batch_size": batch_size}
     return reward_gap(
-        response_avg_logps(model, tokenizer, prompts, chosen, **kwargs),
-        response_avg_logps(model, tokenizer, prompts, rejected, **kwargs),
+        *pair_avg_logps(
+            model, tokenizer, prompts, chosen, rejected, max_length=max_length, batch_size=batch_size
+        )
     )

@@ -26,17 +26,18 @@ REFERENCE_FILE = "reference.parquet"
 
 def dominant_sequences(tokenizer, pairs: pa.Table, max_length: int) -> tuple[list, list]:
     """Encoded (chosen, rejected) dominant-language sequences of every pair, in table order."""
-    from mpo_core.logps import encode_prompt_response
+    from mpo_core.logps import encode_prompt_responses
 
-    prompts = pairs.column("dominant_prompt").to_pylist()
-    chosen = [
-        encode_prompt_response(tokenizer, p, r, max_length)
-        for p, r in zip(prompts, pairs.column("dominant_chosen").to_pylist())
+    encoded = [
+        encode_prompt_responses(tokenizer, p, [c, r], max_length)
+        for p, c, r in zip(
+            pairs.column("dominant_prompt").to_pylist(),
+            pairs.column("dominant_chosen").to_pylist(),
+            pairs.column("dominant_rejected").to_pylist(),
+        )
     ]
-    rejected = [
-        encode_prompt_response(tokenizer, p, r, max_length)
-        for p, r in zip(prompts, pairs.column("dominant_rejected").to_pylist())
-    ]
+    chosen = [c for c, _ in encoded]
+    rejected = [r for _, r in encoded]
     return chosen, rejected
 
 
@@ -76,7 +77,9 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
                 idx = plan[k]
                 seqs = [chosen[i] for i in idx] + [rejected[i] for i in idx]
                 batch = collate_sequences(seqs, tokenizer.pad_token_id)
-                out = sequence_outputs(model, {name: t.to(device) for name, t in batch.items()})
+                out = sequence_outputs(
+                    model, {name: t.to(device) for name, t in batch.items()}, paired=True
+                )
                 avg = out["avg_logps"].float().cpu()
                 pooled = out["pooled"].float().cpu()
                 n = len(idx)

@@ -3,8 +3,8 @@
 - ``train.loss: mpo`` (and ``simpo``): :class:`MPOTrainer`, a ``transformers.Trainer`` whose
   :meth:`~MPOTrainer.compute_loss` runs the policy on the target-language chosen/rejected sequences (response
   log-likelihoods through the chunked LM head, :mod:`mpo_core.logps`) and on the dominant-language sequences
-  (backbone only, pooled states for L2); ``RG^d`` and the reference's pooled states come from the
-  ``reference`` artifact, so no reference model is ever in memory. Because L1 and L2 read disjoint sequences,
+  (backbone only, pooled states for L2), each pair's shared prompt run once; ``RG^d`` and the reference's
+  pooled states come from the ``reference`` artifact, so no reference model is ever in memory. Because L1 and L2 read disjoint sequences,
   each step runs two backward passes (``lam * L2`` on the dominant side, then ``L1`` on the target side), so
   only one side's activations are alive at a time (:func:`mpo_backward_step`).
 - ``dpo`` / ``ipo``: TRL's ``DPOTrainer`` (loss_type ``sigmoid`` / ``ipo``) and ``sft``: TRL's ``SFTTrainer``
@@ -36,7 +36,7 @@ import torch
 from mpo_core.artifacts import atomic_directory, read_artifact, read_manifest
 from mpo_core.config import PipelineConfig, TrainConfig
 from mpo_core.errors import InputDataError
-from mpo_core.logps import EncodedSequence, collate_sequences, encode_prompt_response, sequence_outputs
+from mpo_core.logps import EncodedSequence, collate_sequences, encode_prompt_responses, sequence_outputs
 from mpo_core.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
 from mpo_core.stages import get_stage, stage_identity
 
@@ -70,10 +70,9 @@ def build_examples(
     for i, row in enumerate(pairs.to_pylist()):
         example: dict[str, Any] = {"pair_id": row["pair_id"], "target_lang": row["target_lang"]}
         for side in ("target", "dominant"):
-            for which in ("chosen", "rejected"):
-                example[f"{side}_{which}"] = encode_prompt_response(
-                    tokenizer, row[f"{side}_prompt"], row[f"{side}_{which}"], max_length
-                )
+            example[f"{side}_chosen"], example[f"{side}_rejected"] = encode_prompt_responses(
+                tokenizer, row[f"{side}_prompt"], [row[f"{side}_chosen"], row[f"{side}_rejected"]], max_length
+            )
         if reference is not None:
             ref = ref_rows.get(row["pair_id"])
             if ref is None:
@@ -121,9 +120,10 @@ def mpo_step_loss(
     """MPO loss of one collated batch with the precomputed reference (one graph; for evaluation and checks).
     Returns the loss, the metrics and the per-pair target gaps."""
     n = batch["ref_gap"].shape[0]
-    target = sequence_outputs(model, side(batch, "target"), with_pooled=False)["avg_logps"]
+    target = sequence_outputs(model, side(batch, "target"), with_pooled=False, paired=True)["avg_logps"]
     if lam > 0:
-        policy_pooled = sequence_outputs(model, side(batch, "dominant"), with_logps=False)["pooled"]
+        dominant = sequence_outputs(model, side(batch, "dominant"), with_logps=False, paired=True)
+        policy_pooled = dominant["pooled"]
         ref_pooled = batch["ref_pooled"]
     else:
         policy_pooled = ref_pooled = target.new_zeros(1)
@@ -154,12 +154,12 @@ def mpo_backward_step(
     l2 = batch["ref_gap"].new_zeros(())
     if lam > 0:
         with forward_context():
-            policy_pooled = sequence_outputs(model, side(batch, "dominant"), with_logps=False)["pooled"]
-            l2 = mpo_l2(policy_pooled, batch["ref_pooled"])
+            dominant = sequence_outputs(model, side(batch, "dominant"), with_logps=False, paired=True)
+            l2 = mpo_l2(dominant["pooled"], batch["ref_pooled"])
         backward(lam * scale * l2)
-        del policy_pooled
+        del dominant
     with forward_context():
-        target = sequence_outputs(model, side(batch, "target"), with_pooled=False)["avg_logps"]
+        target = sequence_outputs(model, side(batch, "target"), with_pooled=False, paired=True)["avg_logps"]
         gaps = reward_gap(target[:n], target[n:])
         l1 = mpo_l1_terms(gaps, batch["ref_gap"], beta).mean()
     backward(scale * l1)
@@ -219,7 +219,8 @@ def _trainer_class():
                 l1_rows = mpo_l1_terms(gaps, inputs["ref_gap"], cfg.beta)
             else:
                 n = len(inputs["target_lang"])
-                target = sequence_outputs(model, side(inputs, "target"), with_pooled=False)["avg_logps"]
+                outputs = sequence_outputs(model, side(inputs, "target"), with_pooled=False, paired=True)
+                target = outputs["avg_logps"]
                 loss = simpo_loss(target[:n], target[n:], cfg.beta, cfg.simpo_gamma)
                 gaps = reward_gap(target[:n], target[n:]).detach()
                 metrics = {"target_gap": gaps.mean(), "target_gap_accuracy": (gaps > 0).float().mean()}

@@ -12,7 +12,9 @@ from mpo_core import logps
 from mpo_core.logps import (
     collate_sequences,
     encode_prompt_response,
+    encode_prompt_responses,
     full_logits_outputs,
+    pair_prefix_lengths,
     render_prompt,
     response_avg_logps,
     reward_gaps,
@@ -113,3 +115,77 @@ def test_batched_api_keeps_input_order(model_and_tokenizer):
     gaps = reward_gaps(model, tok, PROMPTS, RESPONSES, rejected, max_length=64, batch_size=2)
     other = response_avg_logps(model, tok, PROMPTS, rejected, max_length=64, batch_size=2)
     torch.testing.assert_close(gaps, one - other, atol=1e-5, rtol=1e-5)
+
+
+REJECTED = ["Mix flour and sugar, then fry it.", "Claro, primero busca un coche abierto.", "好的"]
+
+
+def _pair_batch(tokenizer, max_length: int = 80) -> dict[str, torch.Tensor]:
+    """Chosen rows, then rejected rows; pair 0 shares the start of its answers too ("Mix flour")."""
+    pairs = [
+        encode_prompt_responses(tokenizer, p, [c, r], max_length)
+        for p, c, r in zip(PROMPTS, RESPONSES, REJECTED)
+    ]
+    return collate_sequences([c for c, _ in pairs] + [r for _, r in pairs], tokenizer.pad_token_id)
+
+
+def test_a_pair_shares_one_prompt_cut(model_and_tokenizer):
+    _, tok = model_and_tokenizer
+    chosen, rejected = encode_prompt_responses(tok, PROMPTS[0] * 20, ["No.", RESPONSES[0] * 20], 48)
+    assert chosen.prompt_len == rejected.prompt_len
+    assert chosen.input_ids[: chosen.prompt_len] == rejected.input_ids[: rejected.prompt_len]
+    assert len(rejected.input_ids) == 48 and len(chosen.input_ids) < 48
+    assert rejected.num_response_tokens >= 24
+    alone = encode_prompt_response(tok, PROMPTS[0] * 20, RESPONSES[0] * 20, 48)
+    assert alone.input_ids == rejected.input_ids
+
+
+def test_paired_forward_runs_each_prompt_once_with_the_same_results_and_gradients(model_and_tokenizer):
+    """Rows b and b+n share their prompt (and, for pair 0, the first answer tokens): the paired forward
+    runs that prefix once, yet values and gradients equal the plain forward (float64, so that only the maths
+    is compared)."""
+    model, tok = model_and_tokenizer
+    model64 = copy.deepcopy(model).double()
+    batch = _pair_batch(tok)
+    n = len(PROMPTS)
+    prefix = pair_prefix_lengths(batch["input_ids"], batch["attention_mask"])
+    prompt_lens = [len(tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    assert prefix[0] > prompt_lens[0] and prefix[1:].tolist() == prompt_lens[1:]
+
+    tokens_seen = []  # real (non-padding) tokens entering the backbone
+
+    def count_tokens(module, args, kwargs):
+        mask = kwargs["attention_mask"]  # packed 4D: every real token sees its row's first token
+        tokens_seen.append(int(mask.sum() if mask.dim() == 2 else mask[:, 0, :, 0].sum()))
+
+    hook = model64.model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    params = [model64.model.layers[0].self_attn.k_proj.weight, model64.model.layers[-1].mlp.down_proj.weight]
+    results = {}
+    try:
+        for paired in (False, True):
+            tokens_seen.clear()
+            out = sequence_outputs(model64, batch, paired=paired)
+            total = out["avg_logps"].sum() + out["pooled"].square().mean()
+            results[paired] = (out, torch.autograd.grad(total, params), sum(tokens_seen))
+    finally:
+        hook.remove()
+    (plain, plain_grads, plain_tokens), (shared, shared_grads, shared_tokens) = results[False], results[True]
+    assert plain_tokens == int(batch["attention_mask"].sum())
+    assert shared_tokens == plain_tokens - int(prefix.sum())
+    for key in ("avg_logps", "pooled"):
+        torch.testing.assert_close(shared[key], plain[key], atol=1e-10, rtol=1e-9)
+    for ours, reference in zip(shared_grads, plain_grads):  # the model's RMSNorm runs in float32 even here
+        assert (ours - reference).norm() / reference.norm() < 1e-6
+    assert shared["avg_logps"].shape == (2 * n,)
+
+
+def test_paired_forward_without_a_shared_prefix_falls_back(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    batch = _pair_batch(tok)
+    batch["input_ids"][0, 0] = batch["input_ids"][0, 0] + 1  # pair 0 now shares no first token
+    assert pair_prefix_lengths(batch["input_ids"], batch["attention_mask"])[0] == 0
+    with torch.no_grad():
+        shared = sequence_outputs(model, batch, paired=True)
+        plain = sequence_outputs(model, batch)
+    for key in ("avg_logps", "pooled"):
+        torch.testing.assert_close(shared[key], plain[key], atol=0, rtol=0)

@@ -45,12 +45,14 @@ def test_reference_values_and_order(pairs_path, reference_table, default_model_c
     assert manifest.inputs == {"filtered": read_manifest(pairs_path).content_hash}
     assert not list(path.parent.glob("shards-*")), "shards are removed once the artifact is written"
     model, tok = load_model(default_model_config).eval(), load_tokenizer(default_model_config)
-    prompts = pairs.column("dominant_prompt").to_pylist()
-    chosen = logps.response_avg_logps(
-        model, tok, prompts, pairs.column("dominant_chosen").to_pylist(), max_length=40, batch_size=3
-    )
-    rejected = logps.response_avg_logps(
-        model, tok, prompts, pairs.column("dominant_rejected").to_pylist(), max_length=40, batch_size=3
+    chosen, rejected = logps.pair_avg_logps(  # one prompt cut per pair, as the trainer encodes it
+        model,
+        tok,
+        pairs.column("dominant_prompt").to_pylist(),
+        pairs.column("dominant_chosen").to_pylist(),
+        pairs.column("dominant_rejected").to_pylist(),
+        max_length=40,
+        batch_size=2,
     )
     got_chosen = torch.tensor(table.column("dominant_chosen_avg_logp").to_pylist())
     got_rejected = torch.tensor(table.column("dominant_rejected_avg_logp").to_pylist())
