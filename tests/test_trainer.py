@@ -20,6 +20,7 @@ from mpo_core.trainer import (
     TRAIN_LOG,
     MPOCollator,
     build_examples,
+    build_trainer,
     mpo_backward_step,
     mpo_step_loss,
     run_train,
@@ -170,6 +171,46 @@ def test_training_reduces_l1_resumes_and_saves_safely(
     assert after["l1"] < 0.7 * before["l1"], (before, after)
     ref_scale = batch["ref_pooled"].square().mean()
     assert after["l2"] < 1e-3 * ref_scale, (after["l2"], ref_scale)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_gives_the_whole_batch_gradient(
+    real_pairs, reference_path, tmp_path, default_model_config
+):
+    """One batch of 2 pairs, and 2 accumulated micro-batches of 1 pair, reach the optimizer step with the
+    same gradient (the same 2 pairs: the sampler's order does not depend on the batch size)."""
+    from transformers import TrainerCallback
+
+    from mpo_core.artifacts import read_artifact
+    from mpo_core.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(default_model_config, padding_side="right")
+    pairs, reference = read_artifact(real_pairs, "pairs"), read_artifact(reference_path, "reference")
+    grads: dict[str, dict[str, torch.Tensor]] = {}
+
+    class GradientAtOptimizerStep(TrainerCallback):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads[self.name] = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+    for name, (batch_size, accumulation) in {"batch": (2, 1), "accumulated": (1, 2)}.items():
+        config = _config(
+            tmp_path,
+            max_steps=1,
+            per_device_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            save_steps=100,
+        )
+        model = load_model(default_model_config)
+        trainer = build_trainer(config, model, tok, pairs, reference, tmp_path / name)
+        trainer.add_callback(GradientAtOptimizerStep(name))
+        trainer.train()
+    assert grads["batch"].keys() == grads["accumulated"].keys()
+    for key, whole in grads["batch"].items():
+        difference = (grads["accumulated"][key] - whole).norm() / whole.norm().clamp_min(1e-12)
+        assert difference < 1e-4, (key, float(difference))
 
 
 @pytest.mark.slow
