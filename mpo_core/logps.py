@@ -98,20 +98,37 @@ def collate_sequences(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
+def unwrap_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The ``transformers`` model inside a DistributedDataParallel and/or peft wrapper."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def split_causal_lm(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
-    """``(backbone, lm_head, final_logit_softcapping)`` of a causal LM, a peft wrapper unwrapped."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = base.get_decoder()
-    lm_head = base.get_output_embeddings()
-    return backbone, lm_head, getattr(base.config, "final_logit_softcapping", None)
+    """``(backbone, lm_head, final_logit_softcapping)`` of a causal LM, wrappers unwrapped."""
+    base = unwrap_model(model)
+    return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+
+
+def _last_hidden_state(model: torch.nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+    """The backbone's final (post-norm) hidden states for ``inputs``, without the LM head.
+
+    Under DistributedDataParallel the forward goes through the wrapper (its gradient hooks are armed only
+    there), with no logits kept; otherwise the backbone runs directly."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_logits)
+        return out.hidden_states[-1]
+    backbone, _, _ = split_causal_lm(model)
+    return backbone(**inputs, use_cache=False).last_hidden_state
 
 
 def final_hidden_states(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """The backbone's final (post-norm) hidden states ``[B, T, H]``: the LM head's input, no logits."""
-    backbone, _, _ = split_causal_lm(model)
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return _last_hidden_state(model, input_ids=input_ids, attention_mask=attention_mask)
 
 
 def pair_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -158,12 +175,11 @@ def paired_final_hidden_states(
     the unshared forward: each prefix token receives the sum of both answers' gradients. Falls back to the
     plain forward when some pair shares nothing or the attention implementation takes no 4D mask.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     implementation = getattr(base.config, "_attn_implementation", None)
     prefix = pair_prefix_lengths(input_ids, attention_mask)
     if prefix.numel() == 0 or int(prefix.min()) < 1 or implementation not in PACKABLE_ATTENTION:
         return final_hidden_states(model, input_ids, attention_mask)
-    backbone, _, _ = split_causal_lm(model)
     n, total = prefix.shape[0], input_ids.shape[1]
     device = input_ids.device
     lengths = attention_mask.sum(dim=1)
@@ -177,25 +193,80 @@ def paired_final_hidden_states(
     source_row = torch.where(in_rejected, pair + n, pair)
     source_col = torch.where(in_rejected, steps - chosen_end + start, torch.where(real, steps, 0))
     segments = torch.where(steps < start, 0, torch.where(steps < chosen_end, 1, torch.where(real, 2, 3)))
-    packed = backbone(
+    packed = _last_hidden_state(
+        model,
         input_ids=input_ids[source_row, source_col],
         attention_mask=_pair_attention_mask(segments, implementation, base.dtype),
         position_ids=source_col,
-        use_cache=False,
-    ).last_hidden_state
+    )
     positions = torch.arange(total, device=device)[None, :]
     rejected_cols = torch.where(positions < start, positions, positions - start + chosen_end)
     columns = torch.cat([positions.expand(n, total), rejected_cols]).clamp_max(packed.shape[1] - 1)
     return packed[pair.repeat(2, 1), columns]
 
 
+def _softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """``log softmax(softcap(h W^T))[y]`` per row of ``h [N, H]`` for targets ``y [N]``, one chunk of rows at a
+    time, never more than one chunk of logits alive.
+
+    Forward keeps only ``logsumexp`` per row. Backward recomputes each chunk's logits ``z`` and turns them in
+    place into ``dL/dz = g * (onehot(y) - softmax(z))`` (times ``1 - tanh^2`` under a softcap), then
+    ``dL/dh = dL/dz W`` and ``dL/dW += dL/dz^T h``: the same maths as autograd through a checkpointed chunk,
+    with a few in-place passes over the logits instead of a dozen fresh tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, softcap: float | None):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are upcast
+        out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = _softcapped((hidden[rows] @ weight.T).to(dtype), softcap)
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.softcap = chunk, softcap
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        cap = ctx.softcap
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            g = grad_out[rows].to(lse.dtype)[:, None]
+            grad_logits = (hidden[rows] @ weight.T).to(lse.dtype)
+            if cap:
+                tanh = grad_logits.div_(cap).tanh_()
+                squash = 1 - tanh.square()
+                grad_logits = tanh.mul_(cap)
+            grad_logits.sub_(lse[rows, None]).exp_().mul_(-g)
+            grad_logits.scatter_add_(1, targets[rows, None], g)
+            if cap:
+                grad_logits.mul_(squash)
+            grad_logits = grad_logits.to(weight.dtype)
+            if want_hidden:
+                grad_hidden[rows] = grad_logits @ weight
+            if want_weight:
+                grad_weight.addmm_(grad_logits.T, hidden[rows])
+        return grad_hidden, grad_weight, None, None, None
+
+
 def _chunk_token_logps(
     hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, softcap: float | None
 ) -> torch.Tensor:
+    """One chunk through the head module itself (run under activation checkpointing when gradients are
+    needed): for heads that are not a plain bias-free ``nn.Linear``, e.g. LoRA-wrapped or quantised ones."""
     logits = lm_head(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = _softcapped(logits.to(torch.promote_types(logits.dtype, torch.float32)), softcap)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -216,15 +287,18 @@ def response_logp_sums(
     selected = hidden[:, :-1][predicts_response]
     targets = input_ids[:, 1:][predicts_response]
     chunk = max(1, LOGITS_CHUNK_ELEMENTS // lm_head.out_features)
-    recompute = torch.is_grad_enabled() and selected.requires_grad
-    pieces = []
-    for start in range(0, selected.shape[0], chunk):
-        args = (selected[start : start + chunk], targets[start : start + chunk], lm_head, softcap)
-        if recompute:
-            pieces.append(checkpoint(_chunk_token_logps, *args, use_reentrant=False))
-        else:
-            pieces.append(_chunk_token_logps(*args))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0).float()
+    if type(lm_head) is torch.nn.Linear and lm_head.bias is None:
+        token_logps = ChunkedTokenLogps.apply(selected, lm_head.weight, targets, chunk, softcap)
+    else:
+        recompute = torch.is_grad_enabled() and selected.requires_grad
+        pieces = []
+        for start in range(0, selected.shape[0], chunk):
+            args = (selected[start : start + chunk], targets[start : start + chunk], lm_head, softcap)
+            if recompute:
+                pieces.append(checkpoint(_chunk_token_logps, *args, use_reentrant=False))
+            else:
+                pieces.append(_chunk_token_logps(*args))
+        token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0).float()
     sums = torch.zeros(hidden.shape[0], dtype=token_logps.dtype, device=hidden.device).index_add(
         0, rows, token_logps
     )
