@@ -35,7 +35,7 @@ import torch
 
 from mpo_core.artifacts import atomic_directory, read_artifact, read_manifest
 from mpo_core.config import PipelineConfig, TrainConfig
-from mpo_core.errors import InputDataError
+from mpo_core.errors import ConfigError, InputDataError
 from mpo_core.logps import EncodedSequence, collate_sequences, encode_prompt_responses, sequence_outputs
 from mpo_core.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
 from mpo_core.stages import get_stage, stage_identity
@@ -131,6 +131,14 @@ def mpo_step_loss(
     return loss, metrics, reward_gap(target[:n], target[n:]).detach()
 
 
+def _local_gradients(model: torch.nn.Module) -> AbstractContextManager:
+    """Under DistributedDataParallel, a pass whose gradients stay local (``no_sync``): the L2 pass, so that
+    the L1 pass after it averages the sum over the ranks in one all-reduce, with every parameter used."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return nullcontext()
+
+
 def mpo_backward_step(
     model: PreTrainedModel,
     batch: dict[str, Any],
@@ -146,17 +154,19 @@ def mpo_backward_step(
     L1 depends only on the target-language sequences and L2 only on the dominant-language ones, so
     ``grad L = grad L1 + lam * grad L2`` is accumulated as: dominant forward (backbone only), backward of
     ``lam * L2``; then target forward (chunked LM head on response tokens), backward of ``L1``. Only one side's
-    activations are alive at a time; the gradients are those of the joint loss. Returns the detached loss,
-    the metrics and the per-pair target gaps.
+    activations are alive at a time; the gradients are those of the joint loss. Under DistributedDataParallel
+    the forwards go through the wrapper and the gradients are averaged over the ranks once, after the L1 pass.
+    Returns the detached loss, the metrics and the per-pair target gaps.
     """
     backward = backward or torch.Tensor.backward
     n = batch["ref_gap"].shape[0]
     l2 = batch["ref_gap"].new_zeros(())
     if lam > 0:
-        with forward_context():
-            dominant = sequence_outputs(model, side(batch, "dominant"), with_logps=False, paired=True)
-            l2 = mpo_l2(dominant["pooled"], batch["ref_pooled"])
-        backward(lam * scale * l2)
+        with _local_gradients(model):
+            with forward_context():
+                dominant = sequence_outputs(model, side(batch, "dominant"), with_logps=False, paired=True)
+                l2 = mpo_l2(dominant["pooled"], batch["ref_pooled"])
+            backward(lam * scale * l2)
         del dominant
     with forward_context():
         target = sequence_outputs(model, side(batch, "target"), with_pooled=False, paired=True)["avg_logps"]
@@ -183,6 +193,11 @@ def _trainer_class():
 
         def __init__(self, *args: Any, train_cfg: TrainConfig, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            if train_cfg.loss == "mpo" and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+                raise ConfigError(
+                    "train.loss=mpo runs on one device or data-parallel (DDP: torchrun or accelerate launch "
+                    "without FSDP/DeepSpeed); FSDP and DeepSpeed are not supported for it yet"
+                )
             self.train_cfg = train_cfg
             self.model_accepts_loss_kwargs = False
             self.loss_is_scaled_for_ga = False
@@ -276,6 +291,8 @@ def _callbacks(log_path: Path) -> list:
                 self.tracker.update(1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:
+                return
             with open(log_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **(logs or {})}) + "\n")
 
@@ -475,9 +492,10 @@ def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
     trainer = build_trainer(config, model, tokenizer, pairs, reference, out_dir)
 
     resume = latest_checkpoint(out_dir)
-    if resume is not None:
+    main_process = trainer.is_world_process_zero()  # under torchrun / accelerate launch, one rank writes
+    if main_process and resume is not None:
         _truncate_log(out_dir / TRAIN_LOG, int(resume.name.rsplit("-", 1)[-1]))
-    else:
+    elif main_process:
         (out_dir / TRAIN_LOG).unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     info = {
@@ -488,5 +506,7 @@ def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
         "train_loss": result.training_loss,
         "base_model": config.model.name_or_path,
     }
-    save_model_atomically(trainer.model, tokenizer, target, info)
+    if main_process:
+        save_model_atomically(trainer.model, tokenizer, target, info)
+    trainer.accelerator.wait_for_everyone()
     return {"checkpoint": target}

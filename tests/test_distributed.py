@@ -1,0 +1,77 @@
+"""Data-parallel MPO on CPU: two processes (gloo) under DistributedDataParallel, one real pair each, reach
+the gradient of one process with both pairs; the L2 pass stays local and one all-reduce averages the sum."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from core_pairs import official_pairs
+
+from mpo_core.config import ModelConfig
+from mpo_core.logps import sequence_outputs
+from mpo_core.trainer import MPOCollator, build_examples, mpo_backward_step, side
+
+WORLD = 2
+BETA = 1.5
+
+
+def _policy_and_batch(shared_data: Path, rows: list[int]) -> tuple[torch.nn.Module, dict]:
+    """The real model cut to 4 layers in float64, a slightly moved policy (so that L2 is not zero), and the
+    collated batch of pairs ``rows`` with the unmoved model's reference values, as every rank builds them."""
+    from mpo_core.models import load_model, load_tokenizer
+
+    config = ModelConfig(device="cpu", dtype="float32")
+    tok = load_tokenizer(config, padding_side="right")
+    reference = load_model(config).eval()
+    reference.model.layers = reference.model.layers[:4]
+    reference.config.num_hidden_layers = 4
+    reference = reference.double()
+    policy = copy.deepcopy(reference).train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        weight = policy.model.layers[2].mlp.up_proj.weight
+        weight.add_(1e-3 * torch.randn_like(weight))
+    pairs = official_pairs(shared_data, WORLD, step=13).take(rows)
+    batch = MPOCollator(tok.pad_token_id)(build_examples(tok, pairs, None, 48))
+    with torch.no_grad():
+        ref = sequence_outputs(reference, side(batch, "dominant"), paired=True)
+    n = len(rows)
+    batch["ref_gap"] = ref["avg_logps"][:n] - ref["avg_logps"][n:]
+    batch["ref_pooled"] = ref["pooled"]
+    return policy, batch
+
+
+def _rank(rank: int, init_file: str, shared_data: Path, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        policy, batch = _policy_and_batch(shared_data, [rank])
+        ddp = torch.nn.parallel.DistributedDataParallel(policy)
+        mpo_backward_step(ddp, batch, BETA, 1.0)
+        grads = {name: p.grad.contiguous() for name, p in policy.named_parameters()}
+        save_file(grads, str(out_dir / f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_parallel_mpo_step_averages_to_the_whole_batch_gradient(shared_data, tmp_path):
+    from safetensors.torch import load_file
+
+    mp.spawn(_rank, args=(str(tmp_path / "init"), shared_data, tmp_path), nprocs=WORLD, join=True)
+    policy, batch = _policy_and_batch(shared_data, list(range(WORLD)))
+    _, metrics, _ = mpo_backward_step(policy, batch, BETA, 1.0)
+    assert metrics["l2"] > 0
+    whole = {name: p.grad for name, p in policy.named_parameters()}
+    for rank in range(WORLD):
+        ranked = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert ranked.keys() == whole.keys()
+        for name, grad in whole.items():
+            difference = (ranked[name] - grad).norm() / grad.norm().clamp_min(1e-300)
+            assert difference < 1e-5, (rank, name, float(difference))
