@@ -36,13 +36,13 @@ from mpo_core.errors import InputDataError
 from mpo_core.metrics import (
     Estimate,
     bootstrap_mean_ci,
-    is_attack_success,
     mgsm_is_correct,
     parse_gold_answer,
     pick_options,
     summarize_reward_gaps,
 )
 from mpo_core.stages import get_stage, stage_identity
+from mpo_core.verdicts import is_attack_success, is_refusal
 
 if TYPE_CHECKING:
     from mpo_core.generation import GenerationBackend
@@ -331,7 +331,7 @@ def _safety(obs: Observations, sets: Sequence[PromptSet], rows: list[dict], judg
                 continue
             labelled = label_rows(this_judge, [r for _, r in chosen])
             judged += labelled
-            flags = [is_attack_success(r["verdict"]) if harmful else r["verdict"] == "refusal" for r in labelled]
+            flags = [is_attack_success(r["verdict"]) if harmful else is_refusal(r["verdict"]) for r in labelled]
             for lang, idx in _group_by_lang([p for p, _ in chosen]).items():
                 obs.add((lang, metric, prompt_set.name), [flags[i] for i in idx], this_judge.name)
     return judged

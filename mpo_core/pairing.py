@@ -3,7 +3,7 @@
 For every prompt with samples in the dominant language d and every target language t, one row of PAIRS:
 
 - ``dominant_chosen``: the dominant sample with the highest judge score among the safe ones
-  (:func:`mpo_core.judges.is_safe`); ``dominant_rejected``: the lowest-scored unsafe one.
+  (:func:`mpo_core.verdicts.is_safe`); ``dominant_rejected``: the lowest-scored unsafe one.
 - ``target_chosen`` / ``target_rejected``: the same ranking among the model's own samples in t.
 - No safe sample (in d or in t): the language's configured refusal (``pair.fallback_texts`` or the
   ``fallback_refusal`` of ``refusal_patterns.json``) becomes the chosen response, with its score null and
@@ -26,8 +26,9 @@ from pathlib import Path
 from mpo_core.artifacts import file_hash, read_artifact, read_manifest, write_artifact
 from mpo_core.config import PairConfig, PipelineConfig
 from mpo_core.errors import ArtifactError
-from mpo_core.judges import fallback_refusal, is_safe
+from mpo_core.judges import fallback_refusal
 from mpo_core.stages import get_stage, stage_identity
+from mpo_core.verdicts import is_safe
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ import pytest
 from mpo_core.artifacts import read_artifact, read_manifest, write_artifact
 from mpo_core.config import PipelineConfig
 from mpo_core.generation import run_generate
-from mpo_core.judges import RefusalPatternJudge, is_safe, run_label
+from mpo_core.judges import RefusalPatternJudge, run_label
 from mpo_core.pairing import run_pair
 from mpo_core.seed import load_seed_prompts
 from mpo_core.translate import run_translate
+from mpo_core.verdicts import is_safe
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ from mpo_core.judges import (
     Verdict,
     fallback_refusal,
     get_judge,
-    is_safe,
     label_rows,
     llama_guard_3_prompt,
     load_refusal_patterns,
@@ -23,6 +22,7 @@ from mpo_core.judges import (
     parse_qwen3guard,
     qwen3guard_conversation,
 )
+from mpo_core.verdicts import is_attack_success, is_refusal, is_safe
 
 HAND_LABELS = Path(__file__).parent / "data" / "judge_hand_labels.jsonl"
 # Agreement floors per language: one label under what refusal_patterns@v2 measured on HAND_LABELS
@@ -80,6 +80,8 @@ def test_refusal_judge_scores():
 def test_is_safe_and_verdict_checks():
     assert is_safe("refusal") and is_safe("safe")
     assert not is_safe("unsafe") and not is_safe("compliance")
+    assert [is_attack_success(v) for v in ("safe", "refusal", "unsafe", "compliance")] == [0, 0, 1, 1]
+    assert [is_refusal(v) for v in ("safe", "refusal", "unsafe", "compliance")] == [0, 1, 0, 0]
     with pytest.raises(ValueError):
         is_safe("maybe")
     with pytest.raises(ValueError):
