@@ -41,7 +41,7 @@ from mpo_core.metrics import (
     pick_options,
     summarize_reward_gaps,
 )
-from mpo_core.stages import get_stage, stage_identity
+from mpo_core.stages import stage_call
 from mpo_core.verdicts import is_attack_success, is_refusal
 
 if TYPE_CHECKING:
@@ -605,10 +605,7 @@ def write_evaluation(
 def run_evaluate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage ``evaluate``: base model (``config.model``) and trained model (``inputs["checkpoint"]``) side by
     side -> ``eval`` artifact and ``report`` (Markdown, with ``report.html`` and the plots beside it)."""
-    from mpo_core.runs import input_hashes as content_hashes
-
-    spec = get_stage("evaluate")
-    input_hashes = content_hashes(inputs)  # the checkpoint is a folder: hashed by its files
+    call = stage_call("evaluate", config, inputs)  # the checkpoint is a folder: hashed by its files
     translated = read_artifact(inputs["translated"], "prompts") if "translated" in inputs else None
     filtered = read_artifact(inputs["filtered"], "pairs") if "filtered" in inputs else None
     reference = read_artifact(inputs["reference"], "reference") if "reference" in inputs else None
@@ -616,6 +613,5 @@ def run_evaluate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path)
     if "checkpoint" in inputs:
         models["trained"] = config.model.model_copy(update={"name_or_path": str(inputs["checkpoint"])})
     result = evaluate_models(config, models, translated=translated, filtered=filtered, reference=reference)
-    paths = write_evaluation(result, config, models, out_dir, config_hash=stage_identity(spec, config, input_hashes),
-                             inputs=input_hashes)
+    paths = write_evaluation(result, config, models, out_dir, **call.provenance)
     return {"eval": paths["eval"], "report": paths["report"]}

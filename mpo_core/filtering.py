@@ -374,19 +374,18 @@ def run_filter(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -
     """
     from mpo_core.artifacts import ArtifactWriter, iter_batches, read_manifest, write_artifact
     from mpo_core.progress import Tracker
-    from mpo_core.stages import get_stage, stage_identity
+    from mpo_core.stages import stage_call
 
     out_dir = Path(out_dir)
     source = Path(inputs["pairs"])
     manifest = read_manifest(source)
-    input_hashes = {"pairs": manifest.content_hash}
-    identity = stage_identity(get_stage("filter"), config, input_hashes)
+    call = stage_call("filter", config, {"pairs": source})
     tokenizer, token_check = _load_tokenizer(config)
     pair_filter = PairFilter(config.filter, max_length=config.reference.max_length, tokenizer=tokenizer,
                              processes=config.filter.langid_processes)
     paths = {"filtered": out_dir / "filtered.parquet", "dropped": out_dir / "dropped.parquet",
              "report_parquet": out_dir / "filter_report.parquet", "filter_report": out_dir / "filter_report.md"}
-    common = {"config_hash": identity, "inputs": input_hashes}
+    common = call.provenance
     with ArtifactWriter(paths["filtered"], "pairs", **common, extra={"token_check": token_check}) as kept_out, \
             ArtifactWriter(paths["dropped"], "dropped", **common) as dropped_out, \
             Tracker(manifest.rows, "filter", unit="pairs") as tracker:

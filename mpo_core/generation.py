@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpo_core.artifacts import read_artifact, read_manifest, write_artifact
+from mpo_core.artifacts import read_artifact, write_artifact
 from mpo_core.config import GenerateConfig, ModelConfig, PipelineConfig
 from mpo_core.errors import ConfigError, ModelLoadError
 from mpo_core.progress import Tracker
-from mpo_core.stages import get_stage, stage_identity
+from mpo_core.stages import stage_call
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -283,8 +283,7 @@ def generation_prompts(config: PipelineConfig, translated: list[dict]) -> list[d
 
 def run_generate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage ``generate``: ``translated`` PROMPTS -> ``responses`` (k samples per prompt and language)."""
-    spec = get_stage("generate")
-    input_hashes = {name: read_manifest(p).content_hash for name, p in inputs.items()}
+    call = stage_call("generate", config, inputs)
     prompts = generation_prompts(config, read_artifact(inputs["translated"], "prompts").to_pylist())
     started = time.perf_counter()
     rows = generate_responses(config.model, config.generate, prompts)
@@ -292,8 +291,7 @@ def run_generate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path)
     path = Path(out_dir) / "responses.parquet"
     write_artifact(
         rows, path, "responses",
-        config_hash=stage_identity(spec, config, input_hashes),
-        inputs=input_hashes,
+        **call.provenance,
         extra={
             "prompts": len(prompts),
             "samples": len(rows),

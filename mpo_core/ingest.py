@@ -491,24 +491,17 @@ def run_ingest(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -
 
     The source file's content hash is part of the stage identity, so editing the file reruns the stage.
     """
-    from mpo_core.artifacts import file_hash, write_artifact
-    from mpo_core.stages import get_stage, stage_identity
+    from mpo_core.artifacts import write_artifact
+    from mpo_core.stages import stage_call
 
     cfg = config.prompts
-    if cfg.source == "seed":
-        from mpo_core.seed import seed_path
-
-        source_path = seed_path()
-    else:
-        source_path = resolve_source(cfg.source)
-    input_hashes = {"source": file_hash(source_path)}
+    call = stage_call("ingest", config, inputs)
     table = load_prompts(cfg, seed=config.run.seed)
     out_path = Path(out_dir) / "prompts.parquet"
     langs = Counter(table.column("lang").to_pylist())
     write_artifact(
         table, out_path, "prompts",
-        config_hash=stage_identity(get_stage("ingest"), config, input_hashes),
-        inputs=input_hashes,
+        **call.provenance,
         extra={"source": str(cfg.source), "prompts": len(set(table.column("prompt_id").to_pylist())),
                "rows_per_lang": dict(sorted(langs.items()))},
     )

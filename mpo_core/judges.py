@@ -30,12 +30,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mpo_core.artifacts import read_artifact, read_manifest, write_artifact
+from mpo_core.artifacts import read_artifact, write_artifact
 from mpo_core.config import GenerateConfig, LabelConfig, ModelConfig, PipelineConfig
 from mpo_core.errors import ConfigError
 from mpo_core.generation import GenerationBackend, SamplingSettings, get_backend
 from mpo_core.progress import track
-from mpo_core.stages import get_stage, stage_identity
+from mpo_core.stages import stage_call
 from mpo_core.verdicts import VERDICTS
 
 PATTERNS_FILE = "refusal_patterns.json"
@@ -263,8 +263,7 @@ def label_rows(judge: Judge, rows: list[dict]) -> list[dict]:
 
 def run_label(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage ``label``: ``responses`` -> ``labelled`` (RESPONSES with judge, verdict, score)."""
-    spec = get_stage("label")
-    input_hashes = {name: read_manifest(p).content_hash for name, p in inputs.items()}
+    call = stage_call("label", config, inputs)
     rows = read_artifact(inputs["responses"], "responses").to_pylist()
     judge = get_judge(config.label, config.model)
     labelled = label_rows(judge, rows)
@@ -274,8 +273,7 @@ def run_label(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
     path = Path(out_dir) / "labelled.parquet"
     write_artifact(
         labelled, path, "responses",
-        config_hash=stage_identity(spec, config, input_hashes),
-        inputs=input_hashes,
+        **call.provenance,
         extra={"judge": judge.name, "verdicts": counts},
     )
     return {"labelled": path}

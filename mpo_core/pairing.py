@@ -23,11 +23,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpo_core.artifacts import file_hash, read_artifact, read_manifest, write_artifact
+from mpo_core.artifacts import read_artifact, write_artifact
 from mpo_core.config import PairConfig, PipelineConfig
 from mpo_core.errors import ArtifactError
 from mpo_core.judges import fallback_refusal
-from mpo_core.stages import get_stage, stage_identity
+from mpo_core.stages import stage_call
 from mpo_core.verdicts import is_safe
 
 
@@ -130,23 +130,19 @@ def build_pairs(
 
 def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage ``pair``: ``labelled`` -> ``pairs``; under ``pair.source`` the ready-made file -> ``pairs``."""
-    spec = get_stage("pair")
+    call = stage_call("pair", config, inputs)
     path = Path(out_dir) / "pairs.parquet"
     if config.pair.source:
         from mpo_core.ingest import load_pairs, resolve_source
 
-        source = resolve_source(config.pair.source)
-        input_hashes = {"source": file_hash(source)}
-        table = load_pairs(source, format=config.pair.source_format)
+        table = load_pairs(resolve_source(config.pair.source), format=config.pair.source_format)
         write_artifact(
             table, path, "pairs",
-            config_hash=stage_identity(spec, config, input_hashes),
-            inputs=input_hashes,
+            **call.provenance,
             extra={"source": str(config.pair.source), "pairs": table.num_rows,
                    "per_target_lang": dict(sorted(Counter(table.column("target_lang").to_pylist()).items()))},
         )
         return {"pairs": path}
-    input_hashes = {name: read_manifest(p).content_hash for name, p in inputs.items()}
     rows = read_artifact(inputs["labelled"], "responses").to_pylist()
     unlabelled = next((i for i, r in enumerate(rows) if r["verdict"] is None or r["score"] is None), None)
     if unlabelled is not None:
@@ -154,8 +150,7 @@ def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> 
     pairs, skipped = build_pairs(rows, config.run.dominant_lang, config.run.target_langs, config.pair)
     write_artifact(
         pairs, path, "pairs",
-        config_hash=stage_identity(spec, config, input_hashes),
-        inputs=input_hashes,
+        **call.provenance,
         extra={
             "pairs": len(pairs),
             "skipped": dict(sorted(skipped.items())),

@@ -19,7 +19,7 @@ import pyarrow as pa
 from mpo_core.artifacts import artifact_is_complete, read_artifact, read_manifest, write_artifact
 from mpo_core.config import PipelineConfig
 from mpo_core.progress import Tracker
-from mpo_core.stages import get_stage, stage_identity
+from mpo_core.stages import stage_call
 
 REFERENCE_FILE = "reference.parquet"
 
@@ -50,8 +50,8 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
 
     out_dir = Path(out_dir)
     out_path = out_dir / REFERENCE_FILE
-    input_hashes = {name: read_manifest(p).content_hash for name, p in inputs.items()}
-    identity = stage_identity(get_stage("reference"), config, input_hashes)
+    call = stage_call("reference", config, inputs)
+    identity = call.identity
     if artifact_is_complete(out_path) and read_manifest(out_path).config_hash == identity:
         return {"reference": out_path}
 
@@ -112,8 +112,7 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
         table,
         out_path,
         "reference",
-        config_hash=identity,
-        inputs=input_hashes,
+        **call.provenance,
         extra={"model_fingerprint": fingerprint, "max_length": config.reference.max_length},
     )
     shutil.rmtree(shard_dir, ignore_errors=True)

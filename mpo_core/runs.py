@@ -33,14 +33,21 @@ from typing import Any
 from mpo_core.artifacts import (
     Manifest,
     artifact_is_complete,
-    file_hash,
     manifest_path,
     read_manifest,
     write_manifest,
 )
-from mpo_core.config import PipelineConfig, canonical_hash, dump_config, load_config
+from mpo_core.config import PipelineConfig, dump_config, load_config
 from mpo_core.errors import ArtifactError, ConfigError
-from mpo_core.stages import STAGES, StageSpec, get_stage, stage_identity
+from mpo_core.stages import (
+    STAGES,
+    StageSpec,
+    content_fingerprint,
+    get_stage,
+    input_hashes,
+    pair_source,
+    stage_call,
+)
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
@@ -94,11 +101,6 @@ def ensure_inside(path: str | Path, root: str | Path, what: str = "path") -> Pat
     return resolved
 
 
-def pair_source(config: PipelineConfig) -> str | None:
-    """The ready-made pairs file of ``config`` (``pair.source``), or None when pairs are built from samples."""
-    return getattr(config.pair, "source", None) or None
-
-
 def active_stages(config: PipelineConfig) -> list[StageSpec]:
     """The stages this config runs, in order: all of them, less generate and label under ``pair.source``."""
     bypassed = PAIR_SOURCE_BYPASSES if pair_source(config) else ()
@@ -110,52 +112,6 @@ def stage_inputs_needed(spec: StageSpec, config: PipelineConfig) -> tuple[str, .
     if spec.name == "pair" and pair_source(config):
         return ()
     return spec.inputs
-
-
-def content_fingerprint(path: Path) -> str:
-    """A file's sha256, or for a folder (a checkpoint) the hash of its files' (name, size, mtime).
-
-    Folders are fingerprinted by metadata, not bytes, so that checking a multi-GB checkpoint for reuse
-    costs milliseconds.
-    """
-    if path.is_dir():
-        entries = sorted(
-            (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-            for p in path.rglob("*")
-            if p.is_file()
-        )
-        return canonical_hash(entries)
-    return file_hash(path)
-
-
-def output_fingerprint(path: Path) -> str:
-    """The content hash downstream stages see: the manifest's where there is one, else :func:`content_fingerprint`."""
-    if manifest_path(path).exists():
-        return read_manifest(path).content_hash
-    return content_fingerprint(path)
-
-
-def input_hashes(inputs: dict[str, Path]) -> dict[str, str]:
-    """Content hash of each input artifact, by name (what a stage's identity is computed from)."""
-    return {name: output_fingerprint(Path(p)) for name, p in inputs.items()}
-
-
-def external_inputs(spec: StageSpec, config: PipelineConfig) -> dict[str, Path]:
-    """Files from outside the run that a stage reads; their content hashes (as ``source``) join its identity.
-
-    Mirrors what the stage functions hash: ingest its prompt source, pair a ready-made ``pair.source``.
-    """
-    if spec.name == "ingest":
-        from mpo_core.ingest import resolve_source
-        from mpo_core.seed import seed_path
-
-        source = config.prompts.source
-        return {"source": seed_path() if source == "seed" else resolve_source(source)}
-    if spec.name == "pair" and pair_source(config):
-        from mpo_core.ingest import resolve_source
-
-        return {"source": resolve_source(pair_source(config))}
-    return {}
 
 
 @dataclass(frozen=True)
@@ -326,8 +282,7 @@ def check_stage(
     spec: StageSpec, config: PipelineConfig, run: RunFolder, inputs: dict[str, Path]
 ) -> StageCheck:
     """The reuse rule, in one place: compute the stage's identity and compare it with its marker."""
-    hashes = input_hashes(inputs) | {k: file_hash(p) for k, p in external_inputs(spec, config).items()}
-    identity = stage_identity(spec, config, hashes)
+    identity = stage_call(spec.name, config, inputs).identity
     current, reason = run.is_current(spec, identity)
     outputs = {}
     if current:

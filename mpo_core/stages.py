@@ -16,9 +16,10 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from mpo_core import __version__
+from mpo_core.artifacts import file_hash, manifest_path, read_manifest
 from mpo_core.config import PipelineConfig, canonical_hash, section_hash
 
 StageFn = Callable[[PipelineConfig, dict[str, Path], Path], dict[str, Path]]
@@ -93,6 +94,76 @@ def stage_identity(spec: StageSpec, config: PipelineConfig, input_hashes: dict[s
             "code": __version__,
         }
     )
+
+
+def pair_source(config: PipelineConfig) -> str | None:
+    """The ready-made pairs file of ``config`` (``pair.source``), or None when pairs are built from samples."""
+    return getattr(config.pair, "source", None) or None
+
+
+def content_fingerprint(path: Path) -> str:
+    """A file's sha256, or for a folder (a checkpoint) the hash of its files' (name, size, mtime).
+
+    Folders are fingerprinted by metadata, not bytes, so that checking a multi-GB checkpoint for reuse
+    costs milliseconds.
+    """
+    if path.is_dir():
+        entries = sorted(
+            (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in path.rglob("*")
+            if p.is_file()
+        )
+        return canonical_hash(entries)
+    return file_hash(path)
+
+
+def output_fingerprint(path: Path) -> str:
+    """The content hash downstream stages see: the manifest's where there is one, else :func:`content_fingerprint`."""
+    if manifest_path(path).exists():
+        return read_manifest(path).content_hash
+    return content_fingerprint(path)
+
+
+def input_hashes(inputs: dict[str, Path]) -> dict[str, str]:
+    """Content hash of each input artifact, by name (what a stage's identity is computed from)."""
+    return {name: output_fingerprint(Path(p)) for name, p in inputs.items()}
+
+
+def external_inputs(spec: StageSpec, config: PipelineConfig) -> dict[str, Path]:
+    """Files from outside the run that a stage reads: ingest its prompt source, pair a ready-made
+    ``pair.source``. Their content hashes (as ``source``) join the stage's identity."""
+    if spec.name == "ingest":
+        from mpo_core.ingest import resolve_source
+        from mpo_core.seed import seed_path
+
+        source = config.prompts.source
+        return {"source": seed_path() if source == "seed" else resolve_source(source)}
+    if spec.name == "pair" and pair_source(config):
+        from mpo_core.ingest import resolve_source
+
+        return {"source": resolve_source(pair_source(config))}
+    return {}
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """One call of a stage: the content hashes of what it reads and the identity they make with its config
+    sections, as its artifacts record them."""
+
+    inputs: dict[str, str]
+    identity: str
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The ``config_hash`` and ``inputs`` keywords of :func:`mpo_core.artifacts.write_artifact`."""
+        return {"config_hash": self.identity, "inputs": self.inputs}
+
+
+def stage_call(name: str, config: PipelineConfig, inputs: dict[str, Path]) -> StageCall:
+    """The :class:`StageCall` of stage ``name`` on ``inputs`` (upstream artifacts) and its external files."""
+    spec = get_stage(name)
+    hashes = input_hashes(inputs) | {k: file_hash(p) for k, p in external_inputs(spec, config).items()}
+    return StageCall(hashes, stage_identity(spec, config, hashes))
 
 
 def downstream_of(name: str) -> list[str]:

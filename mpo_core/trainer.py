@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
-from mpo_core.artifacts import atomic_directory, read_artifact, read_manifest
+from mpo_core.artifacts import atomic_directory, read_artifact
 from mpo_core.config import PipelineConfig, TrainConfig
 from mpo_core.errors import ConfigError, InputDataError
 from mpo_core.logps import EncodedSequence, collate_sequences, encode_prompt_responses, sequence_outputs
 from mpo_core.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
-from mpo_core.stages import get_stage, stage_identity
+from mpo_core.stages import stage_call
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -473,10 +473,9 @@ def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / MODEL_DIR
-    input_hashes = {name: read_manifest(p).content_hash for name, p in inputs.items()}
-    identity = stage_identity(get_stage("train"), config, input_hashes)
+    call = stage_call("train", config, inputs)
     info_path = target / TRAIN_INFO
-    if info_path.exists() and json.loads(info_path.read_text(encoding="utf-8")).get("identity") == identity:
+    if info_path.exists() and json.loads(info_path.read_text(encoding="utf-8")).get("identity") == call.identity:
         return {"checkpoint": target}
 
     pairs = read_artifact(inputs["filtered"], "pairs")
@@ -499,8 +498,8 @@ def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
         (out_dir / TRAIN_LOG).unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     info = {
-        "identity": identity,
-        "inputs": input_hashes,
+        "identity": call.identity,
+        "inputs": call.inputs,
         "loss": config.train.loss,
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,

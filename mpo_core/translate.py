@@ -17,11 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mpo_core.artifacts import read_artifact, read_manifest, write_artifact
+from mpo_core.artifacts import read_artifact, write_artifact
 from mpo_core.config import GenerateConfig, PipelineConfig
 from mpo_core.errors import ConfigError, InputDataError
 from mpo_core.progress import track
-from mpo_core.stages import get_stage, stage_identity
+from mpo_core.stages import stage_call
 
 if TYPE_CHECKING:
     from mpo_core.config import ModelConfig
@@ -159,8 +159,7 @@ def translate_prompts(config: PipelineConfig, rows: list[dict], origin: str = "p
 
 def run_translate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage ``translate``: ``prompts`` -> ``translated`` (PROMPTS in the dominant and target languages)."""
-    spec = get_stage("translate")
-    input_hashes = {name: read_manifest(p).content_hash for name, p in inputs.items()}
+    call = stage_call("translate", config, inputs)
     rows = read_artifact(inputs["prompts"], "prompts").to_pylist()
     translated = translate_prompts(config, rows, origin=str(inputs["prompts"]))
     by: dict[str, int] = {}
@@ -169,8 +168,7 @@ def run_translate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
     path = Path(out_dir) / "translated.parquet"
     write_artifact(
         translated, path, "prompts",
-        config_hash=stage_identity(spec, config, input_hashes),
-        inputs=input_hashes,
+        **call.provenance,
         extra={"rows": len(translated), "translated_by": dict(sorted(by.items()))},
     )
     return {"translated": path}
