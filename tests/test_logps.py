@@ -209,3 +209,17 @@ def test_chunked_token_logps_has_the_exact_gradient(softcap):
         logits = torch.tanh(logits / softcap) * softcap
     expected = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
     torch.testing.assert_close(fn(hidden, weight), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_paired_forward_under_eager_attention_takes_an_additive_mask(model_and_tokenizer):
+    """Eager attention (Gemma-2's, for its softcap) adds the mask to the scores: the float form of the packed
+    mask gives the plain forward's values."""
+    model, tok = model_and_tokenizer
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    batch = _pair_batch(tok)
+    with torch.no_grad():
+        shared = sequence_outputs(eager, batch, paired=True)
+        plain = sequence_outputs(model, batch)
+    for key in ("avg_logps", "pooled"):
+        torch.testing.assert_close(shared[key], plain[key], atol=1e-4, rtol=1e-4)
