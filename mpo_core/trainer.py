@@ -4,9 +4,10 @@
   :meth:`~MPOTrainer.compute_loss` runs the policy on the target-language chosen/rejected sequences (response
   log-likelihoods through the chunked LM head, :mod:`mpo_core.logps`) and on the dominant-language sequences
   (backbone only, pooled states for L2), each pair's shared prompt run once; ``RG^d`` and the reference's
-  pooled states come from the ``reference`` artifact, so no reference model is ever in memory. Because L1 and L2 read disjoint sequences,
-  each step runs two backward passes (``lam * L2`` on the dominant side, then ``L1`` on the target side), so
-  only one side's activations are alive at a time (:func:`mpo_backward_step`).
+  pooled states come from the ``reference`` artifact, so no reference model is ever in memory. Because L1
+  and L2 read disjoint sequences, each step runs two backward passes (``lam * L2`` on the dominant side,
+  then ``L1`` on the target side), so only one side's activations are alive at a time
+  (:func:`mpo_backward_step`).
 - ``dpo`` / ``ipo``: TRL's ``DPOTrainer`` (loss_type ``sigmoid`` / ``ipo``) and ``sft``: TRL's ``SFTTrainer``
   on the chosen responses, all on the target-language side of the same pairs.
 
