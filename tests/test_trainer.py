@@ -195,6 +195,9 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             grads[self.name] = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
 
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_save = False  # no end-of-training checkpoint: only the gradient matters here
+
     for name, (batch_size, accumulation) in {"batch": (2, 1), "accumulated": (1, 2)}.items():
         config = _config(
             tmp_path,
