@@ -87,9 +87,16 @@ def run_variant(args) -> dict:
     if args.variant == "trl_dpo":
         step_times = run_trl_dpo(args, model, tok, batches)
     else:
-        from mpo_core.logps import full_logits_outputs, pair_prefix_lengths, sequence_outputs
-        from mpo_core.losses import mpo_loss
-        from mpo_core.trainer import MPOCollator, build_examples, disable_dropout, mpo_backward_step, side
+        from mpo_core.logps import pair_prefix_lengths
+        from mpo_core.reference import reference_outputs
+        from mpo_core.trainer import (
+            MPOCollator,
+            build_examples,
+            disable_dropout,
+            mpo_backward_step,
+            paper_mpo_loss,
+            side,
+        )
 
         disable_dropout(model)
         collate = MPOCollator(tok.pad_token_id)
@@ -100,10 +107,8 @@ def run_variant(args) -> dict:
         if args.variant == "precomputed":
             with torch.no_grad():  # what the reference stage stores, computed before timing
                 for batch in collated:
-                    out = sequence_outputs(model.eval(), side(batch, "dominant"), paired=True)
-                    n = len(batch["target_lang"])
-                    batch["ref_gap"] = out["avg_logps"][:n] - out["avg_logps"][n:]
-                    batch["ref_pooled"] = out["pooled"]
+                    out = reference_outputs(model.eval(), side(batch, "dominant"))
+                    batch["ref_gap"], batch["ref_pooled"] = out["reward_gap"], out["pooled"]
         else:
             import copy
 
@@ -115,19 +120,7 @@ def run_variant(args) -> dict:
             if args.variant == "precomputed":
                 mpo_backward_step(model, batch, 1.0, 1.0)
             else:
-                n = len(batch["target_lang"])
-                with torch.no_grad():
-                    ref = full_logits_outputs(reference, side(batch, "dominant"))
-                target = full_logits_outputs(model, side(batch, "target"))
-                dominant = full_logits_outputs(model, side(batch, "dominant"))
-                loss, _ = mpo_loss(
-                    target["avg_logps"][:n],
-                    target["avg_logps"][n:],
-                    ref["avg_logps"][:n] - ref["avg_logps"][n:],
-                    dominant["pooled"],
-                    ref["pooled"],
-                    1.0,
-                )
+                loss, _ = paper_mpo_loss(model, reference, batch, 1.0)
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -6,8 +6,9 @@ the ``response`` tokens and the end-of-turn (EOS) token; labels cover the respon
 ``s(y|x) = (1/|y|) sum_{i in response} log pi(y_i | x, y_<i)`` is computed without ever materialising
 full-vocabulary logits for the whole batch: the base model (no LM head) gives the final hidden states, the
 positions that predict a response token are selected, and the LM head is applied to them in chunks with
-``logsumexp``/``gather``. Under autograd each chunk is recomputed in the backward pass (activation
-checkpointing), so at most one chunk of logits is alive at any time. Sequences that only need pooled
+``logsumexp``/``gather``. Under autograd each chunk is recomputed in the backward pass
+(:class:`ChunkedTokenLogps`, or activation checkpointing for other heads), so at most one chunk of logits is
+alive at any time. Sequences that only need pooled
 states (the dominant side in training, for L2) skip the LM head entirely. The chosen and rejected sequences
 of a pair share their prompt; with ``paired=True`` that prompt runs once (:func:`paired_final_hidden_states`).
 
@@ -96,6 +97,14 @@ def collate_sequences(
         attention_mask[row, :n] = 1
         response_mask[row, seq.prompt_len : n] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def collate_pairs(
+    pairs: Sequence[tuple[EncodedSequence, EncodedSequence]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Collate ``(chosen, rejected)`` encodings in the layout ``paired=True`` reads: the ``n`` chosen rows,
+    then the ``n`` rejected rows, so that rows ``b`` and ``b + n`` are one pair."""
+    return collate_sequences([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id)
 
 
 def unwrap_model(model: torch.nn.Module) -> PreTrainedModel:
@@ -408,8 +417,8 @@ def pair_avg_logps(
     device = _model_device(model)
     lengths = [max(len(c.input_ids), len(r.input_ids)) for c, r in encoded]
     for idx in length_sorted_batches(lengths, batch_size):
-        sequences = [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx]
-        batch = {k: v.to(device) for k, v in collate_sequences(sequences, tokenizer.pad_token_id).items()}
+        collated = collate_pairs([encoded[i] for i in idx], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in collated.items()}
         avg = sequence_outputs(model, batch, with_pooled=False, paired=True)["avg_logps"].float().cpu()
         result[:, idx] = avg.view(2, len(idx))
     return result[0], result[1]

@@ -24,28 +24,43 @@ from mpo_core.stages import stage_call
 REFERENCE_FILE = "reference.parquet"
 
 
-def dominant_sequences(tokenizer, pairs: pa.Table, max_length: int) -> tuple[list, list]:
-    """Encoded (chosen, rejected) dominant-language sequences of every pair, in table order."""
+def dominant_sequences(tokenizer, pairs: pa.Table, max_length: int) -> list[tuple]:
+    """Encoded ``(chosen, rejected)`` dominant-language sequences of every pair, in table order."""
     from mpo_core.logps import encode_prompt_responses
 
-    encoded = [
-        encode_prompt_responses(tokenizer, p, [c, r], max_length)
+    return [
+        tuple(encode_prompt_responses(tokenizer, p, [c, r], max_length))
         for p, c, r in zip(
             pairs.column("dominant_prompt").to_pylist(),
             pairs.column("dominant_chosen").to_pylist(),
             pairs.column("dominant_rejected").to_pylist(),
         )
     ]
-    chosen = [c for c, _ in encoded]
-    rejected = [r for _, r in encoded]
-    return chosen, rejected
+
+
+def reference_outputs(model, dominant_batch: dict) -> dict:
+    """What the reference stage stores for a collated dominant-side pair batch (chosen rows, then rejected
+    rows): ``chosen_avg_logp`` and ``rejected_avg_logp`` ``[n]``, ``reward_gap = chosen - rejected`` ``[n]``
+    and ``pooled`` ``[2n, H]`` (chosen rows first). Gradients follow the caller's grad mode."""
+    from mpo_core.logps import sequence_outputs
+    from mpo_core.losses import reward_gap
+
+    out = sequence_outputs(model, dominant_batch, paired=True)
+    n = out["avg_logps"].shape[0] // 2
+    chosen, rejected = out["avg_logps"][:n], out["avg_logps"][n:]
+    return {
+        "chosen_avg_logp": chosen,
+        "rejected_avg_logp": rejected,
+        "reward_gap": reward_gap(chosen, rejected),
+        "pooled": out["pooled"],
+    }
 
 
 def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage entry: write ``reference.parquet`` (REFERENCE schema) for the pairs in ``inputs["filtered"]``."""
     import torch
 
-    from mpo_core.logps import collate_sequences, length_sorted_batches, sequence_outputs
+    from mpo_core.logps import collate_pairs, length_sorted_batches
     from mpo_core.models import load_model, load_tokenizer, model_fingerprint
 
     out_dir = Path(out_dir)
@@ -57,11 +72,10 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
 
     pairs = read_artifact(inputs["filtered"], "pairs")
     tokenizer = load_tokenizer(config.model, padding_side="right")
-    chosen, rejected = dominant_sequences(tokenizer, pairs, config.reference.max_length)
+    encoded = dominant_sequences(tokenizer, pairs, config.reference.max_length)
     pair_ids = pairs.column("pair_id").to_pylist()
     plan = length_sorted_batches(
-        [max(len(c.input_ids), len(r.input_ids)) for c, r in zip(chosen, rejected)],
-        config.reference.batch_size,
+        [max(len(c.input_ids), len(r.input_ids)) for c, r in encoded], config.reference.batch_size
     )
     shard_dir = out_dir / f"shards-{identity[:16]}"
     shard_paths = [shard_dir / f"batch-{k:05d}.parquet" for k in range(len(plan))]
@@ -75,22 +89,18 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
             tracker.update(len(plan) - len(todo))
             for k in todo:
                 idx = plan[k]
-                seqs = [chosen[i] for i in idx] + [rejected[i] for i in idx]
-                batch = collate_sequences(seqs, tokenizer.pad_token_id)
-                out = sequence_outputs(
-                    model, {name: t.to(device) for name, t in batch.items()}, paired=True
-                )
-                avg = out["avg_logps"].float().cpu()
-                pooled = out["pooled"].float().cpu()
+                batch = collate_pairs([encoded[i] for i in idx], tokenizer.pad_token_id)
+                outputs = reference_outputs(model, {key: t.to(device) for key, t in batch.items()})
+                out = {key: t.float().cpu() for key, t in outputs.items()}
                 n = len(idx)
                 write_artifact(
                     {
                         "pair_id": [pair_ids[i] for i in idx],
-                        "dominant_chosen_avg_logp": avg[:n].tolist(),
-                        "dominant_rejected_avg_logp": avg[n:].tolist(),
-                        "reward_gap": (avg[:n] - avg[n:]).tolist(),
-                        "chosen_pooled": pooled[:n].tolist(),
-                        "rejected_pooled": pooled[n:].tolist(),
+                        "dominant_chosen_avg_logp": out["chosen_avg_logp"].tolist(),
+                        "dominant_rejected_avg_logp": out["rejected_avg_logp"].tolist(),
+                        "reward_gap": out["reward_gap"].tolist(),
+                        "chosen_pooled": out["pooled"][:n].tolist(),
+                        "rejected_pooled": out["pooled"][n:].tolist(),
                         "model_fingerprint": [fingerprint] * n,
                     },
                     shard_paths[k],

@@ -37,7 +37,7 @@ import torch
 from mpo_core.artifacts import atomic_directory, read_artifact
 from mpo_core.config import PipelineConfig, TrainConfig
 from mpo_core.errors import ConfigError, InputDataError
-from mpo_core.logps import EncodedSequence, collate_sequences, encode_prompt_responses, sequence_outputs
+from mpo_core.logps import collate_pairs, encode_prompt_responses, full_logits_outputs, sequence_outputs
 from mpo_core.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
 from mpo_core.stages import stage_call
 
@@ -97,10 +97,8 @@ class MPOCollator:
         batch: dict[str, Any] = {"target_lang": [r["target_lang"] for r in rows]}
         sides = ("target", "dominant") if self.with_dominant else ("target",)
         for side in sides:
-            seqs: list[EncodedSequence] = [r[f"{side}_chosen"] for r in rows] + [
-                r[f"{side}_rejected"] for r in rows
-            ]
-            for name, tensor in collate_sequences(seqs, self.pad_token_id).items():
+            pairs = [(r[f"{side}_chosen"], r[f"{side}_rejected"]) for r in rows]
+            for name, tensor in collate_pairs(pairs, self.pad_token_id).items():
                 batch[f"{side}_{name}"] = tensor
         if "ref_gap" in rows[0]:
             batch["ref_gap"] = torch.tensor([r["ref_gap"] for r in rows], dtype=torch.float32)
@@ -130,6 +128,28 @@ def mpo_step_loss(
         policy_pooled = ref_pooled = target.new_zeros(1)
     loss, metrics = mpo_loss(target[:n], target[n:], batch["ref_gap"], policy_pooled, ref_pooled, beta, lam)
     return loss, metrics, reward_gap(target[:n], target[n:]).detach()
+
+
+def paper_mpo_loss(
+    model: PreTrainedModel, reference: PreTrainedModel, batch: dict[str, Any], beta: float, lam: float = 1.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The MPO loss as the paper's code computes it, kept as the yardstick for tests and benchmarks: the
+    frozen ``reference`` model runs inside the step, every sequence goes through full-vocabulary logits
+    (:func:`mpo_core.logps.full_logits_outputs`), one graph for L1 and L2."""
+    n = batch["target_input_ids"].shape[0] // 2
+    with torch.no_grad():
+        ref = full_logits_outputs(reference, side(batch, "dominant"))
+    target = full_logits_outputs(model, side(batch, "target"))
+    dominant = full_logits_outputs(model, side(batch, "dominant"))
+    return mpo_loss(
+        target["avg_logps"][:n],
+        target["avg_logps"][n:],
+        reward_gap(ref["avg_logps"][:n], ref["avg_logps"][n:]),
+        dominant["pooled"],
+        ref["pooled"],
+        beta,
+        lam,
+    )
 
 
 def _local_gradients(model: torch.nn.Module) -> AbstractContextManager:
@@ -194,10 +214,10 @@ def _trainer_class():
 
         def __init__(self, *args: Any, train_cfg: TrainConfig, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            if train_cfg.loss == "mpo" and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # our forward bypasses their wrappers
                 raise ConfigError(
-                    "train.loss=mpo runs on one device or data-parallel (DDP: torchrun or accelerate launch "
-                    "without FSDP/DeepSpeed); FSDP and DeepSpeed are not supported for it yet"
+                    f"train.loss={train_cfg.loss} runs on one device or data-parallel (DDP: torchrun or "
+                    "accelerate launch without FSDP/DeepSpeed); FSDP and DeepSpeed are not supported for it yet"
                 )
             self.train_cfg = train_cfg
             self.model_accepts_loss_kwargs = False
@@ -493,10 +513,11 @@ def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
 
     resume = latest_checkpoint(out_dir)
     main_process = trainer.is_world_process_zero()  # under torchrun / accelerate launch, one rank writes
-    if main_process and resume is not None:
-        _truncate_log(out_dir / TRAIN_LOG, int(resume.name.rsplit("-", 1)[-1]))
-    elif main_process:
-        (out_dir / TRAIN_LOG).unlink(missing_ok=True)
+    if main_process:
+        if resume is not None:
+            _truncate_log(out_dir / TRAIN_LOG, int(resume.name.rsplit("-", 1)[-1]))
+        else:
+            (out_dir / TRAIN_LOG).unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     info = {
         "identity": call.identity,

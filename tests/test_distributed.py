@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from core_pairs import official_pairs
 
 from mpo_core.config import ModelConfig
-from mpo_core.logps import sequence_outputs
+from mpo_core.reference import reference_outputs
 from mpo_core.trainer import MPOCollator, build_examples, mpo_backward_step, side
 
 WORLD = 2
@@ -46,10 +46,8 @@ def _policy_and_batch(shared_data: Path, rows: list[int]) -> tuple[torch.nn.Modu
     pairs = official_pairs(shared_data, WORLD, step=13).take(rows)
     batch = MPOCollator(tok.pad_token_id)(build_examples(tok, pairs, None, 48))
     with torch.no_grad():
-        ref = sequence_outputs(reference, side(batch, "dominant"), paired=True)
-    n = len(rows)
-    batch["ref_gap"] = ref["avg_logps"][:n] - ref["avg_logps"][n:]
-    batch["ref_pooled"] = ref["pooled"]
+        ref = reference_outputs(reference, side(batch, "dominant"))
+    batch["ref_gap"], batch["ref_pooled"] = ref["reward_gap"], ref["pooled"]
     return policy, batch
 
 

@@ -13,9 +13,7 @@ import torch
 from core_pairs import official_pairs, write_pairs
 
 from mpo_core.config import CONFIGS_DIR, config_from_dict, load_config
-from mpo_core.logps import full_logits_outputs, sequence_outputs
-from mpo_core.losses import mpo_loss
-from mpo_core.reference import run_reference
+from mpo_core.reference import reference_outputs, run_reference
 from mpo_core.trainer import (
     TRAIN_LOG,
     MPOCollator,
@@ -23,7 +21,9 @@ from mpo_core.trainer import (
     build_trainer,
     mpo_backward_step,
     mpo_step_loss,
+    paper_mpo_loss,
     run_train,
+    side,
 )
 
 ALLOWED_MODEL_FILES = {".safetensors", ".json", ".jinja", ".txt", ".model"}
@@ -99,30 +99,16 @@ def test_precomputed_reference_equals_online_reference(shared_data, default_mode
         weight.add_(1e-3 * torch.randn_like(weight))
     pairs = official_pairs(shared_data, 2, step=13)
     batch = MPOCollator(tok.pad_token_id)(build_examples(tok, pairs, None, 32))
-    dominant = {k: batch[f"dominant_{k}"] for k in ("input_ids", "attention_mask", "response_mask")}
-    target = {k: batch[f"target_{k}"] for k in ("input_ids", "attention_mask", "response_mask")}
-    n, beta = 2, 1.5
+    beta = 1.5
 
     with torch.no_grad():
-        ref_out = sequence_outputs(reference, dominant)
-    batch["ref_gap"] = ref_out["avg_logps"][:n] - ref_out["avg_logps"][n:]
-    batch["ref_pooled"] = ref_out["pooled"]
+        ref_out = reference_outputs(reference, side(batch, "dominant"))
+    batch["ref_gap"], batch["ref_pooled"] = ref_out["reward_gap"], ref_out["pooled"]
     loss_pre, metrics_pre, _ = mpo_backward_step(policy, batch, beta, 1.0)
     grads_pre = [p.grad for p in policy.parameters()]
     single_graph_loss, _, _ = mpo_step_loss(policy, batch, beta, 1.0)
 
-    with torch.no_grad():
-        ref_online = full_logits_outputs(reference, dominant)
-    pol_target = full_logits_outputs(policy, target)
-    pol_dominant = full_logits_outputs(policy, dominant)
-    loss_online, metrics_online = mpo_loss(
-        pol_target["avg_logps"][:n],
-        pol_target["avg_logps"][n:],
-        ref_online["avg_logps"][:n] - ref_online["avg_logps"][n:],
-        pol_dominant["pooled"],
-        ref_online["pooled"],
-        beta,
-    )
+    loss_online, metrics_online = paper_mpo_loss(policy, reference, batch, beta)
     grads_online = torch.autograd.grad(loss_online, list(policy.parameters()))
 
     assert metrics_pre["l2"].item() > 0
