@@ -255,3 +255,21 @@ def score_multiple_choice(
         ).tolist()
 
     return pick_options(questions, options, logp_fn)
+
+
+def wilson_rate_ci(flags: Sequence[bool] | np.ndarray, *, confidence: float = 0.95) -> Estimate:
+    """Share of true ``flags`` with its Wilson score interval: centre (p + z²/2n) / (1 + z²/n), half-width
+    z √(p(1−p)/n + z²/4n²) / (1 + z²/n). Unlike the bootstrap it does not collapse to zero width at 0 or 1
+    successes out of few; empty input gives NaNs with n = 0."""
+    from statistics import NormalDist
+
+    data = np.asarray(flags, dtype=bool).ravel()
+    n = data.size
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    p = float(data.mean())
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n)

@@ -329,10 +329,17 @@ NOTES = (
 )
 
 
+def _notes(view: EvalView) -> str:
+    """NOTES, plus the measured held-out refusal recall of each refusal_patterns judge in the report."""
+    from mpo_core.judges import refusal_recall_note
+
+    return " ".join([NOTES, *filter(None, (refusal_recall_note(j) for j in view.judges()))])
+
+
 def render_markdown(view: EvalView, meta: dict[str, Any], plots: dict[str, Path], title: str) -> str:
     parts = [f"# {title}", ""]
     parts += [f"- **{k}**: {v}" for k, v in _meta_lines(view, meta)]
-    parts += ["", NOTES, "", "## Overview", "", _markdown_table(*overview_table(view)), ""]
+    parts += ["", _notes(view), "", "## Overview", "", _markdown_table(*overview_table(view)), ""]
     for name, path in plots.items():
         parts += [f"![{name}]({path.name})", ""]
     for lang in view.langs():
@@ -371,7 +378,7 @@ def render_html(view: EvalView, meta: dict[str, Any], plots: dict[str, Path], ti
     images = [(name, base64.b64encode(path.read_bytes()).decode("ascii")) for name, path in plots.items()]
     env = jinja2.Environment(autoescape=True)
     return env.from_string(_HTML_TEMPLATE).render(
-        title=title, meta=_meta_lines(view, meta), notes=NOTES, tables=tables, images=images
+        title=title, meta=_meta_lines(view, meta), notes=_notes(view), tables=tables, images=images
     )
 
 
