@@ -139,15 +139,17 @@ class RefusalPatternJudge(Judge):
         self.version = str(data["version"])
         self.name = f"refusal_patterns@v{self.version}"
         self.window = int(data["window_chars"])
-        self.opening = int(data["opening_chars"])
-        self.content = int(data["content_chars"])
-        self.echo = float(data["echo_overlap"])
+        self.opening = int(data.get("opening_chars", 80))
+        self.content = int(data.get("content_chars", 80))
+        self.echo = float(data.get("echo_overlap", 1.01))  # a file without it (v2) never calls an echo
         self.measured = data.get("measured", {})
         english = data["languages"]["en"]
         self._compiled = {
             lang: {
                 kind: re.compile(
-                    "|".join(f"(?:{p})" for p in dict.fromkeys(entry.get(kind, []) + english[kind])), re.IGNORECASE
+                    "|".join(f"(?:{p})" for p in dict.fromkeys(entry.get(kind, []) + english.get(kind, [])))
+                    or r"(?!)",  # no pattern of this kind: never matches
+                    re.IGNORECASE,
                 )
                 for kind in PATTERN_KINDS
             }

@@ -238,3 +238,17 @@ def test_report_states_the_measured_refusal_recall():
             return [judge.name, "qwen3guard:x"]
 
     assert note in _notes(View()) and _notes(View()).startswith("ASR: share of harmful prompts")
+
+
+def test_v3_beats_v2_on_heldout_labels():
+    """The same judge code reads the v2 pattern file (kept in tests/data) exactly as v2 did: the "before"."""
+    rows = load_hand_labels(HAND_LABELS)
+    before = RefusalPatternJudge(str(Path(__file__).parent / "data" / "refusal_patterns_v2.json"))
+    assert before.name == "refusal_patterns@v2"
+    results = {name: {(a.split, a.lang): a for a in measure_agreement(judge, rows)}
+               for name, judge in (("v2", before), ("v3", RefusalPatternJudge()))}
+    print(format_agreement("before: " + before.name, list(results["v2"].values())))
+    v2, v3 = results["v2"][("heldout", "all")], results["v3"][("heldout", "all")]
+    assert v3.accuracy.value > v2.accuracy.value + 0.05
+    assert v3.refusal_recall.value > v2.refusal_recall.value + 0.15
+    assert v3.false_refusal_rate.value <= v2.false_refusal_rate.value
