@@ -1,5 +1,7 @@
 """The project's error types: each message names the file, column and row where it can."""
 
+import gzip
+
 
 class MPOError(Exception):
     """Base of every error mpo raises on purpose."""
@@ -24,8 +26,9 @@ class ModelLoadError(MPOError):
 # Faults that can pass on a retry, by class: I/O and network failures (``OSError``, which covers
 # ``ConnectionError``, ``TimeoutError`` and the ``requests`` errors), memory exhaustion (host or GPU), and
 # the transport errors of ``httpx`` (the hub client's), named so that neither torch nor httpx is imported.
+# ``OSError`` subclasses that say a path or a file's content is wrong are permanent.
 _NOT_TRANSIENT_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-                            PermissionError)
+                            PermissionError, gzip.BadGzipFile)
 _TRANSIENT_CLASS_NAMES = {"torch.OutOfMemoryError", "httpx.TransportError"}
 
 
@@ -33,8 +36,8 @@ def is_transient_error(err: BaseException) -> bool:
     """True if ``err`` is a fault that can pass on a retry (I/O, network, out of memory), False for bad input.
 
     Decided by class, never by listing bad-input errors: everything is permanent (bad config or data, a
-    bug) unless it is an ``OSError`` other than a wrong path (missing file, no permission, file where a
-    folder is expected), a ``MemoryError``, CUDA's ``OutOfMemoryError`` or an ``httpx`` transport error.
+    bug) unless it is an ``OSError`` other than a wrong path or content (missing file, no permission, file
+    where a folder is expected, not gzip), a ``MemoryError``, CUDA's ``OutOfMemoryError`` or an ``httpx`` transport error.
     Our own :class:`MPOError` is always permanent, and so is ``UnicodeDecodeError`` (a ``ValueError``).
     """
     if isinstance(err, MPOError):
