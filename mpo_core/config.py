@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -306,7 +306,12 @@ class RecipeLoader(yaml.SafeLoader):
     origin = "<yaml>"
 
 
+class RecipeDumper(yaml.SafeDumper):
+    """Writes what :class:`RecipeLoader` reads back unchanged (quotes ``'1e5'`` as a string, not ``'yes'``)."""
+
+
 RecipeLoader.yaml_implicit_resolvers = {}
+RecipeDumper.yaml_implicit_resolvers = {}
 for _tag, _pattern, _first in (
     ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
     ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
@@ -315,7 +320,8 @@ for _tag, _pattern, _first in (
      r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
      list("-+.0123456789")),
 ):
-    RecipeLoader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+    for _cls in (RecipeLoader, RecipeDumper):
+        _cls.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
 
 
 def _construct_yaml12_int(loader: RecipeLoader, node: yaml.ScalarNode) -> int:
@@ -426,4 +432,4 @@ def section_hash(config: PipelineConfig, *sections: str) -> str:
 
 def dump_config(config: PipelineConfig) -> str:
     """The config as YAML (what a run records beside its artifacts)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.dump(config.model_dump(mode="json"), Dumper=RecipeDumper, sort_keys=False, allow_unicode=True)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from mpo_core.artifacts import read_artifact, write_artifact
-from mpo_core.config import PromptsConfig, config_from_dict, load_config, read_yaml
+from mpo_core.config import PromptsConfig, config_from_dict, dump_config, load_config, read_yaml
 from mpo_core.errors import ConfigError, InputDataError, is_transient_error
 from mpo_core.filtering import PairFilter, run_filter
 from mpo_core.ingest import detect_format, load_pairs, load_prompts, run_ingest
@@ -59,6 +59,14 @@ def test_recipe_files_use_the_same_scalar_rules(tmp_path):
                                                                  "d": float("inf"), "e": None}
     with pytest.raises(ConfigError, match=r"train.bf16: Input should be a valid boolean \(got 'yes'\)"):
         load_config(overrides=["train.bf16=yes"])  # YAML 1.1 read `yes` as true; now it is refused
+
+
+@pytest.mark.parametrize("name", ["1e5", "0o17", "yes", "2024-01-01", "null"])
+def test_a_recorded_config_reads_back_unchanged(tmp_path, name):
+    config = config_from_dict({"run": {"name": name, "root": str(tmp_path)}, "train": {"learning_rate": 1e-5}})
+    recorded = tmp_path / "config.yaml"
+    recorded.write_text(dump_config(config), encoding="utf-8")
+    assert load_config(recorded) == config
 
 
 def test_an_unknown_language_code_is_rejected_on_load():

@@ -281,7 +281,7 @@ def test_link_inside_a_stage_folder_pointing_outside_is_refused(config, tmp_path
 
 
 def test_a_stage_that_fails_after_its_function_returned_is_failed_not_running(config, monkeypatch):
-    import mpo_core.runs as runs
+    from mpo_core import runs
 
     def broken_manifests(*args, **kwargs):
         raise ValueError("manifest write failed")
