@@ -507,6 +507,8 @@ def _read_records(path: Path, fmt: str) -> tuple[list[str], Iterator[dict]]:
         return header, iter(rows)
 
     records = [record for _, record in _json_lines(path)]
+    if not records:
+        raise InputDataError(f"{path}: no JSON records in the file")
     return sorted({k for r in records for k in r}), iter(records)
 
 
@@ -580,6 +582,8 @@ def load_prompts(cfg: PromptsConfig, seed: int = 0) -> pa.Table:
             rows = _prompts_from_pairs(load_pairs(path, fmt))
         else:
             rows = read_prompt_table(path, fmt, cfg)
+        if not rows:
+            raise InputDataError(f"{path}: the file holds no prompts")
     if cfg.langs is not None:
         wanted = {normalize_lang(lang, "prompts.langs") for lang in cfg.langs}
         rows = [r for r in rows if r["lang"] in wanted]

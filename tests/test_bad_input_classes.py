@@ -214,6 +214,18 @@ def test_an_empty_json_list(tmp_path):
         load_prompts(PromptsConfig(source=str(path)))
 
 
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("p.jsonl", "\n\n", "no JSON records in the file"),
+    ("p.csv", "prompt_id,text,lang\n", "the file holds no prompts"),
+    ("p.csv", "", "empty CSV file (no header row)"),
+])
+def test_an_empty_prompt_file_says_so(tmp_path, name, content, message):
+    path = _write(tmp_path / name, content)
+    with pytest.raises(InputDataError) as err:
+        load_prompts(PromptsConfig(source=str(path)))
+    assert str(err.value) == f"{path}: {message}"
+
+
 def test_an_empty_hh_rlhf_file(tmp_path):
     path = tmp_path / "pairs.jsonl.gz"
     path.write_bytes(gzip.compress(b"\n"))
