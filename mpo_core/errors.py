@@ -37,8 +37,10 @@ def is_transient_error(err: BaseException) -> bool:
 
     Decided by class, never by listing bad-input errors: everything is permanent (bad config or data, a
     bug) unless it is an ``OSError`` other than a wrong path or content (missing file, no permission, file
-    where a folder is expected, not gzip), a ``MemoryError``, CUDA's ``OutOfMemoryError`` or an ``httpx`` transport error.
-    Our own :class:`MPOError` is always permanent, and so is ``UnicodeDecodeError`` (a ``ValueError``).
+    where a folder is expected, not gzip), a ``MemoryError``, CUDA's ``OutOfMemoryError`` or an ``httpx``
+    transport error. Our own :class:`MPOError` is always permanent, and so is ``UnicodeDecodeError`` (a
+    ``ValueError``). A multi-GPU child that exits non-zero (``CalledProcessError``) is not retried either:
+    its cause is not known here.
     """
     if isinstance(err, MPOError):
         return False

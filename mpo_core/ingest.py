@@ -446,7 +446,7 @@ def read_multijail(path: Path) -> list[dict]:
 def read_csv_records(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """``(header, one {column: text} per row)`` of a CSV file, every value a string, read by Arrow's CSV
     reader (quotes, embedded newlines). A row with more or fewer fields than the header, which is what an
-    unquoted comma inside a text makes, is an :class:`InputDataError` naming its line."""
+    unquoted comma inside a text makes, is an :class:`InputDataError` naming the row."""
     import pyarrow.csv as pacsv
 
     text = read_text(path)
@@ -473,10 +473,10 @@ def read_csv_records(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     except pa.ArrowInvalid as err:
         raise InputDataError(f"{path}: not a readable CSV file: {err}") from None
     if bad_rows:
-        row = bad_rows[0]
+        bad = bad_rows[0]  # Arrow numbers records from 1 with the header first; rows here count from 0
         raise InputDataError(
-            f"{path}: line {row.number}: {row.actual_columns} fields where the header has {row.expected_columns} "
-            f"(a comma inside a text must be quoted: \"...,...\"): {row.text[:80]!r}"
+            f"{path}: row {bad.number - 2}: {bad.actual_columns} fields where the header has "
+            f"{bad.expected_columns} (a comma inside a text must be quoted: \"...,...\"): {bad.text[:80]!r}"
         )
     return header, table.to_pylist()
 

@@ -107,17 +107,17 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_an_unquoted_comma_is_an_error_naming_the_line(tmp_path):
-    path = _write(tmp_path / "p.csv", 'prompt_id,text,lang\n1,"quoted, fine",en\n2,hello, world,en\n')
+def test_an_unquoted_comma_is_an_error_naming_the_row(tmp_path):
+    path = _write(tmp_path / "p.csv", 'prompt_id,text,lang\n1,"quoted, fine\non two lines",en\n2,hello, world,en\n')
     with pytest.raises(InputDataError) as err:
         load_prompts(PromptsConfig(source=str(path)))
-    assert str(err.value) == (f"{path}: line 3: 4 fields where the header has 3 (a comma inside a text must be "
+    assert str(err.value) == (f"{path}: row 1: 4 fields where the header has 3 (a comma inside a text must be "
                               "quoted: \"...,...\"): '2,hello, world,en'")
 
 
 def test_a_row_with_too_few_fields_is_an_error(tmp_path):
     path = _write(tmp_path / "p.csv", "prompt_id,text,lang\n1,hello\n")
-    with pytest.raises(InputDataError, match="line 2: 2 fields where the header has 3"):
+    with pytest.raises(InputDataError, match="row 0: 2 fields where the header has 3"):
         load_prompts(PromptsConfig(source=str(path)))
 
 
