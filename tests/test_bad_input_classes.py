@@ -366,3 +366,11 @@ def test_the_dominant_side_language_is_checked_on_the_qwen_file(shared_data):
     details = [r["detail"] for r in dropped.to_pylist() if r["dominant_prompt"] in english
                and r["reason"] == "wrong_language_prompt"]
     assert len(details) >= 15 and all("expected zh" in d for d in details)
+
+
+def test_utility_csv_files_use_the_same_reader(tmp_path):
+    from mpo_core.evaluation import load_multiple_choice
+
+    path = _write(tmp_path / "mmlu_SW.csv", "question,A,B,answer\n\"Which one, really?\",x,y,A\nWhy,a,b, c,B\n")
+    with pytest.raises(InputDataError, match=r"mmlu_SW.csv: row 1: 5 fields where the header has 4"):
+        load_multiple_choice(str(path), ["sw"], None)
