@@ -41,6 +41,7 @@ process that finished first, so both cores stay busy.
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import time
@@ -402,11 +403,14 @@ def _load_tokenizer(config: PipelineConfig) -> tuple[Any, str]:
 
 
 def _judge_for_unscored(config: PipelineConfig, source: Path) -> Any:
-    """The configured judge (``label`` section) when some pairs of ``source`` carry no scores, else None."""
+    """The configured judge (``label`` section) when some pair of ``source`` has none of its four scores
+    (a generated pair with a fallback chosen lacks only that one), else None: no judge model is loaded."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     scores = pq.read_table(source, columns=list(SCORE_FIELDS))
-    if not any(scores.column(name).null_count for name in SCORE_FIELDS):
+    unscored = functools.reduce(pc.and_, (pc.is_null(scores.column(name)) for name in SCORE_FIELDS))
+    if not pc.any(unscored).as_py():
         return None
     from mpo_core.judges import get_judge
 

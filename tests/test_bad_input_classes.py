@@ -342,16 +342,32 @@ def test_ready_made_pairs_are_judged_and_swapped_or_complying_chosen_dropped(rea
     assert "| judged | 3 | 3 |" in out["filter_report"].read_text(encoding="utf-8")
 
 
+def _generated_pair(**changes) -> dict:
+    """A PAIRS row as the pair stage builds it from judged samples (scores present)."""
+    row = {"pair_id": "x", "prompt_id": "p", "dominant_lang": "en", "target_lang": "zh",
+           "dominant_prompt": EN_PROMPT, "dominant_chosen": EN_SAFE, "dominant_rejected": EN_UNSAFE,
+           "target_prompt": ZH_PROMPT, "target_chosen": ZH_SAFE, "target_rejected": ZH_UNSAFE,
+           "source": "generated", "judge": "llm", "dominant_chosen_score": 0.9, "dominant_rejected_score": 0.1,
+           "target_chosen_score": 0.9, "target_rejected_score": 0.1, "dominant_chosen_fallback": False,
+           "target_chosen_fallback": False}
+    return row | changes
+
+
 def test_pairs_that_carry_scores_are_not_judged_again():
-    row = {name: None for name in PAIRS.names}
-    row.update(pair_id="x", prompt_id="p", dominant_lang="en", target_lang="zh", dominant_prompt=EN_PROMPT,
-               dominant_chosen=EN_UNSAFE, dominant_rejected=EN_SAFE, target_prompt=ZH_PROMPT,
-               target_chosen=ZH_SAFE, target_rejected=ZH_UNSAFE, source="generated", judge="llm",
-               dominant_chosen_score=0.9, dominant_rejected_score=0.1, target_chosen_score=0.9,
-               target_rejected_score=0.1, dominant_chosen_fallback=False, target_chosen_fallback=False)
+    row = _generated_pair(dominant_chosen=EN_UNSAFE, dominant_rejected=EN_SAFE)  # the judge would object
     pair_filter = PairFilter(config_from_dict({}).filter, judge=RefusalPatternJudge())
     kept, _ = pair_filter.filter_batch(pa.Table.from_pylist([row], schema=PAIRS))
     assert kept.num_rows == 1 and kept.column("judge").to_pylist() == ["llm"]  # its own scores stand
+
+
+def test_no_judge_is_loaded_for_generated_pairs_with_a_fallback_chosen(tmp_path):
+    from mpo_core.filtering import _judge_for_unscored
+
+    row = _generated_pair(dominant_chosen_score=None, dominant_chosen_fallback=True)
+    path = tmp_path / "pairs.parquet"
+    write_artifact([row], path, "pairs")
+    config = config_from_dict({"label": {"judge": "llama_guard_3"}})  # would need a GPU model if loaded
+    assert _judge_for_unscored(config, path) is None
 
 
 def test_the_dominant_side_language_is_checked_on_the_qwen_file(shared_data):
