@@ -187,8 +187,6 @@ class PairFilter:
         n = len(columns["pair_id"])
         reasons: list[list[tuple[str, str]]] = [[] for _ in range(n)]
         self._repair(columns, reasons)
-        if self.judge is not None:
-            self.score_unjudged(columns)
         texts = [columns[name][i] for i in range(n) for name in LANGID_FIELDS]
         expected = [columns[f"{name.split('_')[0]}_lang"][i] for i in range(n) for name in LANGID_FIELDS]
         options = {"fallback_below": self.cfg.langid_fallback_below, "quick_chars": self.cfg.langid_quick_chars}
@@ -199,6 +197,8 @@ class PairFilter:
             background = identify_background(texts[:split], self.cfg.langid_max_chars,
                                              expected=expected[:split], **options)
             texts, expected = texts[split:], expected[split:]
+        if self.judge is not None:
+            self.score_unjudged(columns)
         self._check_rows(columns, reasons)
         self.seconds["checks"] += time.perf_counter() - start
         if self.cfg.langid_enabled:
