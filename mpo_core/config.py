@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from mpo_core.errors import ConfigError
+from mpo_core.errors import ConfigError, InputDataError
+from mpo_core.languages import macro_language, normalize_lang, same_language
 
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -30,6 +32,23 @@ class Section(BaseModel):
 
 
 RUN_LOCATION_FIELDS = {"name", "root"}
+
+
+def language_codes(codes: list[str], key: str = "") -> list[str]:
+    """``codes`` as the project's codes (``zh-CN`` -> ``zh``, ``chi`` -> ``zh``); an unknown code, or one
+    language given twice under two names, is a ``ValueError`` (starting with ``key`` where given)."""
+    prefix = f"{key}: " if key else ""
+    normalized, seen = [], {}
+    for given in codes:
+        try:
+            code = normalize_lang(given)
+        except InputDataError as err:
+            raise ValueError(f"{prefix}{err}") from None
+        if macro_language(code) in seen:
+            raise ValueError(f"{prefix}{given!r} and {seen[macro_language(code)]!r} are the same language")
+        seen[macro_language(code)] = given
+        normalized.append(code)
+    return normalized
 
 
 class RunConfig(Section):
@@ -56,6 +75,22 @@ class RunConfig(Section):
         if not root or ".." in Path(root).parts:
             raise ValueError("run.root must be a non-empty path without '..'")
         return root
+
+    @field_validator("dominant_lang")
+    @classmethod
+    def _dominant_is_a_language(cls, code: str) -> str:
+        return language_codes([code])[0]
+
+    @field_validator("target_langs")
+    @classmethod
+    def _targets_are_other_languages(cls, codes: list[str], info: ValidationInfo) -> list[str]:
+        """Known codes, none of them the dominant language under another name (``en-US`` when it is ``en``)."""
+        normalized = language_codes(codes)
+        dominant = info.data.get("dominant_lang")
+        for given, code in zip(codes, normalized):
+            if dominant is not None and same_language(code, dominant):
+                raise ValueError(f"{given!r} is the dominant language {dominant!r} (run.dominant_lang), not a target")
+        return normalized
 
 
 class ModelConfig(Section):
@@ -248,9 +283,80 @@ class PipelineConfig(Section):
             raise ValueError(f"dominant_lang {run.dominant_lang!r} is also listed in target_langs")
         return run
 
+    @field_validator("prompts", "evaluate")
+    @classmethod
+    def _known_languages(cls, section: PromptsConfig | EvaluateConfig, info: ValidationInfo):
+        if section.langs is None:
+            return section
+        return section.model_copy(update={"langs": language_codes(section.langs, f"{info.field_name}.langs")})
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML with the YAML 1.2 core schema's plain scalars, and no key given twice in one mapping.
+
+    PyYAML follows YAML 1.1, where ``1e-5`` is a string, ``2024-01-01`` a date and ``yes``/``on`` booleans;
+    here, as in YAML 1.2, ``1e-5`` is a float, ``2024-01-01`` and ``yes`` stay strings, and only
+    ``true``/``false`` are booleans and ``null``/``~``/nothing is null.
+    """
+
+    origin = "<yaml>"
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """Writes what :class:`RecipeLoader` reads back unchanged (quotes ``'1e5'`` as a string, not ``'yes'``)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {}
+RecipeDumper.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", list("-+0123456789")),
+    ("tag:yaml.org,2002:float",
+     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+     list("-+.0123456789")),
+):
+    for _cls in (RecipeLoader, RecipeDumper):
+        _cls.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def _construct_yaml12_int(loader: RecipeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text[:2] in ("0o", "0x") else int(text)
+
+
+def _construct_unique_mapping(loader: RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are all different; a key given twice is an error naming both lines."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, Hashable):
+            continue  # PyYAML's own check below names the unhashable key
+        if key in seen:
+            raise ConfigError(
+                f"{loader.origin}: key {key!r} is given twice in one mapping (lines {seen[key]} and {line})"
+            )
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", _construct_yaml12_int)
+RecipeLoader.construct_mapping = _construct_unique_mapping
+
+
+def read_yaml(text: str, origin: str = "<yaml>") -> Any:
+    """``text`` parsed by :class:`RecipeLoader`; errors name ``origin``."""
+    loader = RecipeLoader(text)
+    loader.origin = origin
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -272,13 +378,16 @@ def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> PipelineCo
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a YAML recipe (default: ``configs/default.yaml``) and apply ``key.sub=value`` overrides.
 
-    Override values are parsed as YAML scalars (``train.beta=1.5``, ``run.target_langs=[zh,ko]``).
+    Override values are parsed as YAML scalars (``train.beta=1.5``, ``run.target_langs=[zh,ko]``) with the
+    recipe's rules (:func:`read_yaml`).
     """
     path = Path(path) if path is not None else CONFIGS_DIR / "default.yaml"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -289,7 +398,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """Set ``a.b.c=value`` in a nested mapping in place (value parsed as a YAML scalar)."""
+    """Set ``a.b.c=value`` in a nested mapping in place (value parsed by :func:`read_yaml`)."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -299,7 +408,10 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        node[leaf] = read_yaml(raw, f"override {item!r}")
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from None
 
 
 def canonical_hash(obj: Any) -> str:
@@ -320,4 +432,4 @@ def section_hash(config: PipelineConfig, *sections: str) -> str:
 
 def dump_config(config: PipelineConfig) -> str:
     """The config as YAML (what a run records beside its artifacts)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.dump(config.model_dump(mode="json"), Dumper=RecipeDumper, sort_keys=False, allow_unicode=True)

@@ -18,7 +18,6 @@ several side by side; :func:`run_evaluate` is the stage.
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import time
@@ -245,12 +244,12 @@ _MC_LANG_FROM_NAME = re.compile(r"_([A-Za-z]{2,3})(?:[_-][A-Za-z]{2,4})?$")
 
 
 def _mc_rows(path: Path) -> list[dict]:
+    from mpo_core.ingest import read_csv_records, read_text
+
     if path.suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            return list(csv.DictReader(fh))
+        return read_csv_records(path)[1]
     if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+        return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
     raise InputDataError(f"{path}: multiple-choice files must be .csv or .jsonl")
 
 

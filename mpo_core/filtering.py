@@ -17,8 +17,9 @@ Reasons (a pair is dropped for each hit):
   empty; only texts of at most ``TOKENIZE_BELOW_CHARS`` characters can, and only those are tokenised);
 - ``untranslated_prompt``: a target prompt equal to the dominant prompt, or identified as the dominant
   language with confidence >= ``langid_min_confidence``;
-- ``wrong_language_prompt`` / ``wrong_language_response``: a target text identified as another language
-  with confidence >= ``langid_min_confidence`` (macrolanguages folded: ``yue`` counts as ``zh``);
+- ``wrong_language_prompt`` / ``wrong_language_response``: a text identified as another language than its
+  side's (``target_lang`` or ``dominant_lang``) with confidence >= ``langid_min_confidence``
+  (macrolanguages folded: ``yue`` counts as ``zh``);
 - ``markup``: HTML tags in a target text whose dominant counterpart has none (MT artefact, not code);
 - ``encoding_damage``: U+FFFD replacement characters or mojibake that does not round-trip;
 - ``duplicate``: the same target language, prompt, chosen and rejected as an earlier pair;
@@ -27,8 +28,10 @@ Reasons (a pair is dropped for each hit):
   counterpart (UTF-8 bytes + 64, so one-line refusals do not make ratios explode);
 - ``truncated``: a text among ``truncated_fields`` that ends mid-word (last character a letter, digit or
   mark, or a comma/hyphen/opening bracket) and is at least ``truncated_min_chars`` long;
-- ``judge_disagreement``: where scores are present, a chosen scored below ``judge_min_chosen_score`` or
-  a rejected above ``judge_max_rejected_score``.
+- ``judge_disagreement``: a chosen scored below ``judge_min_chosen_score`` or a rejected above
+  ``judge_max_rejected_score``. Pairs that come without scores (ready-made pairs, ``pair.source``) are
+  scored first by the configured judge (``label`` section), all four answers, each with its own prompt
+  and language (:meth:`PairFilter.score_unjudged`); the report counts them as ``judged``.
 
 The core (:meth:`PairFilter.filter_batch`) is a pure function of a record batch and the duplicates seen so
 far; language identification for a batch runs in a worker process while this process does the other checks
@@ -38,6 +41,7 @@ process that finished first, so both cores stay busy.
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import time
@@ -58,7 +62,9 @@ LENGTH_SMOOTHING_BYTES = 64
 TEXT_FIELDS = ("dominant_prompt", "dominant_chosen", "dominant_rejected",
                "target_prompt", "target_chosen", "target_rejected")
 RESPONSE_FIELDS = ("dominant_chosen", "dominant_rejected", "target_chosen", "target_rejected")
-LANGID_FIELDS = ("target_prompt", "target_chosen", "target_rejected")
+LANGID_FIELDS = ("target_prompt", "target_chosen", "target_rejected",
+                 "dominant_prompt", "dominant_chosen", "dominant_rejected")
+SCORE_FIELDS = tuple(f"{name}_score" for name in RESPONSE_FIELDS)
 REASONS = ("empty_prompt", "empty_response", "empty_after_truncation", "untranslated_prompt",
            "wrong_language_prompt", "wrong_language_response", "markup", "encoding_damage", "duplicate",
            "chosen_equals_rejected", "length_ratio", "truncated", "judge_disagreement")
@@ -165,6 +171,7 @@ class PairFilter:
     counts: Counter = field(default_factory=Counter)
     seconds: Counter = field(default_factory=Counter)
     worker_share: float = 0.5
+    judge: Any = None  # a mpo_core.judges.Judge for pairs that come without scores (ready-made pairs)
 
     def __post_init__(self) -> None:
         self.worker_share = self.cfg.langid_worker_share
@@ -181,14 +188,17 @@ class PairFilter:
         reasons: list[list[tuple[str, str]]] = [[] for _ in range(n)]
         self._repair(columns, reasons)
         texts = [columns[name][i] for i in range(n) for name in LANGID_FIELDS]
-        expected = [lang for lang in columns["target_lang"] for _ in LANGID_FIELDS]
+        expected = [columns[f"{name.split('_')[0]}_lang"][i] for i in range(n) for name in LANGID_FIELDS]
         options = {"fallback_below": self.cfg.langid_fallback_below, "quick_chars": self.cfg.langid_quick_chars}
         background = None
         if self.cfg.langid_enabled and self.processes > 1 and n >= self.cfg.langid_parallel_min_rows:
-            split = int(len(texts) * self.worker_share) // 3 * 3
+            per_row = len(LANGID_FIELDS)
+            split = int(len(texts) * self.worker_share) // per_row * per_row
             background = identify_background(texts[:split], self.cfg.langid_max_chars,
                                              expected=expected[:split], **options)
             texts, expected = texts[split:], expected[split:]
+        if self.judge is not None:
+            self.score_unjudged(columns)
         self._check_rows(columns, reasons)
         self.seconds["checks"] += time.perf_counter() - start
         if self.cfg.langid_enabled:
@@ -268,6 +278,27 @@ class PairFilter:
             else:
                 self.seen.add(key)
 
+    def score_unjudged(self, columns: dict[str, list]) -> None:
+        """Score the four responses of every pair that has no judge scores (ready-made pairs: the paper's
+        JSON, HH-RLHF) with ``self.judge``, each with its side's prompt and language, in place; the
+        judge-disagreement rule then applies to them as to generated pairs."""
+        rows = [i for i in range(len(columns["pair_id"])) if all(columns[f][i] is None for f in SCORE_FIELDS)]
+        if not rows:
+            return
+        prompts, responses, langs = [], [], []
+        for i in rows:
+            for name in RESPONSE_FIELDS:
+                side = name.split("_")[0]
+                prompts.append(columns[f"{side}_prompt"][i])
+                responses.append(columns[name][i])
+                langs.append(columns[f"{side}_lang"][i])
+        verdicts = iter(self.judge.judge(prompts, responses, langs))
+        for i in rows:
+            for name in SCORE_FIELDS:
+                columns[name][i] = next(verdicts).score
+            columns["judge"][i] = self.judge.name
+        self.counts.update((columns["target_lang"][i], "judged", "") for i in rows)
+
     def _check_judge(self, columns: dict[str, list], i: int, hits: list[tuple[str, str]]) -> None:
         low, high = self.cfg.judge_min_chosen_score, self.cfg.judge_max_rejected_score
         for side in ("dominant", "target"):
@@ -286,11 +317,13 @@ class PairFilter:
     def _check_languages(self, columns: dict[str, list], guesses: list[tuple[str, float]],
                          reasons: list[list[tuple[str, str]]]) -> None:
         threshold = self.cfg.langid_min_confidence
+        per_row = len(LANGID_FIELDS)
         for i in range(len(columns["pair_id"])):
             target, dominant = columns["target_lang"][i], columns["dominant_lang"][i]
             translated = not same_language(target, dominant)
             hits = reasons[i]
-            (p_lang, p_conf), *answers = guesses[3 * i : 3 * i + 3]
+            row_guesses = dict(zip(LANGID_FIELDS, guesses[per_row * i : per_row * (i + 1)]))
+            p_lang, p_conf = row_guesses["target_prompt"]
             prompt = columns["target_prompt"][i]
             if translated and prompt.strip() and same_text(prompt, columns["dominant_prompt"][i]):
                 hits.append(("untranslated_prompt", "target_prompt identical to dominant_prompt"))
@@ -298,9 +331,12 @@ class PairFilter:
                 reason = "untranslated_prompt" if translated and same_language(p_lang, dominant) \
                     else "wrong_language_prompt"
                 hits.append((reason, f"target_prompt: {p_lang} ({p_conf:.2f}), expected {target}"))
-            for name, (lang, conf) in zip(LANGID_FIELDS[1:], answers):
-                if conf >= threshold and lang != "und" and not same_language(lang, target):
-                    hits.append(("wrong_language_response", f"{name}: {lang} ({conf:.2f}), expected {target}"))
+            for name, (lang, conf) in row_guesses.items():
+                expected = dominant if name.startswith("dominant") else target
+                if name == "target_prompt" or conf < threshold or lang == "und" or same_language(lang, expected):
+                    continue
+                reason = "wrong_language_prompt" if name.endswith("prompt") else "wrong_language_response"
+                hits.append((reason, f"{name}: {lang} ({conf:.2f}), expected {expected}"))
 
     # ------------------------------------------------------------------------------- outputs
 
@@ -337,7 +373,7 @@ def report_markdown(report: pa.Table, title: str = "Filter report") -> str:
         if row["lang"] not in langs:
             langs.append(row["lang"])
     langs.sort()
-    lines_order = [("input", ""), ("kept", ""), ("dropped", "any")]
+    lines_order = [("input", ""), ("judged", ""), ("kept", ""), ("dropped", "any")]
     lines_order += [("dropped", r) for r in REASONS]
     repaired = sorted({key for key, _ in counts if key[0] == "repaired"})
     header = "| | " + " | ".join(f"{lang} ({language_name(lang)})" for lang in langs) + " | total |"
@@ -346,7 +382,7 @@ def report_markdown(report: pa.Table, title: str = "Filter report") -> str:
            header, "|" + "---|" * (len(langs) + 2)]
     for key in lines_order + repaired:
         values = [counts.get((key, lang), 0) for lang in langs]
-        if key[0] in ("dropped", "repaired") and key[1] != "any" and not any(values):
+        if (key[0] in ("dropped", "repaired") and key[1] != "any" or key[0] == "judged") and not any(values):
             continue
         label = key[0] if not key[1] else f"{key[0]}: {key[1]}"
         out.append(f"| {label} | " + " | ".join(str(v) for v in values) + f" | {sum(values)} |")
@@ -366,8 +402,25 @@ def _load_tokenizer(config: PipelineConfig) -> tuple[Any, str]:
         return None, f"text only (tokenizer of {config.model.name_or_path} not loadable: {err})"
 
 
+def _judge_for_unscored(config: PipelineConfig, source: Path) -> Any:
+    """The configured judge (``label`` section) when some pair of ``source`` has none of its four scores
+    (a generated pair with a fallback chosen lacks only that one), else None: no judge model is loaded."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    scores = pq.read_table(source, columns=list(SCORE_FIELDS))
+    unscored = functools.reduce(pc.and_, (pc.is_null(scores.column(name)) for name in SCORE_FIELDS))
+    if not pc.any(unscored).as_py():
+        return None
+    from mpo_core.judges import get_judge
+
+    return get_judge(config.label, config.model)
+
+
 def run_filter(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage ``filter``: ``pairs`` -> ``filtered`` (PAIRS), ``dropped`` (DROPPED), ``filter_report``.
+
+    Pairs without judge scores (``pair.source``) are first scored by the configured judge (``label``).
 
     Streams the input in record batches; the report is written as Parquet (``filter_report.parquet``,
     an artifact) and Markdown beside it (``filter_report.md``, the returned path).
@@ -382,7 +435,7 @@ def run_filter(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -
     call = stage_call("filter", config, {"pairs": source})
     tokenizer, token_check = _load_tokenizer(config)
     pair_filter = PairFilter(config.filter, max_length=config.reference.max_length, tokenizer=tokenizer,
-                             processes=config.filter.langid_processes)
+                             processes=config.filter.langid_processes, judge=_judge_for_unscored(config, source))
     paths = {"filtered": out_dir / "filtered.parquet", "dropped": out_dir / "dropped.parquet",
              "report_parquet": out_dir / "filter_report.parquet", "filter_report": out_dir / "filter_report.md"}
     common = call.provenance

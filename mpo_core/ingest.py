@@ -20,11 +20,14 @@ online; nothing else touches the network. Every bad row is an :class:`InputDataE
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
 import gzip
 import hashlib
 import io
 import json
+import unicodedata
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from itertools import zip_longest
@@ -84,6 +87,29 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8-sig", newline="")
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn what a damaged file raises while it is read (bad UTF-8, bad or cut gzip) into an
+    :class:`InputDataError` naming the file and what is wrong with it."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise InputDataError(
+            f"{path}: not UTF-8 text (byte {err.start} of the {'decompressed ' if path.name.endswith('.gz') else ''}"
+            f"text: {err.reason}); save the file as UTF-8"
+        ) from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise InputDataError(f"{path}: not a valid gzip file ({err})") from None
+    except EOFError:
+        raise InputDataError(f"{path}: the gzip file is truncated (it ends before its end-of-stream marker)") from None
+
+
+def read_text(path: Path) -> str:
+    """The whole text of ``path`` (``.gz`` decompressed, UTF-8 with or without BOM); named errors."""
+    with _reading(path), _open_text(path) as fh:
+        return fh.read()
+
+
 def detect_format(path: Path) -> str:
     """The format of ``path`` from its name and first record (see the module docstring)."""
     name = path.name.lower()
@@ -92,7 +118,7 @@ def detect_format(path: Path) -> str:
     if name.endswith(".json"):
         return "mpo_json"
     if name.endswith((".jsonl", ".jsonl.gz")):
-        with _open_text(path) as fh:
+        with _reading(path), _open_text(path) as fh:
             first = next((line for line in fh if line.strip()), "{}")
         try:
             keys = set(json.loads(first))
@@ -100,15 +126,28 @@ def detect_format(path: Path) -> str:
             keys = set()
         return "hh_rlhf" if {"chosen", "rejected"} <= keys else "jsonl"
     if name.endswith(".csv"):
-        with _open_text(path) as fh:
-            header = next(csv.reader(fh), [])
-        lang_columns = [h for h in header if h.strip() != "id" and len(h.strip()) in (2, 3) and is_valid_lang(h.strip())]
-        return "multijail" if len(lang_columns) >= 2 else "csv"
+        with _reading(path), _open_text(path) as fh:
+            header = [h.strip() for h in next(csv.reader(fh), [])]
+        is_wide = "id" in header and len(wide_language_columns(header)) >= 2 and not {"text", "lang"} & set(header)
+        return "multijail" if is_wide else "csv"
     raise InputDataError(f"{path}: cannot tell the format from the name; set prompts.format")
+
+
+def wide_language_columns(header: list[str]) -> list[str]:
+    """The language columns of a MultiJail-style wide CSV: two-letter ISO 639-1 codes, ``id`` excepted
+    (Indonesian's code is the id column there). Three-letter codes are left out: ordinary column names
+    such as ``src`` and ``url`` are ISO 639-3 codes too."""
+    return [h for h in header if h != "id" and len(h) == 2 and is_valid_lang(h)]
 
 
 def _where(path: Path, column: str, row: int) -> str:
     return f"{path}: column {column!r}, row {row}"
+
+
+def is_visible(text: str) -> bool:
+    """True if ``text`` has a character that shows: not whitespace, a control or a format character
+    (zero-width space U+200B, joiners, BOM, direction marks)."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf", "Zs") for ch in text)
 
 
 def _text(value: Any, path: Path, column: str, row: int, *, allow_empty: bool = False) -> str:
@@ -116,7 +155,34 @@ def _text(value: Any, path: Path, column: str, row: int, *, allow_empty: bool = 
         raise InputDataError(f"{_where(path, column, row)}: expected text, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise InputDataError(f"{_where(path, column, row)}: empty text")
+    if not allow_empty and not is_visible(value):
+        raise InputDataError(
+            f"{_where(path, column, row)}: text has only invisible characters "
+            f"({', '.join(sorted({f'U+{ord(c):04X}' for c in value if not c.isspace()}))})"
+        )
     return value
+
+
+class UniquePrompts:
+    """Rows of one prompt file keyed by (prompt id, language): the same text again is dropped, another
+    text under the same key is an :class:`InputDataError` naming both rows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.first: dict[tuple[str, str], tuple[str, int]] = {}
+
+    def is_new(self, prompt_id: str, lang: str, text: str, column: str, row: int) -> bool:
+        key = (prompt_id, lang)
+        if key not in self.first:
+            self.first[key] = (text.strip(), row)
+            return True
+        earlier, earlier_row = self.first[key]
+        if earlier != text.strip():
+            raise InputDataError(
+                f"{_where(self.path, column, row)}: prompt {prompt_id!r} in language {lang!r} has another text "
+                f"in row {earlier_row}; each (id, language) must have one text"
+            )
+        return False
 
 
 # ------------------------------------------------------------------------------------------ dialogues
@@ -160,7 +226,7 @@ def split_hh_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str,
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """``(row, object)`` for each non-blank line of a ``.jsonl(.gz)`` file (row = line number - 1)."""
-    with _open_text(path) as fh:
+    with _reading(path), _open_text(path) as fh:
         for row, line in enumerate(fh):
             if not line.strip():
                 continue
@@ -210,12 +276,13 @@ def _conversation(value: Any, path: Path, column: str, row: int, *, allow_empty:
 def read_mpo_json(path: Path) -> list[dict[str, str]]:
     """The quadruples of an MPO/LLaMA-Factory ranking JSON file as plain text fields."""
     try:
-        with open(path, encoding="utf-8-sig") as fh:
-            records = json.load(fh)
+        records = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise InputDataError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(records, list):
         raise InputDataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise InputDataError(f"{path}: the JSON list is empty (no records)")
     rows = []
     for row, record in enumerate(records):
         if not isinstance(record, dict):
@@ -338,6 +405,8 @@ def load_pairs(
         ]
     else:
         raise InputDataError(f"{path}: format {fmt!r} holds no preference pairs (use mpo_json or hh_rlhf)")
+    if not rows:
+        raise InputDataError(f"{path}: no preference pairs in the file")
     return _pairs_table(rows)
 
 
@@ -352,27 +421,64 @@ def _prompt_row(prompt_id: str, lang: str, text: str, source: str, *, translated
 
 def read_multijail(path: Path) -> list[dict]:
     """MultiJail-style wide CSV: one row per prompt, one text column per language code."""
-    with _open_text(path) as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in reader.fieldnames or []]
-        lang_columns = [h for h in header if h != "id" and len(h) in (2, 3) and is_valid_lang(h)]
-        if "id" not in header or not lang_columns:
-            raise InputDataError(f"{path}: column 'id' and at least one language column are required")
-        base = "en" if "en" in lang_columns else lang_columns[0]
-        rows = []
-        for row_no, record in enumerate(reader):
-            record = {(k or "").strip(): v for k, v in record.items()}
-            raw_id = (record.get("id") or "").strip()
-            if not raw_id:
-                raise InputDataError(f"{_where(path, 'id', row_no)}: empty id")
-            category = _multijail_category(record.get("tags"), path, row_no)
-            source = f"multijail:{record.get('source') or path.name}"
-            for lang in lang_columns:
-                text = _text(record.get(lang), path, lang, row_no)
+    header, records = read_csv_records(path)
+    lang_columns = wide_language_columns(header)
+    if "id" not in header or not lang_columns:
+        raise InputDataError(f"{path}: column 'id' and at least one language column are required")
+    base = "en" if "en" in lang_columns else lang_columns[0]
+    rows = []
+    unique = UniquePrompts(path)
+    for row_no, record in enumerate(records):
+        raw_id = (record.get("id") or "").strip()
+        if not raw_id:
+            raise InputDataError(f"{_where(path, 'id', row_no)}: empty id")
+        category = _multijail_category(record.get("tags"), path, row_no)
+        source = f"multijail:{record.get('source') or path.name}"
+        for lang in lang_columns:
+            text = _text(record.get(lang), path, lang, row_no)
+            if unique.is_new(f"multijail-{raw_id}", lang, text, lang, row_no):
                 rows.append(_prompt_row(f"multijail-{raw_id}", normalize_lang(lang), text, source,
                                         translated_by="original" if lang == base else "provided",
                                         category=category))
     return rows
+
+
+def read_csv_records(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """``(header, one {column: text} per row)`` of a CSV file, every value a string, read by Arrow's CSV
+    reader (quotes, embedded newlines). A row with more or fewer fields than the header, which is what an
+    unquoted comma inside a text makes, is an :class:`InputDataError` naming the row."""
+    import pyarrow.csv as pacsv
+
+    text = read_text(path)
+    header = [h.strip() for h in next(csv.reader(io.StringIO(text)), [])]
+    if not any(header):
+        raise InputDataError(f"{path}: empty CSV file (no header row)")
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise InputDataError(f"{path}: column(s) {repeated} appear more than once in the header")
+    bad_rows = []
+
+    def on_bad_row(row) -> str:
+        bad_rows.append(row)
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(text.encode("utf-8")),
+            read_options=pacsv.ReadOptions(use_threads=False, column_names=header, skip_rows=1),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_bad_row),
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()),
+                                                 strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid as err:
+        raise InputDataError(f"{path}: not a readable CSV file: {err}") from None
+    if bad_rows:
+        bad = bad_rows[0]  # Arrow numbers records from 1 with the header first; rows here count from 0
+        raise InputDataError(
+            f"{path}: row {bad.number - 2}: {bad.actual_columns} fields where the header has "
+            f"{bad.expected_columns} (a comma inside a text must be quoted: \"...,...\"): {bad.text[:80]!r}"
+        )
+    return header, table.to_pylist()
 
 
 def _multijail_category(tags: str | None, path: Path, row: int) -> str | None:
@@ -397,12 +503,12 @@ def _read_records(path: Path, fmt: str) -> tuple[list[str], Iterator[dict]]:
             raise InputDataError(f"{path}: not a readable Parquet file: {err}") from None
         return table.column_names, iter(table.to_pylist())
     if fmt == "csv":
-        with _open_text(path) as fh:
-            text = fh.read()
-        reader = csv.DictReader(io.StringIO(text))
-        return list(reader.fieldnames or []), iter(reader)
+        header, rows = read_csv_records(path)
+        return header, iter(rows)
 
     records = [record for _, record in _json_lines(path)]
+    if not records:
+        raise InputDataError(f"{path}: no JSON records in the file")
     return sorted({k for r in records for k in r}), iter(records)
 
 
@@ -413,6 +519,7 @@ def read_prompt_table(path: Path, fmt: str, cfg: PromptsConfig) -> list[dict]:
         if needed not in columns:
             raise InputDataError(f"{path}: column {needed!r} is missing (columns: {columns})")
     rows = []
+    unique = UniquePrompts(path)
     for row_no, record in enumerate(records):
         text = _text(record.get(cfg.text_column), path, cfg.text_column, row_no)
         lang = normalize_lang(record.get(cfg.lang_column), _where(path, cfg.lang_column, row_no))
@@ -429,6 +536,8 @@ def read_prompt_table(path: Path, fmt: str, cfg: PromptsConfig) -> list[dict]:
             harmful = harmful.strip().lower() in ("true", "1")
         if not isinstance(harmful, bool):
             raise InputDataError(f"{_where(path, 'harmful', row_no)}: expected true/false, got {harmful!r}")
+        if not unique.is_new(prompt_id, lang, text, cfg.text_column, row_no):
+            continue
         rows.append(_prompt_row(prompt_id, lang, text, record.get("source") or f"{fmt}:{path.name}",
                                 translated_by=record.get("translated_by") or "original",
                                 category=record.get("category") or None, split=split, harmful=harmful))
@@ -473,6 +582,8 @@ def load_prompts(cfg: PromptsConfig, seed: int = 0) -> pa.Table:
             rows = _prompts_from_pairs(load_pairs(path, fmt))
         else:
             rows = read_prompt_table(path, fmt, cfg)
+        if not rows:
+            raise InputDataError(f"{path}: the file holds no prompts")
     if cfg.langs is not None:
         wanted = {normalize_lang(lang, "prompts.langs") for lang in cfg.langs}
         rows = [r for r in rows if r["lang"] in wanted]

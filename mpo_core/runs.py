@@ -246,9 +246,30 @@ class RunFolder:
             {"stage": spec.name, "identity": identity, "status": status, "written_at": _now(), **fields},
         )
 
+    def check_writable(self, stage: str) -> Path:
+        """The stage's folder, once it is sure that nothing written there can land outside the run.
+
+        Every path already under ``<run>/<stage>/`` (the folder itself included) must resolve inside the run
+        folder: a symbolic link to elsewhere (the folder, a checkpoint subfolder, a file) is an
+        :class:`ArtifactError` naming it, raised before anything is written or removed.
+        """
+        root = self.path.resolve()
+        out_dir = self.stage_dir(stage)
+        paths = [out_dir, *out_dir.rglob("*")] if out_dir.is_dir() and not out_dir.is_symlink() else [out_dir]
+        for path in paths:
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            if target != root and root not in target.parents:
+                raise ArtifactError(
+                    f"{path} is a symbolic link to {target}, outside the run folder {root}: "
+                    "a stage writes only inside its run (remove the link)"
+                )
+        return out_dir
+
     def prepare_stage_dir(self, spec: StageSpec, identity: str) -> None:
         """Before a (re)run: drop outputs made under another identity, keep an interrupted run's files."""
-        out_dir = self.stage_dir(spec.name)
+        out_dir = self.check_writable(spec.name)
         marker = self.read_marker(spec.name)
         if marker is not None and marker.get("identity") != identity and out_dir.is_dir():
             ensure_inside(out_dir, self.path, "stage folder")
@@ -334,7 +355,6 @@ def execute_stage(
         return record_skip(spec, run, check)
     reason = "forced" if force else check.reason
     out_dir = run.stage_dir(spec.name)
-    run.prepare_stage_dir(spec, check.identity)
     run.record(
         spec.name,
         status=RUNNING,
@@ -345,10 +365,24 @@ def execute_stage(
         error=None,
     )
     try:
-        outputs = _check_outputs(spec, runner(spec, config, inputs, out_dir), out_dir)
+        run.prepare_stage_dir(spec, check.identity)
+        outputs = _check_outputs(spec, runner(spec, config, inputs, out_dir), run)
+        return _complete_stage(spec, run, check, outputs, inputs, started, reason)
     except BaseException as err:
         run.record(spec.name, status=FAILED, error=f"{type(err).__name__}: {err}"[:2000])
         raise
+
+
+def _complete_stage(
+    spec: StageSpec,
+    run: RunFolder,
+    check: StageCheck,
+    outputs: dict[str, Path],
+    inputs: dict[str, Path],
+    started: float,
+    reason: str,
+) -> StageOutcome:
+    """Manifests for plain outputs, then the complete marker (last), then ``state.json``: stage ``ran``."""
     _manifest_plain_outputs(outputs, check.identity, input_hashes(inputs))
     relative = {k: str(p.relative_to(run.path.resolve())) for k, p in outputs.items()}
     seconds = time.perf_counter() - started
@@ -401,12 +435,15 @@ def _manifest_plain_outputs(outputs: dict[str, Path], identity: str, inputs: dic
         )
 
 
-def _check_outputs(spec: StageSpec, produced: dict[str, Path], out_dir: Path) -> dict[str, Path]:
-    """The stage's returned outputs, resolved; each named in the stage table and inside ``out_dir``."""
+def _check_outputs(spec: StageSpec, produced: dict[str, Path], run: RunFolder) -> dict[str, Path]:
+    """The stage's returned outputs, resolved; each named in the stage table and inside its stage folder,
+    which (links resolved) is inside the run folder."""
     if set(produced) != set(spec.outputs):
         raise ArtifactError(
             f"stage {spec.name} returned outputs {sorted(produced)}, the stage table says {list(spec.outputs)}"
         )
+    run.check_writable(spec.name)
+    out_dir = ensure_inside(run.stage_dir(spec.name), run.path, f"stage {spec.name} folder")
     outputs = {}
     for name, path in produced.items():
         resolved = ensure_inside(path, out_dir, f"stage {spec.name} output {name}")

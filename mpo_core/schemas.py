@@ -122,7 +122,7 @@ EVAL = pa.schema(
 FILTER_REPORT = pa.schema(
     [
         _f("lang", pa.string(), lang=True),
-        _f("outcome", pa.string(), nonempty=True),  # "input" | "kept" | "dropped" | "repaired"
+        _f("outcome", pa.string(), nonempty=True),  # "input" | "judged" | "kept" | "dropped" | "repaired"
         _f("reason", pa.string(), True),  # null for "input" and "kept"
         _f("pairs", pa.int64()),
     ]

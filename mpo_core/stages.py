@@ -58,7 +58,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("pair", "mpo_core.pairing:run_pair", ("labelled",), ("pairs",), ("run", "pair"), "cpu"),
     StageSpec(
         "filter", "mpo_core.filtering:run_filter", ("pairs",), ("filtered", "dropped", "filter_report"),
-        ("filter", "reference"), "cpu",
+        ("filter", "reference", "label", "model"), "cpu",
     ),
     StageSpec(
         "reference", "mpo_core.reference:run_reference", ("filtered",), ("reference",),

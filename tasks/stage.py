@@ -8,8 +8,9 @@ runs the ``mpo_core`` stage function otherwise and records the outcome) and publ
   per language: never the data itself.
 
 Prefect's own result caching is off (``NO_CACHE``, no persisted results): reuse has one mechanism, our
-manifests and stage markers. Transient failures are retried with exponential backoff; errors in the input
-or config are not. GPU stages hold a slot of the ``gpu`` global concurrency limit while they run.
+manifests and stage markers. Transient failures (I/O, network, out of memory) are retried with
+exponential backoff; anything else, bad input or config above all, is not. GPU stages hold a slot of the
+``gpu`` global concurrency limit while they run.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
 from mpo_core.artifacts import read_manifest
-from mpo_core.errors import MPOError
+from mpo_core.errors import is_transient_error
 from mpo_core.progress import progress_listener
 from mpo_core.runs import RunFolder, StageOutcome, execute_stage
 from mpo_core.stages import StageSpec, get_stage
@@ -55,14 +56,12 @@ def artifact_key(*parts: str) -> str:
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry unless the failure is one of ours (bad config, input or artifact: retrying cannot help)."""
+    """Retry only a fault that can pass (:func:`mpo_core.errors.is_transient_error`): never bad input."""
     try:
         state.result()
-    except MPOError:
-        return False
-    except Exception:  # noqa: BLE001 - anything else (I/O, OOM, hub hiccup) may pass on retry
-        return True
-    return True
+    except Exception as err:  # noqa: BLE001 - classified by class below
+        return is_transient_error(err)
+    return False
 
 
 class ProgressReporter:

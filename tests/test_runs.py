@@ -251,3 +251,43 @@ def test_plain_outputs_get_a_manifest_downstream_stages_can_read(config):
     manifest = read_manifest(translate.outputs["notes"])
     assert manifest.kind == "folder" and manifest.config_hash == translate.identity
     assert manifest.inputs == {"prompts": read_manifest(run.stage_dir("ingest") / "prompts.parquet").content_hash}
+
+
+def test_stage_folder_linked_outside_the_run_is_refused_before_any_write(config, tmp_path):
+    run = RunFolder.for_config(config)
+    run.save_config(config)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run.stage_dir("ingest").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ArtifactError, match="symbolic link .* outside the run folder") as err:
+        execute_stage(FAKE["ingest"], config, run, {})
+    assert str(run.stage_dir("ingest")) in str(err.value)
+    assert list(elsewhere.iterdir()) == []  # no artifact, manifest or marker landed outside
+    assert run.stage_statuses()["ingest"] == FAILED
+    assert "symbolic link" in run.read_state()["stages"]["ingest"]["error"]
+
+
+def test_link_inside_a_stage_folder_pointing_outside_is_refused(config, tmp_path):
+    run = RunFolder.for_config(config)
+    _run_both(config, run)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run.stage_dir("translate") / "notes").rename(run.stage_dir("translate") / "notes-old")
+    (run.stage_dir("translate") / "notes").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ArtifactError, match="notes is a symbolic link"):
+        execute_stage(FAKE["translate"], config, run, run.available_outputs(), force=True)
+    assert list(elsewhere.iterdir()) == []
+    assert run.stage_statuses()["translate"] == FAILED
+
+
+def test_a_stage_that_fails_after_its_function_returned_is_failed_not_running(config, monkeypatch):
+    from mpo_core import runs
+
+    def broken_manifests(*args, **kwargs):
+        raise ValueError("manifest write failed")
+
+    monkeypatch.setattr(runs, "_manifest_plain_outputs", broken_manifests)
+    run = RunFolder.for_config(config)
+    with pytest.raises(ValueError, match="manifest write failed"):
+        execute_stage(FAKE["ingest"], config, run, {})
+    assert run.stage_statuses()["ingest"] == FAILED
