@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ from mpo_core.artifacts import (
 )
 from mpo_core.config import PipelineConfig, dump_config, load_config
 from mpo_core.errors import ArtifactError, ConfigError
+from mpo_core.progress import round_seconds
 from mpo_core.stages import (
     STAGES,
     StageSpec,
@@ -48,6 +50,8 @@ from mpo_core.stages import (
     pair_source,
     stage_call,
 )
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
@@ -219,7 +223,7 @@ class RunFolder:
         """Whether the stage's outputs are whole and were made with ``identity``; the reason if not."""
         marker = self.read_marker(spec.name)
         if marker is None:
-            return False, "never ran"
+            return False, "first run"
         if marker.get("status") != "complete":
             return False, "interrupted"
         if marker.get("identity") != identity:
@@ -331,8 +335,10 @@ def execute_stage(
     started = time.perf_counter()
     check = check_stage(spec, config, run, inputs)
     if check.current and not force:
+        logger.info("stage %s skipped: %s (identity %s)", spec.name, check.reason, check.identity[:16])
         return record_skip(spec, run, check)
     reason = "forced" if force else check.reason
+    logger.info("stage %s runs: %s (identity %s)", spec.name, reason, check.identity[:16])
     out_dir = run.stage_dir(spec.name)
     run.prepare_stage_dir(spec, check.identity)
     run.record(
@@ -357,7 +363,7 @@ def execute_stage(
         check.identity,
         "complete",
         outputs=relative,
-        seconds=round(seconds, 3),
+        seconds=round_seconds(seconds),
         fingerprints={k: content_fingerprint(p) for k, p in outputs.items()},
     )
     absolute = {k: run.path / v for k, v in relative.items()}
@@ -365,7 +371,7 @@ def execute_stage(
         spec.name,
         status=RAN,
         outputs={k: str(v) for k, v in absolute.items()},
-        seconds=round(seconds, 3),
+        seconds=round_seconds(seconds),
         finished_at=_now(),
     )
     return StageOutcome(spec.name, RAN, absolute, check.identity, seconds, reason)

@@ -75,14 +75,16 @@ class ProgressReporter:
         self._last_pct = -1.0
 
     def __call__(self, desc: str, done: int, total: int) -> None:
-        pct = 100.0 * done / total if total else 100.0
+        """``(desc, 0, 0)`` announces a phase (shown at once, at 0 %); otherwise ``done`` of ``total``."""
+        starting_phase = total == 0
+        pct = 100.0 * done / total if total else 0.0
         now = time.monotonic()
-        final = done >= total
+        final = starting_phase or done >= total
         if self._artifact_id is not None and not final and now - self._last_update < PROGRESS_MIN_INTERVAL_S:
             return
-        if pct == self._last_pct and self._artifact_id is not None:
+        if pct == self._last_pct and self._artifact_id is not None and not starting_phase:
             return
-        description = f"{desc}: {done}/{total}"
+        description = f"{desc} ..." if starting_phase else f"{desc}: {done}/{total}"
         if self._artifact_id is None:
             self._artifact_id = create_progress_artifact(pct, key=self.key, description=description)
         else:
