@@ -406,9 +406,9 @@ def write_report(
     return paths | {f"plot_{name}": out_dir / PLOT_FILES[name] for name in plots}
 
 
-def png_data_uri(path: Path) -> str:
-    """A PNG file as a ``data:`` URI, for documents that must carry their images (HTML, a UI artifact)."""
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+def png_data_uri(png: bytes) -> str:
+    """PNG bytes as a ``data:`` URI, for documents that must carry their images (a UI artifact)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def markdown_with_inline_plots(report_md: str | Path) -> str:
@@ -417,5 +417,5 @@ def markdown_with_inline_plots(report_md: str | Path) -> str:
     text = report_md.read_text(encoding="utf-8")
     for name in PLOT_FILES.values():
         if (report_md.parent / name).exists():
-            text = text.replace(f"]({name})", f"]({png_data_uri(report_md.parent / name)})")
+            text = text.replace(f"]({name})", f"]({png_data_uri((report_md.parent / name).read_bytes())})")
     return text

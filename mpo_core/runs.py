@@ -178,11 +178,14 @@ class RunFolder:
     def read_state(self) -> dict[str, Any]:
         return _read_json(self.state_path) or {"run": self.name, "stages": {}}
 
-    def begin_invocation(self, kind: str, stages: list[str], flow_run_url: str | None = None) -> str:
+    def begin_invocation(
+        self, kind: str, stages: list[str], flow_run_url: str | None = None, flow_run_id: str | None = None
+    ) -> str:
         """Start a new invocation: reset the named stages to ``pending`` and return the invocation id."""
         state = self.read_state()
         invocation = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        state.update(invocation=invocation, kind=kind, started_at=_now(), flow_run_url=flow_run_url)
+        state.update(invocation=invocation, kind=kind, started_at=_now(), flow_run_url=flow_run_url,
+                     flow_run_id=flow_run_id)
         for stage in stages:
             state["stages"][stage] = {"status": "pending", "invocation": invocation}
         _write_json(self.state_path, state)

@@ -25,18 +25,18 @@ import pyarrow as pa
 
 from mpo_core.report import HEADLINE_METRICS, EvalView
 
-DIGITS = 4
+SIGNIFICANT_DIGITS = 5
 # Per-step training-log keys worth a column, in this order; per-language ``<key>/<lang>`` columns follow.
 CURVE_KEYS = ("loss", "l1", "l2", "target_gap", "dominant_gap", "target_gap_accuracy", "learning_rate",
               "grad_norm")
 
 
 def _num(x: Any) -> float | None:
-    """A finite float rounded for display, or None."""
+    """A finite float to :data:`SIGNIFICANT_DIGITS` significant digits (a learning rate of 1e-7 stays), or None."""
     if x is None:
         return None
     x = float(x)
-    return None if math.isnan(x) or math.isinf(x) else round(x, DIGITS)
+    return None if math.isnan(x) or math.isinf(x) else float(f"{x:.{SIGNIFICANT_DIGITS}g}")
 
 
 def metrics_table(eval_rows: pa.Table | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -162,3 +162,37 @@ def reference_gaps(reference: pa.Table, pairs: pa.Table) -> list[dict[str, Any]]
          "safe_share": _num(sum(g > 0 for g in gaps) / len(gaps))}
         for lang, gaps in groups if gaps
     ]
+
+
+def plot_training_curve(curve: list[dict[str, Any]]) -> bytes | None:
+    """PNG of the training curve: loss, L1 and L2 (left), mean and per-language RG^t (right), by step."""
+    if not curve:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in curve]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("loss", "loss"), ("l1", "L1"), ("l2", "L2")):
+        if any(row.get(key) is not None for row in curve):
+            left.plot(steps, [row.get(key) for row in curve], marker="o", ms=3, label=label)
+    left.set(xlabel="step", title="loss")
+    gap_keys = ["target_gap"] + sorted({k for row in curve for k in row if k.startswith("target_gap/")})
+    for key in gap_keys:
+        if any(row.get(key) is not None for row in curve):
+            right.plot(steps, [row.get(key) for row in curve], marker="o", ms=3,
+                       lw=2.5 if key == "target_gap" else 1, label="mean" if key == "target_gap" else key[11:])
+    right.axhline(0.0, color="#888", lw=0.8)
+    right.set(xlabel="step", title="target reward gap RG^t")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()

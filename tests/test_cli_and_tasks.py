@@ -106,9 +106,10 @@ def test_output_summary_links_and_counts_without_data(tmp_path):
     write_artifact(rows, path, "prompts")
     folder = tmp_path / "model"
     folder.mkdir()
-    listing, per_lang = output_summary({"prompts": path, "checkpoint": folder})
-    assert listing[0] == {"output": "prompts", "kind": "prompts", "rows": 3, "link": path.resolve().as_uri()}
-    assert listing[1]["kind"] == "folder" and listing[1]["link"].startswith("file://")
+    listing, per_lang = output_summary({"prompts": path, "checkpoint": folder}, tmp_path)
+    assert listing[0] == {"output": "prompts", "kind": "prompts", "rows": 3, "path": "prompts.parquet"}
+    assert listing[1] == {"output": "checkpoint", "kind": "folder", "path": "model"}
+    assert "file://" not in str(listing) and str(tmp_path) not in str(listing)
     assert per_lang == [
         {"output": "prompts", "lang": "en", "rows": 2},
         {"output": "prompts", "lang": "zh", "rows": 1},
