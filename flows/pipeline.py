@@ -100,5 +100,6 @@ def mpo_pipeline(
     checkpoint = stage("train", filtered, reference)
     evaluation = stage("evaluate", translated, filtered, reference, checkpoint)
 
-    publish_run_page(folder, cfg)
+    for line in publish_run_page(folder, cfg):
+        get_run_logger().info("result: %s", line)
     return evaluation

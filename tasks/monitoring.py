@@ -205,8 +205,9 @@ def _relative(run: RunFolder, path: str | Path) -> str:
         return str(path)
 
 
-def publish_run_page(run: RunFolder, config: PipelineConfig) -> None:
-    """The ``<run>-run`` markdown artifact: headline, stages with links to their flow runs, the report."""
+def publish_run_page(run: RunFolder, config: PipelineConfig) -> list[str]:
+    """The ``<run>-run`` markdown artifact: headline, stages with links to their flow runs, the report.
+    Returns the headline's lines."""
     from mpo_core.stage_results import headline
 
     state = run.read_state()
@@ -214,10 +215,10 @@ def publish_run_page(run: RunFolder, config: PipelineConfig) -> None:
     evaluate = stages.get("evaluate", {})
     eval_path = evaluate.get("outputs", {}).get("eval")
     lines = [f"# mpo run `{run.name}`", ""]
+    summary = ["no evaluation in this run yet"]
     if eval_path and Path(eval_path).exists():
-        lines += [f"- {line}" for line in headline(read_artifact(eval_path, "eval"), config.run.dominant_lang)]
-    else:
-        lines += ["- no evaluation in this run yet"]
+        summary = headline(read_artifact(eval_path, "eval"), config.run.dominant_lang)
+    lines += [f"- {line}" for line in summary]
     report_key = artifact_key(run.name, "evaluate", "report")
     report_md = evaluate.get("outputs", {}).get("report")
     report_file = _relative(run, Path(report_md).with_suffix(".html")) if report_md else "(not written yet)"
@@ -231,19 +232,19 @@ def publish_run_page(run: RunFolder, config: PipelineConfig) -> None:
         "",
         facts,
         "",
-        "| stage | status | seconds | reason | flow run | outputs |",
-        "|---|---|---|---|---|---|",
+        "| stage | status | seconds | reason | flow run |",
+        "|---|---|---|---|---|",
     ]
     for spec in STAGES:
         entry = stages.get(spec.name, {})
         flow_run_id = entry.get("flow_run_id")
         link = f"[{run.name}/{spec.name}]({_ui_link(f'/runs/flow-run/{flow_run_id}')})" if flow_run_id else "–"
-        outputs = ", ".join(f"`{_relative(run, p)}`" for p in entry.get("outputs", {}).values())
         seconds = entry.get("seconds")
         lines.append(f"| {spec.name} | {entry.get('status', '–')} | {'' if seconds is None else seconds} | "
-                     f"{entry.get('reason', '')} | {link} | {outputs} |")
+                     f"{entry.get('reason', '')} | {link} |")
     create_markdown_artifact(redact("\n".join(lines)), key=artifact_key(run.name, "run"),
                              description=f"mpo run {run.name}: headline, stages, report")
+    return summary
 
 
 # --- lineage ------------------------------------------------------------------------------------------

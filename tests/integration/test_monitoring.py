@@ -79,7 +79,7 @@ def test_stage_results_reach_the_api(watched_run, use_server):
     assert [row["step"] for row in curve] == [1, 2]
     assert all(isinstance(row[key], float) for row in curve for key in ("loss", "l1", "l2", "target_gap"))
     assert all(row["loss"] == pytest.approx(row["l1"] + row["l2"], rel=1e-3, abs=1e-4) for row in curve)
-    assert "target_gap/zh" in curve[-1]
+    assert all(any(key.startswith("target_gap/") for key in row) for row in curve)  # the batch's languages
     assert "data:image/png;base64," in training and "| l1 |" in training
 
     by_outcome = {row["outcome"]: row for row in reasons}
