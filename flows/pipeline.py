@@ -28,7 +28,7 @@ from mpo_core.runs import (
     resolve_inputs,
 )
 from mpo_core.stages import STAGES, get_stage
-from tasks.monitoring import flow_run_url, name_flow_run, publish_run_page
+from tasks.monitoring import flow_run_namer, flow_run_url, name_flow_run, publish_run_page
 
 Outputs = dict[str, str]
 
@@ -67,7 +67,7 @@ class StageCaller:
             bypass_stage(get_stage(stage), self.run, reason)
 
 
-@flow(name="mpo-pipeline", persist_result=False)
+@flow(name="mpo-pipeline", flow_run_name=flow_run_namer("pipeline"), persist_result=False)
 def mpo_pipeline(
     config: str | None = None,
     overrides: list[str] | None = None,

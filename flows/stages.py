@@ -16,7 +16,7 @@ from prefect import flow
 
 from mpo_core.runs import open_run, resolve_inputs
 from mpo_core.stages import STAGES, StageSpec
-from tasks.monitoring import name_flow_run
+from tasks.monitoring import flow_run_namer, name_flow_run
 from tasks.stage import stage_task_for
 
 
@@ -49,6 +49,7 @@ def _make_stage_flow(spec: StageSpec):
     return flow(
         stage_flow,
         name=stage_flow_name(spec.name),
+        flow_run_name=flow_run_namer(spec.name),
         persist_result=False,
         validate_parameters=True,
     )

@@ -69,7 +69,8 @@ class Tracker:
     """A manually advanced progress bar (``update(n)``) that also reports to listeners."""
 
     def __init__(self, total: int, desc: str, unit: str = "it", every: int = 1) -> None:
-        self.total, self.desc, self.done = total, _described(desc), 0
+        self.total, self.desc, self.done, self.unit = total, _described(desc), 0, unit
+        self._started, self._closed = time.perf_counter(), False
         self._every = max(1, every)
         self._last = 0
         self._bar = tqdm(total=total, desc=self.desc, unit=unit, dynamic_ncols=True, leave=False)
@@ -90,6 +91,10 @@ class Tracker:
 
     def close(self) -> None:
         self._bar.close()
+        if self.total and not self._closed:
+            self._closed = True
+            logger.info("%s: %d/%d %s in %s s", self.desc, self.done, self.total, self.unit,
+                        round_seconds(time.perf_counter() - self._started))
 
     def __enter__(self) -> Tracker:  # noqa: PYI034
         return self

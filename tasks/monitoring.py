@@ -31,7 +31,8 @@ from prefect.assets import Asset, AssetProperties, add_asset_metadata, materiali
 from prefect.cache_policies import NO_CACHE
 
 from mpo_core.artifacts import manifest_path, read_artifact, read_manifest
-from mpo_core.config import PipelineConfig
+from mpo_core.config import PipelineConfig, load_config
+from mpo_core.errors import MPOError
 from mpo_core.report import markdown_with_inline_plots
 from mpo_core.runs import RunFolder
 from mpo_core.stages import STAGES
@@ -73,8 +74,29 @@ def run_tags(run_name: str, stage: str) -> list[str]:
     return ["mpo", f"run:{run_name}", f"stage:{stage}"]
 
 
+def flow_run_namer(stage: str) -> Callable[[], str]:
+    """A ``flow_run_name`` callable for a flow taking ``run``/``config``/``overrides``: ``<run>/<stage>``,
+    the run's name read from its folder or its recipe (``<stage>`` alone if neither can be read)."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        parameters = flow_run.parameters
+        try:
+            if parameters.get("run"):
+                return f"{Path(parameters['run']).name}/{stage}"
+            if parameters.get("config"):
+                return f"{load_config(parameters['config'], parameters.get('overrides')).run.name}/{stage}"
+        except MPOError:
+            pass  # the flow itself reports a bad recipe, with the file and key
+        return stage
+
+    return name
+
+
 def name_flow_run(run_name: str, stage: str) -> None:
-    """Name the current flow run ``<run>/<stage>`` and add the tags of :func:`run_tags`."""
+    """Name the current flow run ``<run>/<stage>`` (where its name was not set at creation: a deployment's
+    run) and add the tags of :func:`run_tags`."""
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 

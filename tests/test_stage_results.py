@@ -117,6 +117,7 @@ def test_phases_name_what_runs_in_progress_and_logs(caplog):
                     ("trained model: generate", 0, 2), ("trained model: generate", 2, 2)]
     messages = [r.getMessage() for r in caplog.records]
     assert "trained model: loading model ..." in messages
+    assert any(m.startswith("trained model: generate: 2/2 it in ") for m in messages)
     assert any(m.startswith("trained model done in ") for m in messages)
     assert round_seconds(12.345) == 12.3
 
