@@ -26,10 +26,12 @@ def _prefect_ui_hint(flow_run_id: str | None) -> str:
         return "Prefect UI: no flow run recorded"
     from prefect.settings import get_current_settings
 
+    from tasks.monitoring import flow_run_url
+
+    url = flow_run_url(flow_run_id)
+    if url:
+        return f"Prefect UI: {url}"
     settings = get_current_settings()
-    if settings.api.url:
-        ui = settings.ui_url or settings.api.url.removesuffix("/api")
-        return f"Prefect UI: {ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
     return (
         f"Prefect UI: flow run {flow_run_id} is in the local Prefect database ({settings.home}); "
         f"run `prefect server start` (or scripts/start-server.sh) and open "
