@@ -1,7 +1,8 @@
 """What the Prefect UI shows of a run: names and tags, results per stage, the run's front page, lineage.
 
 - Flow runs are named ``<run>/<stage>`` (``default/evaluate``, ``default/pipeline``) and tagged ``mpo``,
-  ``run:<run>`` and ``stage:<stage>`` (:func:`name_flow_run`), so a run's flow runs are found by name or tag.
+  ``run:<run>`` and ``stage:<stage>`` (:func:`flow_run_namer`, :func:`name_flow_run`), so a run's flow runs
+  are found by name or tag.
 - Each stage publishes its results as table and markdown artifacts (:func:`publish_stage_results`), keyed
   ``<run>-<stage>-<what>``: evaluate ``-metrics`` (per language: base, trained, delta with intervals) and
   ``-report`` (the report with its plots embedded as data URIs), train ``-curve`` and ``-training``
@@ -12,8 +13,8 @@
 - ``mpo_core`` logs through :mod:`logging`; :func:`library_logs_forwarded` sends those records to the run's
   logs while a stage runs, whatever ``PREFECT_LOGGING_EXTRA_LOGGERS`` says.
 - Each stage's outputs are declared as Prefect assets (``mpo://<run>/<stage>/<file>``) materialized from
-  its inputs' assets, with row count and content hash (:func:`declare_assets`): the UI's asset graph is the
-  path from prompts to the trained model.
+  its inputs' assets, with row count and content hash (:func:`declare_assets`): the materialization events
+  trace the path from prompts to the trained model (Prefect's asset graph where the server draws one).
 """
 
 from __future__ import annotations
