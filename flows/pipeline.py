@@ -28,7 +28,7 @@ from mpo_core.runs import (
     resolve_inputs,
 )
 from mpo_core.stages import STAGES, get_stage
-from tasks.monitoring import flow_run_namer, flow_run_url, name_flow_run, publish_run_page
+from tasks.monitoring import flow_run_namer, flow_run_url, publish_run_page, tag_flow_run
 
 Outputs = dict[str, str]
 
@@ -81,7 +81,7 @@ def mpo_pipeline(
     outputs of evaluate (``eval`` and ``report``).
     """
     folder, cfg = open_run(run, config, overrides)
-    name_flow_run(folder.name, "pipeline")
+    tag_flow_run(folder.name, "pipeline")
     flow_run_id = flow_run.get_id()
     folder.begin_invocation("pipeline", [s.name for s in STAGES], flow_run_url(flow_run_id), flow_run_id)
     stage = StageCaller(folder, cfg, gpu_deployments, gpu_deployment)

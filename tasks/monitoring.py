@@ -1,7 +1,7 @@
 """What the Prefect UI shows of a run: names and tags, results per stage, the run's front page, lineage.
 
 - Flow runs are named ``<run>/<stage>`` (``default/evaluate``, ``default/pipeline``) and tagged ``mpo``,
-  ``run:<run>`` and ``stage:<stage>`` (:func:`flow_run_namer`, :func:`name_flow_run`), so a run's flow runs
+  ``run:<run>`` and ``stage:<stage>`` (:func:`flow_run_namer`, :func:`tag_flow_run`), so a run's flow runs
   are found by name or tag.
 - Each stage publishes its results as table and markdown artifacts (:func:`publish_stage_results`), keyed
   ``<run>-<stage>-<what>``: evaluate ``-metrics`` (per language: base, trained, delta with intervals) and
@@ -95,9 +95,8 @@ def flow_run_namer(stage: str) -> Callable[[], str]:
     return name
 
 
-def name_flow_run(run_name: str, stage: str) -> None:
-    """Name the current flow run ``<run>/<stage>`` (where its name was not set at creation: a deployment's
-    run) and add the tags of :func:`run_tags`."""
+def tag_flow_run(run_name: str, stage: str) -> None:
+    """Add the tags of :func:`run_tags` to the current flow run (they depend on the run, known only now)."""
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
@@ -106,7 +105,7 @@ def name_flow_run(run_name: str, stage: str) -> None:
         return
     tags = sorted(set(flow_run.get_tags()) | set(run_tags(run_name, stage)))
     with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run_id, name=f"{run_name}/{stage}", tags=tags)
+        client.update_flow_run(flow_run_id, tags=tags)
 
 
 def ui_base_url() -> str | None:
