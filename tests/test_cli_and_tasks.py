@@ -145,3 +145,14 @@ def test_transient_failures_are_retried_but_not_our_own_errors():
 
     assert is_transient(None, None, Failed(data=OSError("disk hiccup"))) is True
     assert is_transient(None, None, Failed(data=InputDataError("bad row 3"))) is False
+
+
+def test_flow_run_url_names_the_ui_page_or_nothing():
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    from tasks.monitoring import flow_run_url
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_UI_URL}):
+        assert flow_run_url("abc") is None  # a temporary local server has no page to link to (not "None/...")
+    with temporary_settings(updates={PREFECT_API_URL: "http://10.0.0.5:4200/api"}, restore_defaults={PREFECT_UI_URL}):
+        assert flow_run_url("abc") == "http://10.0.0.5:4200/runs/flow-run/abc"
