@@ -106,20 +106,25 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the run folder read-only over HTTP on 127.0.0.1 (the report, its plots, the artifacts)."""
+def run_server(run_dir: str | Path, port: int):
+    """An HTTP server on 127.0.0.1 that serves the run folder ``run_dir`` read-only (GET and HEAD only)."""
     import functools
     import http.server
 
     from mpo_core.runs import RunFolder
 
-    run = RunFolder(args.run)
+    run = RunFolder(run_dir)
     if not run.exists():
-        raise MPOError(f"{args.run} is not a run folder (no config.yaml)")
+        raise MPOError(f"{run_dir} is not a run folder (no config.yaml)")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(run.path.resolve()))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler) as server:
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the run folder over HTTP on 127.0.0.1 (the report with its plots, the artifacts)."""
+    with run_server(args.run, args.port) as server:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        print(f"Serving {run.path.resolve()} at {base}/ (report: {base}/evaluate/report/report.html); Ctrl-C stops")
+        print(f"Serving {Path(args.run).resolve()} at {base}/ (report: {base}/evaluate/report/report.html); Ctrl-C stops")
         try:
             server.serve_forever()
         except KeyboardInterrupt:

@@ -156,3 +156,32 @@ def test_flow_run_url_names_the_ui_page_or_nothing():
         assert flow_run_url("abc") is None  # a temporary local server has no page to link to (not "None/...")
     with temporary_settings(updates={PREFECT_API_URL: "http://10.0.0.5:4200/api"}, restore_defaults={PREFECT_UI_URL}):
         assert flow_run_url("abc") == "http://10.0.0.5:4200/runs/flow-run/abc"
+
+
+def test_mpo_serve_serves_the_run_folder_on_loopback(tmp_path):
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from flows.cli import run_server
+    from mpo_core.errors import MPOError
+
+    run = tmp_path / "runs" / "served"
+    (run / "evaluate" / "report").mkdir(parents=True)
+    (run / "config.yaml").write_text("run:\n  name: served\n", encoding="utf-8")
+    (run / "evaluate" / "report" / "report.html").write_text("<h1>report</h1>", encoding="utf-8")
+    (tmp_path / "outside.txt").write_text("not served", encoding="utf-8")
+    with run_server(run, 0) as server:
+        host, port = server.server_address[:2]
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            base = f"http://{host}:{port}"
+            assert host == "127.0.0.1"
+            assert urllib.request.urlopen(f"{base}/evaluate/report/report.html").read() == b"<h1>report</h1>"
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(f"{base}/../outside.txt")
+        finally:
+            server.shutdown()
+    with pytest.raises(MPOError, match="not a run folder"):
+        run_server(tmp_path, 0)
