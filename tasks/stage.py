@@ -75,23 +75,25 @@ class ProgressReporter:
         self._artifact_id = None
         self._last_update = 0.0
         self._last_pct = -1.0
+        self._last_desc = ""
 
     def __call__(self, desc: str, done: int, total: int) -> None:
-        """``(desc, 0, 0)`` announces a phase (shown at once, at 0 %); otherwise ``done`` of ``total``."""
+        """``(desc, 0, 0)`` announces a phase (shown at once, at 0 %); otherwise ``done`` of ``total``. A new
+        phase or loop shows at once; within a loop, updates come at most every few seconds."""
         starting_phase = total == 0
         pct = 100.0 * done / total if total else 0.0
         now = time.monotonic()
-        final = starting_phase or done >= total
-        if self._artifact_id is not None and not final and now - self._last_update < PROGRESS_MIN_INTERVAL_S:
+        shown_now = starting_phase or done >= total or desc != self._last_desc
+        if self._artifact_id is not None and not shown_now and now - self._last_update < PROGRESS_MIN_INTERVAL_S:
             return
-        if pct == self._last_pct and self._artifact_id is not None and not starting_phase:
+        if self._artifact_id is not None and pct == self._last_pct and desc == self._last_desc:
             return
         description = f"{desc} ..." if starting_phase else f"{desc}: {done}/{total}"
         if self._artifact_id is None:
             self._artifact_id = create_progress_artifact(pct, key=self.key, description=description)
         else:
             update_progress_artifact(self._artifact_id, pct, description=description)
-        self._last_update, self._last_pct = now, pct
+        self._last_update, self._last_pct, self._last_desc = now, pct, desc
 
 
 def _rows_per_language(path: Path) -> dict[str, int]:

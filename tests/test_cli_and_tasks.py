@@ -185,3 +185,27 @@ def test_mpo_serve_serves_the_run_folder_on_loopback(tmp_path):
             server.shutdown()
     with pytest.raises(MPOError, match="not a run folder"):
         run_server(tmp_path, 0)
+
+
+def test_progress_reporter_shows_each_phase_and_loop_at_once(monkeypatch):
+    import tasks.stage as stage_module
+
+    shown = []
+    monkeypatch.setattr(stage_module, "create_progress_artifact",
+                        lambda pct, key, description: shown.append((pct, description)) or "id")
+    monkeypatch.setattr(stage_module, "update_progress_artifact",
+                        lambda artifact_id, pct, description: shown.append((pct, description)))
+    report = stage_module.ProgressReporter("k")
+    report("base model: loading model", 0, 0)
+    report("base model: generate", 0, 4)
+    report("base model: generate", 1, 4)  # within the interval: waits
+    report("base model: generate", 4, 4)
+    report("trained model: loading model", 0, 0)
+    report("trained model: generate", 0, 4)
+    assert shown == [
+        (0.0, "base model: loading model ..."),
+        (0.0, "base model: generate: 0/4"),
+        (100.0, "base model: generate: 4/4"),
+        (0.0, "trained model: loading model ..."),
+        (0.0, "trained model: generate: 0/4"),
+    ]
