@@ -6,6 +6,7 @@
     mpo run [--config FILE] [--set key=value ...] [--gpu-deployments]
     mpo stage NAME --run RUN [--set key=value ...] [--force]
     mpo runs [--root DIR]
+    mpo serve --run RUN [--port PORT]
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ def _prefect_ui_hint(flow_run_id: str | None) -> str:
         return "Prefect UI: no flow run recorded"
     from prefect.settings import get_current_settings
 
+    from tasks.monitoring import flow_run_url
+
+    url = flow_run_url(flow_run_id)
+    if url:
+        return f"Prefect UI: {url}"
     settings = get_current_settings()
-    if settings.api.url:
-        ui = settings.ui_url or settings.api.url.removesuffix("/api")
-        return f"Prefect UI: {ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
     return (
         f"Prefect UI: flow run {flow_run_id} is in the local Prefect database ({settings.home}); "
         f"run `prefect server start` (or scripts/start-server.sh) and open "
@@ -103,6 +106,32 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_server(run_dir: str | Path, port: int):
+    """An HTTP server on 127.0.0.1 that serves the run folder ``run_dir`` read-only (GET and HEAD only)."""
+    import functools
+    import http.server
+
+    from mpo_core.runs import RunFolder
+
+    run = RunFolder(run_dir)
+    if not run.exists():
+        raise MPOError(f"{run_dir} is not a run folder (no config.yaml)")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(run.path.resolve()))
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the run folder over HTTP on 127.0.0.1 (the report with its plots, the artifacts)."""
+    with run_server(args.run, args.port) as server:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        print(f"Serving {Path(args.run).resolve()} at {base}/ (report: {base}/evaluate/report/report.html); Ctrl-C stops")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpo", description="MPO pipeline on Prefect")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,12 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list runs and their stages' state")
     runs.add_argument("--root", default="runs", help="runs root folder (default: %(default)s)")
     runs.set_defaults(func=cmd_runs)
+
+    serve = sub.add_parser("serve", help="serve a run folder (report, plots) over HTTP on 127.0.0.1")
+    serve.add_argument("--run", required=True, help="run folder, e.g. runs/default")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "runs":
+    if args.command not in ("runs", "serve"):
         from tasks.environment import apply_defaults
 
         apply_defaults()

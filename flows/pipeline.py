@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
@@ -29,7 +28,7 @@ from mpo_core.runs import (
     resolve_inputs,
 )
 from mpo_core.stages import STAGES, get_stage
-from tasks.stage import artifact_key
+from tasks.monitoring import flow_run_namer, flow_run_url, publish_run_page, tag_flow_run
 
 Outputs = dict[str, str]
 
@@ -68,20 +67,7 @@ class StageCaller:
             bypass_stage(get_stage(stage), self.run, reason)
 
 
-def publish_run_summary(run: RunFolder) -> None:
-    """A markdown artifact with every stage's state in this invocation (and where the run folder is)."""
-    state = run.read_state()["stages"]
-    lines = [f"## mpo run `{run.name}`", "", f"Run folder: `{run.path.resolve()}`", ""]
-    lines += ["| stage | status | seconds | reason |", "|---|---|---|---|"]
-    for spec in STAGES:
-        entry = state.get(spec.name, {})
-        lines.append(
-            f"| {spec.name} | {entry.get('status', '-')} | {entry.get('seconds', '')} | {entry.get('reason', '')} |"
-        )
-    create_markdown_artifact("\n".join(lines), key=artifact_key(run.name, "run"), description="stage states")
-
-
-@flow(name="mpo-pipeline", persist_result=False)
+@flow(name="mpo-pipeline", flow_run_name=flow_run_namer("pipeline"), persist_result=False)
 def mpo_pipeline(
     config: str | None = None,
     overrides: list[str] | None = None,
@@ -95,7 +81,9 @@ def mpo_pipeline(
     outputs of evaluate (``eval`` and ``report``).
     """
     folder, cfg = open_run(run, config, overrides)
-    folder.begin_invocation("pipeline", [s.name for s in STAGES], flow_run.get_flow_run_ui_url())
+    tag_flow_run(folder.name, "pipeline")
+    flow_run_id = flow_run.get_id()
+    folder.begin_invocation("pipeline", [s.name for s in STAGES], flow_run_url(flow_run_id), flow_run_id)
     stage = StageCaller(folder, cfg, gpu_deployments, gpu_deployment)
 
     prompts = stage("ingest")
@@ -112,5 +100,6 @@ def mpo_pipeline(
     checkpoint = stage("train", filtered, reference)
     evaluation = stage("evaluate", translated, filtered, reference, checkpoint)
 
-    publish_run_summary(folder)
+    for line in publish_run_page(folder, cfg):
+        get_run_logger().info("result: %s", line)
     return evaluation

@@ -16,6 +16,7 @@ from prefect import flow
 
 from mpo_core.runs import open_run, resolve_inputs
 from mpo_core.stages import STAGES, StageSpec
+from tasks.monitoring import flow_run_namer, tag_flow_run
 from tasks.stage import stage_task_for
 
 
@@ -33,6 +34,7 @@ def _make_stage_flow(spec: StageSpec):
         force: bool = False,
     ) -> dict[str, str]:
         folder, cfg = open_run(run, config, overrides)
+        tag_flow_run(folder.name, spec.name)
         available = folder.available_outputs() if inputs is None else inputs
         resolved = resolve_inputs(spec, cfg, available)
         return stage_task_for(spec)(
@@ -47,6 +49,7 @@ def _make_stage_flow(spec: StageSpec):
     return flow(
         stage_flow,
         name=stage_flow_name(spec.name),
+        flow_run_name=flow_run_namer(spec.name),
         persist_result=False,
         validate_parameters=True,
     )

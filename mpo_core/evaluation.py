@@ -40,6 +40,7 @@ from mpo_core.metrics import (
     pick_options,
     summarize_reward_gaps,
 )
+from mpo_core.progress import phase, round_seconds
 from mpo_core.stages import stage_call
 from mpo_core.verdicts import is_attack_success, is_refusal
 
@@ -544,11 +545,12 @@ def evaluate_models(
     pair_set = load_pair_set(config, filtered, reference, translated)
     utility_sets = load_utility_sets(config)
     judge, refusal_judge = get_judges(config) if safety_sets else (None, None)
-    observations = {
-        role: evaluate_model(cfg, config, role=role, safety_sets=safety_sets, pair_set=pair_set,
-                             utility_sets=utility_sets, judge=judge, refusal_judge=refusal_judge)
-        for role, cfg in models.items()
-    }
+    observations = {}
+    for role, cfg in models.items():
+        with phase(f"{role} model"):
+            observations[role] = evaluate_model(cfg, config, role=role, safety_sets=safety_sets,
+                                                pair_set=pair_set, utility_sets=utility_sets, judge=judge,
+                                                refusal_judge=refusal_judge)
     rows = [row for obs in observations.values() for row in summary_rows(obs, config)]
     if "base" in observations and "trained" in observations:
         rows += paired_delta_rows(observations["base"], observations["trained"], config)
@@ -571,7 +573,7 @@ def report_meta(config: PipelineConfig, models: dict[str, ModelConfig], result: 
     meta["decoding"] = (f"greedy, max_new_tokens={config.evaluate.max_new_tokens}, "
                         f"backend={config.generate.backend}")
     meta["config hash"] = config_hash
-    meta["evaluation time"] = f"{result.seconds:.0f} s"
+    meta["evaluation time"] = f"{round_seconds(result.seconds)} s"
     return meta
 
 
@@ -596,7 +598,7 @@ def write_evaluation(
     eval_path = out_dir / "eval.parquet"
     write_artifact(result.rows, eval_path, "eval", config_hash=config_hash, inputs=inputs,
                    extra={"models": {r: m.name_or_path for r, m in models.items()}, "datasets": result.datasets,
-                          "seconds": round(result.seconds, 1)})
+                          "seconds": round_seconds(result.seconds)})
     report = write_report(result.rows, out_dir / "report", meta=report_meta(config, models, result, config_hash))
     return {"eval": eval_path, "report": report["markdown"], "report_html": report["html"]}
 

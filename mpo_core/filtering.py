@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import html
+import logging
 import re
 import time
 import unicodedata
@@ -56,6 +57,8 @@ import pyarrow as pa
 from mpo_core.config import FilterConfig, PipelineConfig
 from mpo_core.languages import language_name, same_language
 from mpo_core.schemas import DROPPED, FILTER_REPORT, PAIRS
+
+logger = logging.getLogger(__name__)
 
 TOKENIZE_BELOW_CHARS = 32
 LENGTH_SMOOTHING_BYTES = 64
@@ -363,29 +366,40 @@ class PairFilter:
 # ----------------------------------------------------------------------------------------- report
 
 
-def report_markdown(report: pa.Table, title: str = "Filter report") -> str:
-    """A person-readable table: rows are outcomes and reasons, columns the target languages."""
-    counts: dict[tuple[str, str], int] = {}
+def reason_rows(report: pa.Table) -> list[dict[str, Any]]:
+    """The report as reason x language: one row per outcome (input, kept, dropped: any, each reason hit,
+    each repair), a column per target language and a ``total``; reasons no pair hit are left out."""
+    counts: dict[tuple[tuple[str, str], str], int] = {}
     langs: list[str] = []
     for row in report.to_pylist():
-        key = (row["outcome"], row["reason"] or "")
-        counts[(key, row["lang"])] = row["pairs"]
+        counts[((row["outcome"], row["reason"] or ""), row["lang"])] = row["pairs"]
         if row["lang"] not in langs:
             langs.append(row["lang"])
     langs.sort()
     lines_order = [("input", ""), ("judged", ""), ("kept", ""), ("dropped", "any")]
     lines_order += [("dropped", r) for r in REASONS]
-    repaired = sorted({key for key, _ in counts if key[0] == "repaired"})
+    lines_order += sorted({key for key, _ in counts if key[0] == "repaired"})
+    rows = []
+    for key in lines_order:
+        values = {lang: counts.get((key, lang), 0) for lang in langs}
+        skippable = key[0] in ("dropped", "repaired") and key[1] != "any" or key[0] == "judged"
+        if skippable and not any(values.values()):
+            continue
+        rows.append({"outcome": key[0] if not key[1] else f"{key[0]}: {key[1]}", **values,
+                     "total": sum(values.values())})
+    return rows
+
+
+def report_markdown(report: pa.Table, title: str = "Filter report") -> str:
+    """A person-readable table: rows are outcomes and reasons, columns the target languages."""
+    rows = reason_rows(report)
+    langs = sorted({lang for row in rows for lang in row} - {"outcome", "total"})
     header = "| | " + " | ".join(f"{lang} ({language_name(lang)})" for lang in langs) + " | total |"
     out = [f"# {title}", "", "Pairs per target language. A dropped pair counts once under every reason it",
            "hit, so reason rows can add up to more than `dropped (any)`. Repairs count texts.", "",
            header, "|" + "---|" * (len(langs) + 2)]
-    for key in lines_order + repaired:
-        values = [counts.get((key, lang), 0) for lang in langs]
-        if (key[0] in ("dropped", "repaired") and key[1] != "any" or key[0] == "judged") and not any(values):
-            continue
-        label = key[0] if not key[1] else f"{key[0]}: {key[1]}"
-        out.append(f"| {label} | " + " | ".join(str(v) for v in values) + f" | {sum(values)} |")
+    for row in rows:
+        out.append(f"| {row['outcome']} | " + " | ".join(str(row[lang]) for lang in langs) + f" | {row['total']} |")
     return "\n".join(out) + "\n"
 
 
@@ -415,6 +429,15 @@ def _judge_for_unscored(config: PipelineConfig, source: Path) -> Any:
     from mpo_core.judges import get_judge
 
     return get_judge(config.label, config.model)
+
+
+def _log_decisions(rows: list[dict[str, Any]], token_check: str) -> None:
+    totals = {row["outcome"]: row["total"] for row in rows}
+    logger.info("filter: kept %d of %d pairs, dropped %d (%s)", totals.get("kept", 0), totals.get("input", 0),
+                totals.get("dropped: any", 0), token_check)
+    for outcome, total in totals.items():
+        if outcome.startswith(("dropped: ", "repaired: ")) and outcome != "dropped: any":
+            logger.info("filter: %s: %d", outcome, total)
 
 
 def run_filter(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
@@ -448,6 +471,7 @@ def run_filter(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -
             dropped_out.write(dropped)
             tracker.update(batch.num_rows)
     report = pair_filter.report_table()
+    _log_decisions(reason_rows(report), token_check)
     write_artifact(report, paths["report_parquet"], "filter_report", **common,
                    extra={"token_check": token_check})
     markdown = report_markdown(report, f"Filter report: {source.name}")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from mpo_core.artifacts import read_artifact, write_artifact
 from mpo_core.config import GenerateConfig, ModelConfig, PipelineConfig
 from mpo_core.errors import ConfigError, ModelLoadError
-from mpo_core.progress import Tracker
+from mpo_core.progress import Tracker, round_seconds
 from mpo_core.stages import stage_call
 
 if TYPE_CHECKING:
@@ -295,7 +295,7 @@ def run_generate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path)
         extra={
             "prompts": len(prompts),
             "samples": len(rows),
-            "seconds": round(seconds, 2),
+            "seconds": round_seconds(seconds),
             "samples_per_second": round(len(rows) / seconds, 3) if seconds > 0 else None,
         },
     )

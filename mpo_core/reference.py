@@ -11,6 +11,7 @@ atomically from the shards at the end, in the order of the input pairs.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from mpo_core.artifacts import artifact_is_complete, read_artifact, read_manifes
 from mpo_core.config import PipelineConfig
 from mpo_core.progress import Tracker
 from mpo_core.stages import stage_call
+
+logger = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference.parquet"
 
@@ -126,4 +129,8 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
         extra={"model_fingerprint": fingerprint, "max_length": config.reference.max_length},
     )
     shutil.rmtree(shard_dir, ignore_errors=True)
+    gaps = table.column("reward_gap").to_pylist()
+    if gaps:
+        logger.info("reference: RG^d mean %+.4f on %d pairs; %.0f %% are safe dominant pairs (RG^d > 0)",
+                    sum(gaps) / len(gaps), len(gaps), 100.0 * sum(g > 0 for g in gaps) / len(gaps))
     return {"reference": out_path}

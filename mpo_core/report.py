@@ -411,3 +411,18 @@ def write_report(
         (build / "report.md").write_text(render_markdown(view, meta, plots, title), encoding="utf-8")
     paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html"}
     return paths | {f"plot_{name}": out_dir / PLOT_FILES[name] for name in plots}
+
+
+def png_data_uri(png: bytes) -> str:
+    """PNG bytes as a ``data:`` URI, for documents that must carry their images (a UI artifact)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def markdown_with_inline_plots(report_md: str | Path) -> str:
+    """``report.md`` with every plot it links (``![name](file.png)`` beside it) embedded as a data URI."""
+    report_md = Path(report_md)
+    text = report_md.read_text(encoding="utf-8")
+    for name in PLOT_FILES.values():
+        if (report_md.parent / name).exists():
+            text = text.replace(f"]({name})", f"]({png_data_uri((report_md.parent / name).read_bytes())})")
+    return text

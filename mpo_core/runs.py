@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ from mpo_core.artifacts import (
 )
 from mpo_core.config import PipelineConfig, dump_config, load_config
 from mpo_core.errors import ArtifactError, ConfigError
+from mpo_core.progress import round_seconds
 from mpo_core.stages import (
     STAGES,
     StageSpec,
@@ -48,6 +50,8 @@ from mpo_core.stages import (
     pair_source,
     stage_call,
 )
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
@@ -174,11 +178,14 @@ class RunFolder:
     def read_state(self) -> dict[str, Any]:
         return _read_json(self.state_path) or {"run": self.name, "stages": {}}
 
-    def begin_invocation(self, kind: str, stages: list[str], flow_run_url: str | None = None) -> str:
+    def begin_invocation(
+        self, kind: str, stages: list[str], flow_run_url: str | None = None, flow_run_id: str | None = None
+    ) -> str:
         """Start a new invocation: reset the named stages to ``pending`` and return the invocation id."""
         state = self.read_state()
         invocation = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        state.update(invocation=invocation, kind=kind, started_at=_now(), flow_run_url=flow_run_url)
+        state.update(invocation=invocation, kind=kind, started_at=_now(), flow_run_url=flow_run_url,
+                     flow_run_id=flow_run_id)
         for stage in stages:
             state["stages"][stage] = {"status": "pending", "invocation": invocation}
         _write_json(self.state_path, state)
@@ -219,7 +226,7 @@ class RunFolder:
         """Whether the stage's outputs are whole and were made with ``identity``; the reason if not."""
         marker = self.read_marker(spec.name)
         if marker is None:
-            return False, "never ran"
+            return False, "first run"
         if marker.get("status") != "complete":
             return False, "interrupted"
         if marker.get("identity") != identity:
@@ -352,8 +359,10 @@ def execute_stage(
     started = time.perf_counter()
     check = check_stage(spec, config, run, inputs)
     if check.current and not force:
+        logger.info("stage %s skipped: %s (identity %s)", spec.name, check.reason, check.identity[:16])
         return record_skip(spec, run, check)
     reason = "forced" if force else check.reason
+    logger.info("stage %s runs: %s (identity %s)", spec.name, reason, check.identity[:16])
     out_dir = run.stage_dir(spec.name)
     run.record(
         spec.name,
@@ -391,7 +400,7 @@ def _complete_stage(
         check.identity,
         "complete",
         outputs=relative,
-        seconds=round(seconds, 3),
+        seconds=round_seconds(seconds),
         fingerprints={k: content_fingerprint(p) for k, p in outputs.items()},
     )
     absolute = {k: run.path / v for k, v in relative.items()}
@@ -399,7 +408,7 @@ def _complete_stage(
         spec.name,
         status=RAN,
         outputs={k: str(v) for k, v in absolute.items()},
-        seconds=round(seconds, 3),
+        seconds=round_seconds(seconds),
         finished_at=_now(),
     )
     return StageOutcome(spec.name, RAN, absolute, check.identity, seconds, reason)

@@ -25,6 +25,7 @@ is deleted after every save. ``out_dir/model`` holds no pickle at all.
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -40,6 +41,8 @@ from mpo_core.errors import ConfigError, InputDataError
 from mpo_core.logps import collate_pairs, encode_prompt_responses, full_logits_outputs, sequence_outputs
 from mpo_core.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
 from mpo_core.stages import stage_call
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -296,10 +299,12 @@ def _callbacks(log_path: Path) -> list:
     from transformers import TrainerCallback
 
     from mpo_core.progress import Tracker
+    from mpo_core.stage_results import training_log_line
 
     class ProgressAndLog(TrainerCallback):
-        """Progress through :mod:`mpo_core.progress`, every log line appended to the JSONL training log, and
-        the pickled ``training_args.bin`` removed from each checkpoint."""
+        """Progress through :mod:`mpo_core.progress`, every log line appended to the JSONL training log (and
+        logged at INFO: every ``train.logging_steps``), the pickled ``training_args.bin`` removed from each
+        checkpoint."""
 
         tracker: Tracker | None = None
 
@@ -314,6 +319,8 @@ def _callbacks(log_path: Path) -> list:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero:
                 return
+            if logs and "loss" in logs:
+                logger.info("train: %s", training_log_line(logs, state.global_step, state.max_steps))
             with open(log_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **(logs or {})}) + "\n")
 

@@ -4,8 +4,9 @@ The task reads the run's config, calls :func:`mpo_core.runs.execute_stage` (whic
 runs the ``mpo_core`` stage function otherwise and records the outcome) and publishes:
 
 - a progress artifact fed by every :func:`mpo_core.progress.track` loop of the stage,
-- a markdown summary (status, identity, time, outputs as ``file://`` links, row counts) and a table of rows
-  per language: never the data itself.
+- a markdown summary (status, identity, time, outputs as paths relative to the run folder, row counts) and a
+  table of rows per language: never the data itself;
+- the stage's results and its outputs as assets (:mod:`tasks.monitoring`).
 
 Prefect's own result caching is off (``NO_CACHE``, no persisted results): reuse has one mechanism, our
 manifests and stage markers. Transient failures (I/O, network, out of memory) are retried with
@@ -16,7 +17,6 @@ exponential backoff; anything else, bad input or config above all, is not. GPU s
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,10 +36,17 @@ from prefect.tasks import exponential_backoff
 
 from mpo_core.artifacts import read_manifest
 from mpo_core.errors import is_transient_error
-from mpo_core.progress import progress_listener
-from mpo_core.runs import RunFolder, StageOutcome, execute_stage
+from mpo_core.progress import progress_listener, round_seconds
+from mpo_core.runs import RAN, RunFolder, StageOutcome, execute_stage
 from mpo_core.stages import StageSpec, get_stage
 from tasks.launch import launcher_for
+from tasks.monitoring import (
+    artifact_key,
+    current_flow_run_id,
+    declare_assets,
+    library_logs_forwarded,
+    publish_stage_results,
+)
 from tasks.secrets import install_redaction, load_hub_token, redact
 
 GPU_LIMIT = "gpu"
@@ -48,11 +55,6 @@ RETRY_BACKOFF_S = 10.0
 # Wall-clock limits per stage on the embedded default's scale are far below these; they catch hangs.
 TIMEOUT_S = {"cpu": 2 * 3600.0, "gpu": 48 * 3600.0}
 PROGRESS_MIN_INTERVAL_S = 2.0
-
-
-def artifact_key(*parts: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits, dashes) made of ``parts``."""
-    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -72,21 +74,25 @@ class ProgressReporter:
         self._artifact_id = None
         self._last_update = 0.0
         self._last_pct = -1.0
+        self._last_desc = ""
 
     def __call__(self, desc: str, done: int, total: int) -> None:
-        pct = 100.0 * done / total if total else 100.0
+        """``(desc, 0, 0)`` announces a phase (shown at once, at 0 %); otherwise ``done`` of ``total``. A new
+        phase or loop shows at once; within a loop, updates come at most every few seconds."""
+        starting_phase = total == 0
+        pct = 100.0 * done / total if total else 0.0
         now = time.monotonic()
-        final = done >= total
-        if self._artifact_id is not None and not final and now - self._last_update < PROGRESS_MIN_INTERVAL_S:
+        shown_now = starting_phase or done >= total or desc != self._last_desc
+        if self._artifact_id is not None and not shown_now and now - self._last_update < PROGRESS_MIN_INTERVAL_S:
             return
-        if pct == self._last_pct and self._artifact_id is not None:
+        if self._artifact_id is not None and pct == self._last_pct and desc == self._last_desc:
             return
-        description = f"{desc}: {done}/{total}"
+        description = f"{desc} ..." if starting_phase else f"{desc}: {done}/{total}"
         if self._artifact_id is None:
             self._artifact_id = create_progress_artifact(pct, key=self.key, description=description)
         else:
             update_progress_artifact(self._artifact_id, pct, description=description)
-        self._last_update, self._last_pct = now, pct
+        self._last_update, self._last_pct, self._last_desc = now, pct, desc
 
 
 def _rows_per_language(path: Path) -> dict[str, int]:
@@ -100,8 +106,11 @@ def _rows_per_language(path: Path) -> dict[str, int]:
     return dict(sorted(Counter(pq.read_table(path, columns=[column]).column(0).to_pylist()).items()))
 
 
-def output_summary(outputs: dict[str, Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(one row per output: name, kind, rows, link) and (one row per output and language: rows)."""
+def output_summary(
+    outputs: dict[str, Path], run_dir: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(one row per output: name, kind, rows, path relative to the run folder ``run_dir``) and (one row per
+    output and language: rows). Relative paths mean the same on every machine that holds the run."""
     listing, per_lang = [], []
     for name, path in outputs.items():
         row: dict[str, Any] = {"output": name, "kind": "folder" if path.is_dir() else path.suffix.lstrip(".")}
@@ -109,28 +118,26 @@ def output_summary(outputs: dict[str, Path]) -> tuple[list[dict[str, Any]], list
             manifest = read_manifest(path)
             row.update(kind=manifest.kind, rows=manifest.rows)
             per_lang += [{"output": name, "lang": k, "rows": v} for k, v in _rows_per_language(path).items()]
-        row["link"] = path.resolve().as_uri()
+        row["path"] = str(path.resolve().relative_to(Path(run_dir).resolve()))
         listing.append(row)
     return listing, per_lang
 
 
 def publish_stage_summary(run: RunFolder, outcome: StageOutcome) -> None:
     """Markdown + table artifacts for one stage outcome (links and counts only)."""
-    listing, per_lang = output_summary(outcome.outputs)
+    listing, per_lang = output_summary(outcome.outputs, run.path)
     lines = [
         f"### {outcome.stage} — {outcome.status}",
         "",
-        f"- run: `{run.name}` (`{run.path.resolve()}`)",
+        f"- run: `{run.name}` (paths below are relative to its run folder)",
         f"- identity: `{outcome.identity[:16]}`",
         f"- reason: {outcome.reason}",
-        f"- seconds: {outcome.seconds:.1f}",
+        f"- seconds: {round_seconds(outcome.seconds)}",
         "",
-        "| output | kind | rows | file |",
+        "| output | kind | rows | path |",
         "|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['output']} | {r['kind']} | {r.get('rows', '')} | [{r['link']}]({r['link']}) |" for r in listing
-    ]
+    lines += [f"| {r['output']} | {r['kind']} | {r.get('rows', '')} | `{r['path']}` |" for r in listing]
     key = artifact_key(run.name, outcome.stage)
     create_markdown_artifact(
         redact("\n".join(lines)), key=f"{key}-summary", description=f"{outcome.stage} outputs"
@@ -171,12 +178,19 @@ def run_stage_task(stage: str, run_dir: str, inputs: dict[str, str], force: bool
     if spec.device == "gpu" or spec.name == "translate":
         load_hub_token()
     logger = get_run_logger()
-    with _gpu_slot(spec), progress_listener(ProgressReporter(artifact_key(run.name, stage, "progress"))):
-        outcome = execute_stage(
-            spec, config, run, {k: Path(v) for k, v in inputs.items()}, force=force, runner=launcher_for(spec)
-        )
-    logger.info("stage %s %s in %.1f s (%s)", stage, outcome.status, outcome.seconds, outcome.reason)
+    paths = {k: Path(v) for k, v in inputs.items()}
+    reporter = ProgressReporter(artifact_key(run.name, stage, "progress"))
+    with library_logs_forwarded(), _gpu_slot(spec), progress_listener(reporter):
+        outcome = execute_stage(spec, config, run, paths, force=force, runner=launcher_for(spec))
+    run.record(stage, flow_run_id=current_flow_run_id())
+    logger.info("stage %s %s in %s s (%s)", stage, outcome.status, round_seconds(outcome.seconds), outcome.reason)
     publish_stage_summary(run, outcome)
+    try:
+        publish_stage_results(run, stage, outcome.outputs, paths, config)
+        if outcome.status == RAN:
+            declare_assets(run, stage, outcome.outputs, paths)
+    except Exception as err:  # noqa: BLE001 - the stage's outputs are whole; a display failure must not undo it
+        logger.warning("stage %s: results not published: %s: %s", stage, type(err).__name__, err)
     return {k: str(v) for k, v in outcome.outputs.items()}
 
 

@@ -106,9 +106,10 @@ def test_output_summary_links_and_counts_without_data(tmp_path):
     write_artifact(rows, path, "prompts")
     folder = tmp_path / "model"
     folder.mkdir()
-    listing, per_lang = output_summary({"prompts": path, "checkpoint": folder})
-    assert listing[0] == {"output": "prompts", "kind": "prompts", "rows": 3, "link": path.resolve().as_uri()}
-    assert listing[1]["kind"] == "folder" and listing[1]["link"].startswith("file://")
+    listing, per_lang = output_summary({"prompts": path, "checkpoint": folder}, tmp_path)
+    assert listing[0] == {"output": "prompts", "kind": "prompts", "rows": 3, "path": "prompts.parquet"}
+    assert listing[1] == {"output": "checkpoint", "kind": "folder", "path": "model"}
+    assert "file://" not in str(listing) and str(tmp_path) not in str(listing)
     assert per_lang == [
         {"output": "prompts", "lang": "en", "rows": 2},
         {"output": "prompts", "lang": "zh", "rows": 1},
@@ -144,3 +145,67 @@ def test_transient_failures_are_retried_but_not_our_own_errors():
 
     assert is_transient(None, None, Failed(data=OSError("disk hiccup"))) is True
     assert is_transient(None, None, Failed(data=InputDataError("bad row 3"))) is False
+
+
+def test_flow_run_url_names_the_ui_page_or_nothing():
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    from tasks.monitoring import flow_run_url
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_UI_URL}):
+        assert flow_run_url("abc") is None  # a temporary local server has no page to link to (not "None/...")
+    with temporary_settings(updates={PREFECT_API_URL: "http://10.0.0.5:4200/api"}, restore_defaults={PREFECT_UI_URL}):
+        assert flow_run_url("abc") == "http://10.0.0.5:4200/runs/flow-run/abc"
+
+
+def test_mpo_serve_serves_the_run_folder_on_loopback(tmp_path):
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from flows.cli import run_server
+    from mpo_core.errors import MPOError
+
+    run = tmp_path / "runs" / "served"
+    (run / "evaluate" / "report").mkdir(parents=True)
+    (run / "config.yaml").write_text("run:\n  name: served\n", encoding="utf-8")
+    (run / "evaluate" / "report" / "report.html").write_text("<h1>report</h1>", encoding="utf-8")
+    (tmp_path / "outside.txt").write_text("not served", encoding="utf-8")
+    with run_server(run, 0) as server:
+        host, port = server.server_address[:2]
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            base = f"http://{host}:{port}"
+            assert host == "127.0.0.1"
+            assert urllib.request.urlopen(f"{base}/evaluate/report/report.html").read() == b"<h1>report</h1>"
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(f"{base}/../outside.txt")
+        finally:
+            server.shutdown()
+    with pytest.raises(MPOError, match="not a run folder"):
+        run_server(tmp_path, 0)
+
+
+def test_progress_reporter_shows_each_phase_and_loop_at_once(monkeypatch):
+    import tasks.stage as stage_module
+
+    shown = []
+    monkeypatch.setattr(stage_module, "create_progress_artifact",
+                        lambda pct, key, description: shown.append((pct, description)) or "id")
+    monkeypatch.setattr(stage_module, "update_progress_artifact",
+                        lambda artifact_id, pct, description: shown.append((pct, description)))
+    report = stage_module.ProgressReporter("k")
+    report("base model: loading model", 0, 0)
+    report("base model: generate", 0, 4)
+    report("base model: generate", 1, 4)  # within the interval: waits
+    report("base model: generate", 4, 4)
+    report("trained model: loading model", 0, 0)
+    report("trained model: generate", 0, 4)
+    assert shown == [
+        (0.0, "base model: loading model ..."),
+        (0.0, "base model: generate: 0/4"),
+        (100.0, "base model: generate: 4/4"),
+        (0.0, "trained model: loading model ..."),
+        (0.0, "trained model: generate: 0/4"),
+    ]

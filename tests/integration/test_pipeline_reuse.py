@@ -28,14 +28,18 @@ ALL_STAGES = ["ingest", "translate", "generate", "label", "pair", "filter", "ref
 
 
 def fast_recipe(
-    folder: Path, shared_data: Path, name: str, *, max_steps: int = 1, save_steps: int = 50
+    folder: Path, shared_data: Path, name: str, *, max_steps: int = 1, save_steps: int = 50,
+    noisy_pair: bool = False,
 ) -> Path:
-    """A recipe on the pair-source path: a few real quadruples, tiny lengths, one or two training steps."""
+    """A recipe on the pair-source path: a few real quadruples, tiny lengths, one or two training steps.
+    ``noisy_pair`` adds a copy of the first quadruple whose target rejected equals its chosen (to be dropped)."""
     pairs = folder / "pairs.json"
     if not pairs.exists():
         rows = json.loads((shared_data / "mpo_official" / "llama_mpo_data.json").read_text(encoding="utf-8"))
-        pairs.write_text(json.dumps(rows[FIRST_PAIR : FIRST_PAIR + PAIRS_PER_RUN], ensure_ascii=False),
-                         encoding="utf-8")
+        rows = rows[FIRST_PAIR : FIRST_PAIR + PAIRS_PER_RUN]
+        if noisy_pair:
+            rows.append({**rows[0], "target_rejected": rows[0]["target_chosen"]})
+        pairs.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     recipe = folder / f"{name}.yaml"
     recipe.write_text(
         f"""run:
