@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from mpo_core.runs import (
     RAN,
     SKIPPED,
     RunFolder,
+    RunFolderNotVisible,
     active_stages,
     bypass_stage,
     ensure_inside,
@@ -251,3 +253,17 @@ def test_plain_outputs_get_a_manifest_downstream_stages_can_read(config):
     manifest = read_manifest(translate.outputs["notes"])
     assert manifest.kind == "folder" and manifest.config_hash == translate.identity
     assert manifest.inputs == {"prompts": read_manifest(run.stage_dir("ingest") / "prompts.parquet").content_hash}
+
+
+def test_a_run_folder_this_machine_cannot_see_names_it_and_the_shared_root_contract(tmp_path):
+    """A worker without the shared run root gets the folder, the host and the contract, not a traceback."""
+    missing = tmp_path / "not-mounted" / "runs" / "r1"
+    with pytest.raises(RunFolderNotVisible) as err:
+        open_run(run=missing)
+    message = str(err.value)
+    assert str(missing) in message and socket.gethostname() in message
+    assert "does not exist on this machine" in message and "same absolute path" in message
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.yaml") as err:
+        open_run(run=tmp_path / "empty")
+    assert not isinstance(err.value, RunFolderNotVisible)
