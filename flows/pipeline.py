@@ -18,6 +18,7 @@ from flows.stages import STAGE_FLOWS, stage_flow_name
 from mpo_core.config import PipelineConfig
 from mpo_core.errors import MPOError
 from mpo_core.runs import (
+    FAILED,
     PAIR_SOURCE_BYPASSES,
     RunFolder,
     bypass_stage,
@@ -58,9 +59,23 @@ class StageCaller:
         name = f"{stage_flow_name(stage)}/{self.gpu_deployment}"
         child = run_deployment(name=name, parameters=parameters, as_subflow=True, timeout=None)
         if child.state is None or not child.state.is_completed():
-            raise MPOError(f"deployment {name} ended in state {child.state and child.state.name}")
+            self._record_remote_failure(stage, name, child)
         marker = self.run.read_marker(stage) or {}
         return {k: str(self.run.path / v) for k, v in marker.get("outputs", {}).items()}
+
+    def _record_remote_failure(self, stage: str, deployment: str, child) -> None:
+        """Mark the stage failed in ``state.json`` (the worker may have died, or not seen the run folder,
+        before it could) and fail the pipeline with an error that names the stage."""
+        state = child.state
+        detail = f"{state.name}: {state.message}" if state is not None else "no state"
+        error = (
+            f"stage {stage} failed: flow run {child.name} of deployment {deployment} "
+            f"(work pool {child.work_pool_name}) ended {detail}"
+        )
+        if self.run.read_state()["stages"].get(stage, {}).get("status") != FAILED:
+            self.run.record(stage, status=FAILED, error=error[:2000])
+        self.run.record(stage, flow_run=str(child.id))
+        raise MPOError(error)
 
     def bypass(self, *stages: str, reason: str) -> None:
         for stage in stages:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -130,6 +131,19 @@ class StageOutcome:
     reason: str = ""
 
 
+class RunFolderNotVisible(ConfigError):
+    """A run folder that does not exist on this machine: a worker without the shared ``run.root``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"{path} is not a run folder: it does not exist on this machine ({socket.gethostname()}). "
+            f"Stages read and write the run folder in place, so every worker (cpu and gpu pools) must see "
+            f"run.root at the same absolute path, e.g. on a shared file system mounted alike everywhere "
+            f"(docs/orchestration.md, 'Workers on other machines')"
+        )
+        self.path = path
+
+
 class RunFolder:
     """One run's folder: its resolved config, per-stage folders and markers, and ``state.json``."""
 
@@ -164,6 +178,8 @@ class RunFolder:
 
     def load_config(self, overrides: list[str] | None = None) -> PipelineConfig:
         """The run's recorded config with ``key=value`` overrides applied; the run must not move or rename."""
+        if not self.path.is_dir():
+            raise RunFolderNotVisible(self.path)
         if not self.exists():
             raise ConfigError(f"{self.path} is not a run folder (no {CONFIG_FILE})")
         config = load_config(self.config_path, overrides)

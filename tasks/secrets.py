@@ -65,5 +65,14 @@ def load_hub_token() -> bool:
         return False
     from prefect.blocks.system import Secret
 
-    os.environ["HF_TOKEN"] = Secret.load(block_name).get()
+    try:
+        secret = Secret.load(block_name)
+    except ValueError:  # no such block: public or cached models need no token, gated ones fail when fetched
+        logging.getLogger(__name__).warning(
+            "no Secret block %r on the Prefect server (%s): running without a hub token",
+            block_name,
+            TOKEN_BLOCK_ENV,
+        )
+        return False
+    os.environ["HF_TOKEN"] = secret.get()
     return True

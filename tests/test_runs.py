@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from mpo_core.runs import (
     RAN,
     SKIPPED,
     RunFolder,
+    RunFolderNotVisible,
     active_stages,
     bypass_stage,
     ensure_inside,
@@ -291,3 +293,17 @@ def test_a_stage_that_fails_after_its_function_returned_is_failed_not_running(co
     with pytest.raises(ValueError, match="manifest write failed"):
         execute_stage(FAKE["ingest"], config, run, {})
     assert run.stage_statuses()["ingest"] == FAILED
+
+
+def test_a_run_folder_this_machine_cannot_see_names_it_and_the_shared_root_contract(tmp_path):
+    """A worker without the shared run root gets the folder, the host and the contract, not a traceback."""
+    missing = tmp_path / "not-mounted" / "runs" / "r1"
+    with pytest.raises(RunFolderNotVisible) as err:
+        open_run(run=missing)
+    message = str(err.value)
+    assert str(missing) in message and socket.gethostname() in message
+    assert "does not exist on this machine" in message and "same absolute path" in message
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.yaml") as err:
+        open_run(run=tmp_path / "empty")
+    assert not isinstance(err.value, RunFolderNotVisible)
