@@ -69,6 +69,11 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # how the reference and train stages encode a pair (one setting for both, so that they agree):
+    # ``chat_template`` a Jinja template replacing the tokenizer's (the paper recipes set the official
+    # code's); ``truncation`` mpo's cut or the official code's (mpo_core.logps.encode_prompt_responses)
+    chat_template: str | None = None
+    truncation: Literal["prompt_left", "llama_factory"] = "prompt_left"
 
 
 class PromptsConfig(Section):

@@ -40,11 +40,9 @@ def synthetic_causal_lm(
     tied embeddings, in ``dtype`` on ``device``; ``overrides`` go to the config (e.g. ``sliding_window``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    head_dim = SIZES[size]["hidden_size"] // SIZES[size]["num_attention_heads"]
-    config = AutoConfig.for_model(
-        architecture, **SIZES[size], head_dim=head_dim, tie_word_embeddings=True, max_position_embeddings=4096,
-        **overrides,
-    )
+    settings = {**SIZES[size], "tie_word_embeddings": True, "max_position_embeddings": 4096, **overrides}
+    settings.setdefault("head_dim", settings["hidden_size"] // settings["num_attention_heads"])
+    config = AutoConfig.for_model(architecture, **settings)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)

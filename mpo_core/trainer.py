@@ -39,6 +39,7 @@ from mpo_core.config import PipelineConfig, TrainConfig
 from mpo_core.errors import ConfigError, InputDataError
 from mpo_core.logps import collate_pairs, encode_prompt_responses, full_logits_outputs, sequence_outputs
 from mpo_core.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
+from mpo_core.reference import check_reference_encoding
 from mpo_core.stages import stage_call
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ def build_examples(
     max_length: int,
     *,
     origin: str = "pairs",
+    truncation: str = "prompt_left",
 ) -> list[dict[str, Any]]:
     """Tokenised training rows: target chosen/rejected, dominant chosen/rejected, the reference's gap and
     pooled states (joined on ``pair_id``). A pair missing from ``reference`` is an error naming it."""
@@ -72,7 +74,11 @@ def build_examples(
         example: dict[str, Any] = {"pair_id": row["pair_id"], "target_lang": row["target_lang"]}
         for side in ("target", "dominant"):
             example[f"{side}_chosen"], example[f"{side}_rejected"] = encode_prompt_responses(
-                tokenizer, row[f"{side}_prompt"], [row[f"{side}_chosen"], row[f"{side}_rejected"]], max_length
+                tokenizer,
+                row[f"{side}_prompt"],
+                [row[f"{side}_chosen"], row[f"{side}_rejected"]],
+                max_length,
+                truncation=truncation,
             )
         if reference is not None:
             ref = ref_rows.get(row["pair_id"])
@@ -214,6 +220,12 @@ def _trainer_class():
 
         def __init__(self, *args: Any, train_cfg: TrainConfig, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            if self.args.n_gpu > 1:  # the Trainer would wrap the model in nn.DataParallel
+                raise ConfigError(
+                    f"train.loss={train_cfg.loss} does not run under nn.DataParallel ({self.args.n_gpu} GPUs "
+                    "visible to one process): launch one process per GPU (accelerate launch or torchrun), "
+                    "or make one GPU visible (CUDA_VISIBLE_DEVICES=0)"
+                )
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # our forward bypasses their wrappers
                 raise ConfigError(
                     f"train.loss={train_cfg.loss} runs on one device or data-parallel (DDP: torchrun or "
@@ -241,21 +253,31 @@ def _trainer_class():
                 cfg.lam,
                 backward=self.accelerator.backward,
                 scale=scale,
-                forward_context=self.compute_loss_context_manager,
+                forward_context=self.mixed_precision_context,
             )
             self._record(
                 metrics, inputs["target_lang"], gaps, mpo_l1_terms(gaps, inputs["ref_gap"], cfg.beta)
             )
             return loss * scale
 
+        def mixed_precision_context(self) -> AbstractContextManager:
+            """The trainer's loss context plus the accelerator's autocast (bf16/fp16 where the run asks for
+            it). The accelerator wraps the model's own ``forward`` in autocast, but the MPO path calls the
+            backbone and the LM head directly, so the autocast is entered here, for every launch alike."""
+            stack = self.compute_loss_context_manager()
+            stack.enter_context(self.accelerator.autocast())
+            return stack
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             cfg = self.train_cfg
             if cfg.loss == "mpo":
-                loss, metrics, gaps = mpo_step_loss(model, inputs, cfg.beta, cfg.lam)
+                with self.mixed_precision_context():
+                    loss, metrics, gaps = mpo_step_loss(model, inputs, cfg.beta, cfg.lam)
                 l1_rows = mpo_l1_terms(gaps, inputs["ref_gap"], cfg.beta)
             else:
                 n = len(inputs["target_lang"])
-                outputs = sequence_outputs(model, side(inputs, "target"), with_pooled=False, paired=True)
+                with self.mixed_precision_context():
+                    outputs = sequence_outputs(model, side(inputs, "target"), with_pooled=False, paired=True)
                 target = outputs["avg_logps"]
                 loss = simpo_loss(target[:n], target[n:], cfg.beta, cfg.simpo_gamma)
                 gaps = reward_gap(target[:n], target[n:]).detach()
@@ -405,7 +427,9 @@ def build_trainer(
             model = get_peft_model(model, _lora_config(cfg))
         if cfg.gradient_checkpointing:
             common["activation_checkpointing_kwargs"] = {"use_reentrant": False}
-        examples = build_examples(tokenizer, pairs, reference, cfg.max_length)
+        examples = build_examples(
+            tokenizer, pairs, reference, cfg.max_length, truncation=config.model.truncation
+        )
         return _trainer_class()(
             model=model,
             args=TrainingArguments(**common),
@@ -506,6 +530,7 @@ def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
     if config.train.loss == "mpo":
         if "reference" not in inputs:
             raise InputDataError("train.loss=mpo needs the 'reference' artifact")
+        check_reference_encoding(Path(inputs["reference"]), config)
         reference = read_artifact(inputs["reference"], "reference")
     tokenizer = load_tokenizer(config.model, padding_side="right")
     model = load_model(config.model)
