@@ -185,7 +185,7 @@ def run_trl_dpo(args, model, tok, batches) -> list[float]:
             lr_scheduler_type="constant",
             max_length=args.max_length,
             bf16=False,
-            activation_checkpointing=False,
+            gradient_checkpointing=False,
             use_cpu=True,
             save_strategy="no",
             report_to="none",

@@ -361,7 +361,7 @@ def _common_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_cpu: bool, see
         "lr_scheduler_type": cfg.lr_scheduler,
         "warmup_steps": min(cfg.warmup_ratio, 0.999),
         "bf16": cfg.bf16,
-        "activation_checkpointing": cfg.gradient_checkpointing,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "logging_steps": cfg.logging_steps,
         "save_strategy": "steps",
         "save_steps": cfg.save_steps,
@@ -426,7 +426,7 @@ def build_trainer(
 
             model = get_peft_model(model, _lora_config(cfg))
         if cfg.gradient_checkpointing:
-            common["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+            common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
         examples = build_examples(
             tokenizer, pairs, reference, cfg.max_length, truncation=config.model.truncation
         )
