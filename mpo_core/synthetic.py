@@ -79,3 +79,19 @@ def synthetic_mpo_batch(
     batch["ref_gap"] = torch.randn(n_pairs, generator=generator).to(device)
     batch["ref_pooled"] = torch.randn(2 * n_pairs, hidden, generator=generator).to(device)
     return batch
+
+
+def synthetic_tokenizer(vocab: int):
+    """A word-level tokenizer over the words ``t0 .. t{vocab-1}`` (``t0`` pad, ``t1`` EOS), built in memory:
+    ``"t5 t9"`` encodes to ``[5, 9]``, so random token ids can go through text-based trainers (TRL)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", eos_token="t1", unk_token="t2")
+
+
+def as_words(ids: list[int]) -> str:
+    """Token ids as :func:`synthetic_tokenizer` text, each word preceded by a space."""
+    return "".join(f" t{i}" for i in ids)

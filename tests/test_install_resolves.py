@@ -49,7 +49,7 @@ def _resolve(requirements: list[str], python_version: str, report: Path) -> subp
         "--only-binary=:all:", "--python-version", python_version, *PLATFORMS, "--report", str(report),
         *requirements,
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
 
 
 def _pins(requirements: list[str]) -> dict[str, str]:

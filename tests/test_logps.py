@@ -257,8 +257,8 @@ def test_chunked_token_logps_is_autocast_safe():
 
 
 @pytest.mark.gpu
-def test_chunked_token_logps_bf16_gradients_on_cuda():
-    chunked, autograd = _autocast_chunked_gradients("cuda", chunk=5)
+def test_chunked_token_logps_bf16_gradients_on_cuda(check_device):
+    chunked, autograd = _autocast_chunked_gradients(check_device, chunk=5)
     for key in ("out", "hidden", "weight"):
         difference = (chunked[key] - autograd[key]).norm() / autograd[key].norm()
         assert difference < 5e-3, (key, float(difference))
