@@ -18,7 +18,7 @@ and padding is excluded from every sum).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 LOGITS_CHUNK_ELEMENTS = 1 << 24  # at most this many logits (64 MiB in float32) per chunk
+Reduce = Callable[[torch.Tensor], object]  # what is computed from the final hidden states inside the forward
 
 
 @dataclass(frozen=True)
@@ -151,24 +152,52 @@ def split_causal_lm(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.M
     return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
 
 
-def _last_hidden_state(model: torch.nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
-    """The backbone's final (post-norm) hidden states for ``inputs``, without the LM head.
+def is_fully_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``, as accelerate applies it)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _last_hidden_state(model: torch.nn.Module, reduce: Reduce | None = None, **inputs: torch.Tensor):
+    """The backbone's final (post-norm) hidden states for ``inputs``, without the LM head, or ``reduce`` of
+    them (e.g. response log-likelihoods through the LM head).
 
     Under DistributedDataParallel the forward goes through the wrapper (its gradient hooks are armed only
-    there), with no logits kept; otherwise the backbone runs directly."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    there), with no logits kept. Under FSDP2 it goes through the root module too, and ``reduce`` runs inside
+    that forward (a forward hook placed before FSDP's own): the root's parameters (embeddings, LM head,
+    final norm) are gathered there, and FSDP's pre-backward hook gathers them again before the backward of
+    ``reduce`` needs them. Otherwise the backbone runs directly."""
+    reduce = reduce or (lambda hidden: hidden)
+    sharded = is_fully_sharded(model)
+    if not sharded and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        backbone, _, _ = split_causal_lm(model)
+        return reduce(backbone(**inputs, use_cache=False).last_hidden_state)
+    no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    if not sharded:
         out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_logits)
-        return out.hidden_states[-1]
-    backbone, _, _ = split_causal_lm(model)
-    return backbone(**inputs, use_cache=False).last_hidden_state
+        return reduce(out.hidden_states[-1])
+
+    def reduce_inside(module, args, kwargs, output):
+        # in the ``logits`` field (none were computed): FSDP hooks the tensors of the output's dataclass fields
+        output.logits = reduce(output.hidden_states[-1])
+        return output
+
+    handle = model.register_forward_hook(reduce_inside, with_kwargs=True, prepend=True)
+    try:
+        return model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_logits).logits
+    finally:
+        handle.remove()
 
 
 def final_hidden_states(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """The backbone's final (post-norm) hidden states ``[B, T, H]``: the LM head's input, no logits."""
-    return _last_hidden_state(model, input_ids=input_ids, attention_mask=attention_mask)
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, reduce: Reduce | None = None
+):
+    """The backbone's final (post-norm) hidden states ``[B, T, H]``: the LM head's input, no logits (or
+    ``reduce`` of them, see :func:`_last_hidden_state`)."""
+    return _last_hidden_state(model, reduce, input_ids=input_ids, attention_mask=attention_mask)
 
 
 def pair_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -228,8 +257,8 @@ def _pair_attention_mask(
 
 
 def paired_final_hidden_states(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, reduce: Reduce | None = None
+):
     """:func:`final_hidden_states` of a ``[2n, T]`` batch whose rows ``b`` and ``b + n`` are the chosen and
     rejected sequence of one pair, running their shared prefix (the prompt) once.
 
@@ -254,7 +283,7 @@ def paired_final_hidden_states(
         or implementation not in PACKABLE_ATTENTION
         or (window is not None and not takes_mask_mapping(base.config))
     ):
-        return final_hidden_states(model, input_ids, attention_mask)
+        return final_hidden_states(model, input_ids, attention_mask, reduce)
     n, total = prefix.shape[0], input_ids.shape[1]
     device = input_ids.device
     lengths = attention_mask.sum(dim=1)
@@ -274,13 +303,17 @@ def paired_final_hidden_states(
             segments, implementation, base.dtype, positions=source_col, window=window
         )
         mask = {"full_attention": mask, "sliding_attention": windowed}
-    packed = _last_hidden_state(
-        model, input_ids=input_ids[source_row, source_col], attention_mask=mask, position_ids=source_col
-    )
     positions = torch.arange(total, device=device)[None, :]
     rejected_cols = torch.where(positions < start, positions, positions - start + chosen_end)
-    columns = torch.cat([positions.expand(n, total), rejected_cols]).clamp_max(packed.shape[1] - 1)
-    return packed[pair.repeat(2, 1), columns]
+    columns = torch.cat([positions.expand(n, total), rejected_cols]).clamp_max(int(packed_end.max()) - 1)
+    unpack = lambda packed: packed[pair.repeat(2, 1), columns]
+    return _last_hidden_state(
+        model,
+        (lambda packed: reduce(unpack(packed))) if reduce else unpack,
+        input_ids=input_ids[source_row, source_col],
+        attention_mask=mask,
+        position_ids=source_col,
+    )
 
 
 def _softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -416,15 +449,18 @@ def sequence_outputs(
     (mean of the final hidden states over real tokens). ``paired``: rows ``b`` and ``b + B/2`` are the chosen
     and rejected sequence of one pair, and their shared prompt runs once (:func:`paired_final_hidden_states`)."""
     hidden_states = paired_final_hidden_states if paired else final_hidden_states
-    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
-    out: dict[str, torch.Tensor] = {}
-    if with_logps:
-        sums, counts = response_logp_sums(model, hidden, batch["input_ids"], batch["response_mask"])
-        out["logp_sums"], out["response_tokens"] = sums, counts
-        out["avg_logps"] = sums / counts.clamp_min(1).to(sums.dtype)
-    if with_pooled:
-        out["pooled"] = masked_mean_pool(hidden, batch["attention_mask"])
-    return out
+
+    def reduce(hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if with_logps:
+            sums, counts = response_logp_sums(model, hidden, batch["input_ids"], batch["response_mask"])
+            out["logp_sums"], out["response_tokens"] = sums, counts
+            out["avg_logps"] = sums / counts.clamp_min(1).to(sums.dtype)
+        if with_pooled:
+            out["pooled"] = masked_mean_pool(hidden, batch["attention_mask"])
+        return out
+
+    return hidden_states(model, batch["input_ids"], batch["attention_mask"], reduce)
 
 
 def full_logits_outputs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
