@@ -201,6 +201,10 @@ class TrainConfig(Section):
     save_total_limit: int = Field(default=2, ge=1)
     logging_steps: int = Field(default=1, ge=1)
     simpo_gamma: float = Field(default=0.5, ge=0.0)
+    # fsdp2: parameters, gradients and AdamW states sharded over the processes of `accelerate launch` /
+    # torchrun (torch fully_shard through accelerate), fp32 master weights (accelerate upcasts bf16 weights)
+    # with bf16 compute where train.bf16 is on; a single process without a launcher trains unsharded
+    sharding: Literal["none", "fsdp2"] = "none"
 
 
 class EvaluateConfig(Section):

@@ -25,6 +25,7 @@ is deleted after every save. ``out_dir/model`` holds no pickle at all.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -226,10 +227,11 @@ def _trainer_class():
                     "visible to one process): launch one process per GPU (accelerate launch or torchrun), "
                     "or make one GPU visible (CUDA_VISIBLE_DEVICES=0)"
                 )
-            if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # our forward bypasses their wrappers
+            fsdp2 = self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2
+            if (self.is_fsdp_enabled and not fsdp2) or self.is_deepspeed_enabled:
                 raise ConfigError(
-                    f"train.loss={train_cfg.loss} runs on one device or data-parallel (DDP: torchrun or "
-                    "accelerate launch without FSDP/DeepSpeed); FSDP and DeepSpeed are not supported for it yet"
+                    f"train.loss={train_cfg.loss} shards with FSDP2 (train.sharding: fsdp2), or runs on one device "
+                    "or data-parallel (DDP); FSDP1 and DeepSpeed are not supported for it"
                 )
             self.train_cfg = train_cfg
             self.model_accepts_loss_kwargs = False
@@ -350,8 +352,18 @@ def _callbacks(log_path: Path) -> list:
     return [ProgressAndLog()]
 
 
+def _sharding_arguments(cfg: TrainConfig) -> dict[str, Any]:
+    """FSDP2 through accelerate for ``train.sharding: fsdp2`` under a launcher with several processes
+    (``WORLD_SIZE`` > 1): every decoder layer and the root sharded, parameters resharded after forward, full
+    state dicts on save. One process has nothing to shard (and transformers refuses FSDP there)."""
+    if cfg.sharding != "fsdp2" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return {}
+    return {"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+
+
 def _common_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_cpu: bool, seed: int) -> dict[str, Any]:
     return {
+        **_sharding_arguments(cfg),
         "output_dir": str(checkpoint_dir),
         "per_device_train_batch_size": cfg.per_device_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -418,6 +430,8 @@ def build_trainer(
     common = _common_arguments(cfg, out_dir / CHECKPOINT_DIR, use_cpu, config.run.seed)
     callbacks = _callbacks(out_dir / TRAIN_LOG)
     disable_dropout(model)
+    if cfg.sharding == "fsdp2" and cfg.lora is None:
+        model = model.float()  # fp32 master weights on every launch (FSDP2 keeps them sharded, compute in bf16)
     if cfg.loss in OWN_TRAINER_LOSSES:
         from transformers import TrainingArguments
 

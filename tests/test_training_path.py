@@ -143,3 +143,29 @@ def test_paper_recipes_encode_as_the_official_code(tokenizer):
     assert len(chosen.input_ids) == 48 and chosen.prompt_len == rejected.prompt_len
     assert chosen.input_ids[: chosen.prompt_len] == full_prompt[: chosen.prompt_len]  # cut from the right
     assert rejected.input_ids[rejected.prompt_len :][-1] == tokenizer.eos_token_id
+
+
+def test_fsdp2_sharding_reaches_the_trainer(tokenizer, pairs, tmp_path, monkeypatch):
+    """``train.sharding: fsdp2`` (the paper recipes) asks accelerate for FSDP2 under a launcher with several
+    processes; one process trains unsharded, with the same fp32 master weights (the sharded step itself:
+    tests/test_sharded.py)."""
+    from mpo_core.trainer import _sharding_arguments
+
+    sharded = _config(train={"sharding": "fsdp2"}).train
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert _sharding_arguments(sharded) == {"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _sharding_arguments(sharded) == {}
+    from mpo_core.synthetic import synthetic_causal_lm
+    from mpo_core.trainer import build_trainer
+
+    config = _config(train={"sharding": "fsdp2"})
+    bf16_model = synthetic_causal_lm(vocab_size=len(tokenizer), hidden_size=HIDDEN, dtype=torch.bfloat16)
+    from mpo_core.artifacts import read_artifact
+
+    reference = read_artifact(_reference(pairs, tmp_path / "reference.parquet", config, 48), "reference")
+    trainer = build_trainer(config, bf16_model, tokenizer, pairs, reference, tmp_path)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    for name in ("llama3.1-8b", "gemma2-9b", "qwen2.5-7b"):
+        recipe = load_config(CONFIGS_DIR / f"{name}.yaml").train
+        assert recipe.sharding == "fsdp2" and recipe.bf16
