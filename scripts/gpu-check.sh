@@ -18,7 +18,7 @@ fi
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if [[ -d .gpu-check-deps/site ]]; then
+if [[ "$PYTHON" != .venv/bin/python && -d .gpu-check-deps/site ]]; then  # a GPU image's own Python 3.12
     export PYTHONPATH="$PWD/.gpu-check-deps/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
