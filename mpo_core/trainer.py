@@ -12,7 +12,7 @@
   on the chosen responses, all on the target-language side of the same pairs.
 
 Common to all: full fine-tuning or LoRA (peft), dropout off (paper), bf16 and gradient checkpointing only
-where the config turns them on, gradient accumulation, checkpoints in ``out_dir/checkpoints`` with automatic
+where the config turns them on, FSDP2 sharding with fp32 master weights where ``train.sharding`` asks, gradient accumulation, checkpoints in ``out_dir/checkpoints`` with automatic
 resume from the latest one, a JSONL training log, and the final model saved as safetensors with its tokenizer
 into ``out_dir/model`` atomically (a LoRA adapter is merged first, so the result loads like any model).
 
@@ -358,12 +358,16 @@ def _sharding_arguments(cfg: TrainConfig) -> dict[str, Any]:
     state dicts on save. One process has nothing to shard (and transformers refuses FSDP there)."""
     if cfg.sharding != "fsdp2" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return {}
-    return {"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+    checkpointing = cfg.gradient_checkpointing  # FSDP's own: no extra all-gather in the backward
+    return {
+        "fsdp": "full_shard",
+        "fsdp_config": {"version": 2, "reshard_after_forward": True, "activation_checkpointing": checkpointing},
+        "gradient_checkpointing": False,
+    }
 
 
 def _common_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_cpu: bool, seed: int) -> dict[str, Any]:
     return {
-        **_sharding_arguments(cfg),
         "output_dir": str(checkpoint_dir),
         "per_device_train_batch_size": cfg.per_device_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -384,6 +388,7 @@ def _common_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_cpu: bool, see
         "dataloader_num_workers": 0,
         "use_cpu": use_cpu,
         "seed": seed,
+        **_sharding_arguments(cfg),
     }
 
 
@@ -439,7 +444,7 @@ def build_trainer(
             from peft import get_peft_model
 
             model = get_peft_model(model, _lora_config(cfg))
-        if cfg.gradient_checkpointing:
+        if common["gradient_checkpointing"]:
             common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
         examples = build_examples(
             tokenizer, pairs, reference, cfg.max_length, truncation=config.model.truncation
@@ -511,14 +516,14 @@ def _truncate_log(log_path: Path, resumed_step: int) -> None:
 
 
 def save_model_atomically(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, info: dict
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, info: dict, state_dict=None
 ) -> Path:
     """Save ``model`` (LoRA merged) as safetensors + tokenizer + ``mpo_train.json`` into ``target``, via a
-    temporary sibling folder renamed into place."""
+    temporary sibling folder renamed into place; ``state_dict``: the full weights of a sharded model."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / TRAIN_INFO).write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
     return target
@@ -566,7 +571,9 @@ def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
         "train_loss": result.training_loss,
         "base_model": config.model.name_or_path,
     }
+    # under FSDP the full weights are gathered by every rank together (a collective), then rank 0 writes them
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if main_process:
-        save_model_atomically(trainer.model, tokenizer, target, info)
+        save_model_atomically(trainer.model, tokenizer, target, info, state_dict)
     trainer.accelerator.wait_for_everyone()
     return {"checkpoint": target}

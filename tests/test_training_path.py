@@ -153,7 +153,7 @@ def test_fsdp2_sharding_reaches_the_trainer(tokenizer, pairs, tmp_path, monkeypa
 
     sharded = _config(train={"sharding": "fsdp2"}).train
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert _sharding_arguments(sharded) == {"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+    assert _sharding_arguments(sharded)["fsdp_config"]["version"] == 2
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert _sharding_arguments(sharded) == {}
     from mpo_core.synthetic import synthetic_causal_lm
