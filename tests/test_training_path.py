@@ -169,3 +169,22 @@ def test_fsdp2_sharding_reaches_the_trainer(tokenizer, pairs, tmp_path, monkeypa
     for name in ("llama3.1-8b", "gemma2-9b", "qwen2.5-7b"):
         recipe = load_config(CONFIGS_DIR / f"{name}.yaml").train
         assert recipe.sharding == "fsdp2" and recipe.bf16
+
+
+def test_paper_learning_rate_moves_fp32_master_weights(tokenizer, pairs, tmp_path):
+    """A bf16-loaded model trained as the paper recipes train (train.sharding fsdp2, bf16, lr 6e-7): one step
+    changes most weight elements, because the master weights are fp32 (in bf16, most AdamW updates of 6e-7
+    fall below the weights' resolution and are lost)."""
+    from mpo_core.artifacts import read_artifact
+    from mpo_core.synthetic import synthetic_causal_lm
+    from mpo_core.trainer import build_trainer
+
+    config = _config(train={"sharding": "fsdp2", "bf16": True, "learning_rate": 6e-7})
+    model = synthetic_causal_lm(vocab_size=len(tokenizer), hidden_size=HIDDEN, dtype=torch.bfloat16)
+    before = model.model.layers[0].mlp.up_proj.weight.detach().float().clone()
+    reference = read_artifact(_reference(pairs, tmp_path / "reference.parquet", config, 48), "reference")
+    trainer = build_trainer(config, model, tokenizer, pairs, reference, tmp_path)
+    trainer.train()
+    after = trainer.model.model.layers[0].mlp.up_proj.weight.detach()
+    assert after.dtype == torch.float32
+    assert (after != before).float().mean() > 0.5
