@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mpo-installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean gpu-check-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,19 @@ bench: setup
 	$(BIN)/python benchmarks/filter_scale.py
 	$(BIN)/python benchmarks/generate.py
 
+# What scripts/gpu-check.sh needs beyond a GPU image's torch/transformers/accelerate/peft/pyarrow/pandas, as
+# installed files for Python 3.12 on Linux x86_64 in an ignored folder that travels with the working tree
+# (same versions as .venv; no registry there). A few MiB.
+GPU_CHECK_DEPS := .gpu-check-deps
+GPU_CHECK_PACKAGES := trl|datasets|multiprocess|dill|xxhash|pytest|pluggy|iniconfig|pygments|pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|rich|markdown[-_]it[-_]py|mdurl
+
+gpu-check-deps: setup
+	rm -rf $(GPU_CHECK_DEPS) && mkdir -p $(GPU_CHECK_DEPS)
+	$(BIN)/python -m pip freeze | grep -iE '^($(GPU_CHECK_PACKAGES))==' > $(GPU_CHECK_DEPS)/requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-compile --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+		--target $(GPU_CHECK_DEPS)/site -r $(GPU_CHECK_DEPS)/requirements.txt
+	du -sh $(GPU_CHECK_DEPS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(GPU_CHECK_DEPS)

@@ -24,6 +24,14 @@ FLOPs the same step would cost without prompt sharing are printed beside it. The
 the best of several large ``torch.mm`` (fp32) in this same run, with the same thread count.
 
 The machine is shared while this runs: the figures are printed as measured, with the load average.
+
+``--synthetic tiny|1b`` runs the same three variants with no data and no download (what
+``scripts/gpu-check.sh`` runs): a Llama-architecture model with random weights (:mod:`mpo_core.synthetic`;
+``1b`` is Llama-3.2-1B's shape), random token ids, fp32 master weights under bf16 autocast for every variant
+(TRL's through ``bf16=True``), on CUDA where present. Peak memory there is ``torch.cuda.max_memory_allocated``
+(weights, optimizer state, activations; the online variant's reference model too); MFU is against a bf16
+``torch.mm`` peak measured in the same run. The last line is
+``gpu_step_ratio=<online / ours> gpu_peak_mem_ratio=<online / ours> gpu_mfu=<ours>``.
 """
 
 from __future__ import annotations
@@ -70,9 +78,35 @@ def model_config():
     return ModelConfig(device="cpu", dtype="float32")
 
 
+def synthetic_setup(args):
+    """Model, tokenizer and collated batches of the ``--synthetic`` mode, on ``args.device``."""
+    from mpo_core.synthetic import SIZES, synthetic_causal_lm, synthetic_mpo_batch, synthetic_tokenizer
+
+    size = SIZES[args.synthetic]
+    model = synthetic_causal_lm("llama", args.synthetic, device=args.device)
+    batches = [
+        synthetic_mpo_batch(
+            args.pairs_per_step, args.max_length // 4, args.max_length - args.max_length // 4,
+            size["vocab_size"], size["hidden_size"], seed=i, device=args.device,
+        )
+        for i in range(args.warmup + args.steps)
+    ]
+    return model, synthetic_tokenizer(size["vocab_size"]), batches
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def run_variant(args) -> dict:
     """Run one variant in this process and return its measurements."""
     import torch
+
+    if args.synthetic:
+        return run_synthetic_variant(args)
 
     from mpo_core.artifacts import to_table
     from mpo_core.models import load_model, load_tokenizer
@@ -149,6 +183,89 @@ def run_variant(args) -> dict:
     }
 
 
+def run_synthetic_variant(args) -> dict:
+    """One variant of the ``--synthetic`` mode: random model and tokens, bf16 autocast, ``args.device``."""
+    import torch
+
+    from mpo_core.logps import pair_prefix_lengths
+    from mpo_core.reference import reference_outputs
+    from mpo_core.trainer import mpo_backward_step, paper_mpo_loss, side
+
+    cuda = args.device == "cuda"
+    base_rss = rss_mib()
+    model, tok, batches = synthetic_setup(args)
+    autocast = lambda: torch.autocast(args.device, dtype=torch.bfloat16)
+    tokens = {"real": 0, "executed": 0, "response": 0}
+    if args.variant == "trl_dpo":
+        step_times = run_trl_dpo(args, model, tok, [synthetic_rows(batch) for batch in batches])
+    else:
+        reference = None
+        if args.variant == "precomputed":
+            with torch.no_grad(), autocast():
+                for batch in batches:
+                    out = reference_outputs(model.eval(), side(batch, "dominant"))
+                    batch["ref_gap"], batch["ref_pooled"] = out["reward_gap"].float(), out["pooled"].float()
+        else:
+            import copy
+
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda)
+        step_times = []
+        for i, batch in enumerate(batches):
+            _synchronize(args.device)
+            start = time.perf_counter()
+            if args.variant == "precomputed":
+                mpo_backward_step(model, batch, 1.0, 1.0, forward_context=autocast)
+            else:
+                with autocast():
+                    loss, _ = paper_mpo_loss(model, reference, batch, 1.0)
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _synchronize(args.device)
+            if i >= args.warmup:
+                step_times.append(time.perf_counter() - start)
+                for name in ("target", "dominant"):
+                    mask = batch[f"{name}_attention_mask"]
+                    tokens["real"] += int(mask.sum())
+                    tokens["executed"] += int(mask.sum())
+                    if args.variant == "precomputed":
+                        tokens["executed"] -= int(pair_prefix_lengths(batch[f"{name}_input_ids"], mask).sum())
+                tokens["response"] += int(batch["target_response_mask"][:, 1:].sum())
+    n_head = model.get_output_embeddings().weight.numel()
+    n_total = sum(p.numel() for p in model.parameters())  # tied embeddings: the head's weight counts once
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib() - base_rss
+    return {
+        "variant": args.variant,
+        "median_step_s": statistics.median(step_times),
+        "step_times_s": step_times,
+        "peak_mem_mib": peak,
+        "tokens_per_step": {k: v / max(1, len(step_times)) for k, v in tokens.items()},
+        "n_body": n_total - n_head,
+        "n_head": n_head,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def synthetic_rows(batch: dict) -> list[dict]:
+    """The target side of a synthetic batch as TRL preference rows (text of :func:`synthetic_tokenizer`)."""
+    from mpo_core.synthetic import as_words
+
+    ids, mask, response = (batch[f"target_{k}"].tolist() for k in ("input_ids", "attention_mask", "response_mask"))
+    n = len(ids) // 2
+    rows = []
+    for b in range(n):
+        answers = []
+        for row in (b, b + n):
+            real = sum(mask[row])
+            prompt_len = real - sum(response[row])
+            answers.append(ids[row][prompt_len:real])
+        prompt = ids[b][: sum(mask[b]) - sum(response[b])]
+        rows.append({"prompt": as_words(prompt).strip(), "chosen": as_words(answers[0]), "rejected": as_words(answers[1])})
+    return rows
+
+
 def run_trl_dpo(args, model, tok, batches) -> list[float]:
     """Time the optimizer steps of TRL's DPOTrainer (sigmoid) on the target side of the same pairs."""
     import tempfile
@@ -160,6 +277,9 @@ def run_trl_dpo(args, model, tok, batches) -> list[float]:
     rows = []
     for batch in batches:
         for r in batch:
+            if args.synthetic:  # already TRL rows, as text of the synthetic tokenizer
+                rows.append(r)
+                continue
             rows.append(
                 {
                     "prompt": [{"role": "user", "content": r["target_prompt"]}],
@@ -168,12 +288,15 @@ def run_trl_dpo(args, model, tok, batches) -> list[float]:
                 }
             )
     times: list[float] = []
+    device = getattr(args, "device", "cpu")
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
+            _synchronize(device)
             self.start = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
+            _synchronize(device)
             times.append(time.perf_counter() - self.start)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,9 +307,9 @@ def run_trl_dpo(args, model, tok, batches) -> list[float]:
             learning_rate=1e-6,
             lr_scheduler_type="constant",
             max_length=args.max_length,
-            bf16=False,
-            activation_checkpointing=False,
-            use_cpu=True,
+            bf16=bool(args.synthetic),
+            gradient_checkpointing=False,
+            use_cpu=device == "cpu",
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,
@@ -194,8 +317,11 @@ def run_trl_dpo(args, model, tok, batches) -> list[float]:
             beta=0.1,
             loss_type=["sigmoid"],
         )
+        import copy
+
         trainer = DPOTrainer(
             model=model,
+            ref_model=copy.deepcopy(model) if args.synthetic else None,  # no path to load it from
             args=config,
             train_dataset=Dataset.from_list(rows),
             processing_class=tok,
@@ -205,17 +331,21 @@ def run_trl_dpo(args, model, tok, batches) -> list[float]:
     return times[args.warmup :]
 
 
-def matmul_peak_gflops(size: int = 2048, reps: int = 5) -> float:
-    """Best fp32 ``torch.mm`` throughput of ``size x size`` matrices over ``reps`` tries (GFLOP/s)."""
+def matmul_peak_gflops(size: int = 2048, reps: int = 5, device: str = "cpu", dtype: str = "float32") -> float:
+    """Best ``torch.mm`` throughput of ``size x size`` matrices of ``dtype`` on ``device`` over ``reps`` tries
+    (GFLOP/s)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
     torch.mm(a, b)
     best = 0.0
     for _ in range(reps):
+        _synchronize(device)
         start = time.perf_counter()
         for _ in range(4):
             torch.mm(a, b)
+        _synchronize(device)
         best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -227,28 +357,24 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--synthetic", choices=("tiny", "1b"), help="random Llama model and tokens, bf16, no data")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where present (--synthetic)")
     args = parser.parse_args()
+    if args.synthetic and args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.variant:
         print(json.dumps(run_variant(args)))
+        return
+    if args.synthetic:
+        main_synthetic(args)
         return
     if not (SHARED_DATA / "mpo_official").is_dir():
         sys.exit(f"real data not found at {SHARED_DATA} (set MPO_SHARED_DATA)")
 
     peak_before = matmul_peak_gflops()
-    results = {}
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant]
-        cmd += ["--pairs-per-step", str(args.pairs_per_step), "--max-length", str(args.max_length)]
-        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            sys.exit(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = results[variant]
-        print(
-            f"{variant:12s} median_step_s={r['median_step_s']:.3f} peak_mem_mib={r['peak_mem_mib']:.0f} "
-            f"steps={[round(t, 3) for t in r['step_times_s']]}"
-        )
+    results = run_subprocesses(args)
     peak = max(peak_before, matmul_peak_gflops())
     a, b = results["precomputed"], results["online"]
     head_flops = 6 * a["n_head"] * a["tokens_per_step"]["response"]
@@ -269,6 +395,56 @@ def main() -> None:
         f"step_time_ratio_online_over_precomputed={b['median_step_s'] / a['median_step_s']:.3f} "
         f"peak_mem_ratio_online_over_precomputed={b['peak_mem_mib'] / a['peak_mem_mib']:.3f} "
         f"mfu={achieved / peak:.3f}"
+    )
+
+
+def run_subprocesses(args) -> dict:
+    """Each variant in a fresh subprocess (its own peak memory); prints one line per variant."""
+    results = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, "--variant", variant]
+        cmd += ["--pairs-per-step", str(args.pairs_per_step), "--max-length", str(args.max_length)]
+        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        if args.synthetic:
+            cmd += ["--synthetic", args.synthetic, "--device", args.device]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0 and args.synthetic and variant == "trl_dpo":  # the GPU check goes on without it
+            print(f"trl_dpo failed (reported as n/a):\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        if proc.returncode != 0:
+            sys.exit(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[variant]
+        print(
+            f"{variant:12s} median_step_s={r['median_step_s']:.3f} peak_mem_mib={r['peak_mem_mib']:.0f} "
+            f"steps={[round(t, 3) for t in r['step_times_s']]}",
+            flush=True,
+        )
+    return results
+
+
+def main_synthetic(args) -> None:
+    """The ``--synthetic`` comparison; the last line carries the three figures ``gpu-check.sh`` reports."""
+    size = 8192 if args.device == "cuda" else 512
+    peak = matmul_peak_gflops(size, device=args.device, dtype="bfloat16")
+    results = run_subprocesses(args)
+    peak = max(peak, matmul_peak_gflops(size, device=args.device, dtype="bfloat16"))
+    a, b, dpo = results["precomputed"], results["online"], results.get("trl_dpo")
+    flops = 6 * a["n_body"] * a["tokens_per_step"]["executed"] + 6 * a["n_head"] * a["tokens_per_step"]["response"]
+    achieved = flops / a["median_step_s"] / 1e9
+    print(
+        f"synthetic={args.synthetic} device={args.device} n_params={a['n_body'] + a['n_head']} "
+        f"pairs_per_step={args.pairs_per_step} max_length={args.max_length} "
+        f"matmul_peak_bf16_gflops={peak:.1f} achieved_gflops={achieved:.1f} loadavg={os.getloadavg()}"
+    )
+    if dpo is not None:
+        print(
+            f"dpo_step_ratio={dpo['median_step_s'] / a['median_step_s']:.3f} "
+            f"dpo_peak_mem_ratio={dpo['peak_mem_mib'] / a['peak_mem_mib']:.3f}"
+        )
+    print(
+        f"gpu_step_ratio={b['median_step_s'] / a['median_step_s']:.3f} "
+        f"gpu_peak_mem_ratio={b['peak_mem_mib'] / a['peak_mem_mib']:.3f} gpu_mfu={achieved / peak:.3f}"
     )
 
 

@@ -104,6 +104,11 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # how the reference and train stages encode a pair (one setting for both, so that they agree):
+    # ``chat_template`` a Jinja template replacing the tokenizer's (the paper recipes set the official
+    # code's); ``truncation`` mpo's cut or the official code's (mpo_core.logps.encode_prompt_responses)
+    chat_template: str | None = None
+    truncation: Literal["prompt_left", "llama_factory"] = "prompt_left"
 
 
 class PromptsConfig(Section):
@@ -231,6 +236,10 @@ class TrainConfig(Section):
     save_total_limit: int = Field(default=2, ge=1)
     logging_steps: int = Field(default=1, ge=1)
     simpo_gamma: float = Field(default=0.5, ge=0.0)
+    # fsdp2: parameters, gradients and AdamW states sharded over the processes of `accelerate launch` /
+    # torchrun (torch fully_shard through accelerate), fp32 master weights (accelerate upcasts bf16 weights)
+    # with bf16 compute where train.bf16 is on; a single process without a launcher trains unsharded
+    sharding: Literal["none", "fsdp2"] = "none"
 
 
 class EvaluateConfig(Section):

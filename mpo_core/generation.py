@@ -176,6 +176,7 @@ class VLLMBackend(GenerationBackend):
         from mpo_core.models import resolve_model_path
 
         self.model_name = model_cfg.name_or_path
+        self.chat_template = model_cfg.chat_template  # None: the tokenizer's own
         dtype = "auto" if model_cfg.dtype == "auto" else model_cfg.dtype
         self.llm = LLM(
             model=resolve_model_path(model_cfg.name_or_path),
@@ -199,7 +200,9 @@ class VLLMBackend(GenerationBackend):
         )
 
     def chat(self, conversations: list[list[Message]], settings: SamplingSettings) -> list[list[Completion]]:
-        outputs = self.llm.chat(conversations, self.sampling_params(settings), add_generation_prompt=True)
+        outputs = self.llm.chat(
+            conversations, self.sampling_params(settings), add_generation_prompt=True, chat_template=self.chat_template
+        )
         return [self._completions(o) for o in outputs]
 
     def complete(self, prompts: list[str], settings: SamplingSettings) -> list[list[Completion]]:

@@ -18,7 +18,7 @@ and padding is excluded from every sum).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 LOGITS_CHUNK_ELEMENTS = 1 << 24  # at most this many logits (64 MiB in float32) per chunk
+Reduce = Callable[[torch.Tensor], object]  # what is computed from the final hidden states inside the forward
 
 
 @dataclass(frozen=True)
@@ -53,26 +54,57 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
 
 
 def encode_prompt_responses(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, responses: Sequence[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    responses: Sequence[str],
+    max_length: int,
+    *,
+    truncation: str = "prompt_left",
 ) -> list[EncodedSequence]:
     """Tokenise ``chat_template(prompt) + response + EOS`` for each response, into at most ``max_length``
     tokens each, all with the same prompt tokens.
 
-    When too long, each response is cut first down to ``max(max_length - len(prompt), max_length // 2)``
-    tokens (keeping its start), then the prompt is cut from the left (keeping the assistant header) to fit
-    the longest response. At least one response token always remains. One shared prompt cut keeps the
-    chosen and rejected answers of a pair answering the same prompt, and lets their prefix run once
-    (:func:`paired_final_hidden_states`).
+    ``truncation="prompt_left"`` (mpo's): each response is cut first down to
+    ``max(max_length - len(prompt), max_length // 2)`` tokens (keeping its start), then the prompt is cut
+    from the left (keeping the assistant header) to fit the longest response.
+    ``truncation="llama_factory"`` (the official MPO code's): the budget is split as LLaMA-Factory splits it
+    between the prompt and the longest response (:func:`llama_factory_lengths`), and both are cut from the
+    right (the prompt may lose its assistant header).
+    At least one response token always remains. One shared prompt cut keeps the chosen and rejected answers
+    of a pair answering the same prompt, and lets their prefix run once (:func:`paired_final_hidden_states`).
     """
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    response_budget = max(max_length - len(prompt_ids), max_length // 2, 1)
-    response_ids = [
-        (tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:response_budget]
-        for r in responses
-    ]
+    eos = [tokenizer.eos_token_id]
+    response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + eos for r in responses]
     longest = max((len(ids) for ids in response_ids), default=0)
-    prompt_ids = prompt_ids[-max(max_length - longest, 1) :]
+    if truncation == "llama_factory":
+        prompt_keep, response_keep = llama_factory_lengths(len(prompt_ids), longest, max_length)
+        prompt_ids, response_ids = prompt_ids[:prompt_keep], [ids[:response_keep] for ids in response_ids]
+    else:
+        response_budget = max(max_length - len(prompt_ids), max_length // 2, 1)
+        response_ids = [ids[:response_budget] for ids in response_ids]
+        longest = max((len(ids) for ids in response_ids), default=0)
+        prompt_ids = prompt_ids[-max(max_length - longest, 1) :]
     return [EncodedSequence(list(prompt_ids) + ids, len(prompt_ids)) for ids in response_ids]
+
+
+TRUNCATIONS = ("prompt_left", "llama_factory")
+
+
+def llama_factory_lengths(prompt_len: int, response_len: int, max_length: int) -> tuple[int, int]:
+    """``(prompt tokens kept, response tokens kept)`` as LLaMA-Factory's pairwise preprocessing (the official
+    MPO code) splits ``max_length``: a short response keeps all it has; else a short prompt keeps all it
+    has; else both share the budget in proportion to their lengths."""
+    if 2 * response_len < max_length:
+        response_cap = max_length
+    elif 2 * prompt_len < max_length:
+        response_cap = max_length - prompt_len
+    else:
+        response_cap = int(max_length * response_len / (prompt_len + response_len))
+    response_keep = min(response_cap, response_len)
+    return min(max(max_length - response_keep, 0), prompt_len), response_keep
 
 
 def encode_prompt_response(
@@ -120,24 +152,52 @@ def split_causal_lm(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.M
     return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
 
 
-def _last_hidden_state(model: torch.nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
-    """The backbone's final (post-norm) hidden states for ``inputs``, without the LM head.
+def is_fully_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``, as accelerate applies it)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _last_hidden_state(model: torch.nn.Module, reduce: Reduce | None = None, **inputs: torch.Tensor):
+    """The backbone's final (post-norm) hidden states for ``inputs``, without the LM head, or ``reduce`` of
+    them (e.g. response log-likelihoods through the LM head).
 
     Under DistributedDataParallel the forward goes through the wrapper (its gradient hooks are armed only
-    there), with no logits kept; otherwise the backbone runs directly."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    there), with no logits kept. Under FSDP2 it goes through the root module too, and ``reduce`` runs inside
+    that forward (a forward hook placed before FSDP's own): the root's parameters (embeddings, LM head,
+    final norm) are gathered there, and FSDP's pre-backward hook gathers them again before the backward of
+    ``reduce`` needs them. Otherwise the backbone runs directly."""
+    reduce = reduce or (lambda hidden: hidden)
+    sharded = is_fully_sharded(model)
+    if not sharded and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        backbone, _, _ = split_causal_lm(model)
+        return reduce(backbone(**inputs, use_cache=False).last_hidden_state)
+    no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    if not sharded:
         out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_logits)
-        return out.hidden_states[-1]
-    backbone, _, _ = split_causal_lm(model)
-    return backbone(**inputs, use_cache=False).last_hidden_state
+        return reduce(out.hidden_states[-1])
+
+    def reduce_inside(module, args, kwargs, output):
+        # in the ``logits`` field (none were computed): FSDP hooks the tensors of the output's dataclass fields
+        output.logits = reduce(output.hidden_states[-1])
+        return output
+
+    handle = model.register_forward_hook(reduce_inside, with_kwargs=True, prepend=True)
+    try:
+        return model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_logits).logits
+    finally:
+        handle.remove()
 
 
 def final_hidden_states(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """The backbone's final (post-norm) hidden states ``[B, T, H]``: the LM head's input, no logits."""
-    return _last_hidden_state(model, input_ids=input_ids, attention_mask=attention_mask)
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, reduce: Reduce | None = None
+):
+    """The backbone's final (post-norm) hidden states ``[B, T, H]``: the LM head's input, no logits (or
+    ``reduce`` of them, see :func:`_last_hidden_state`)."""
+    return _last_hidden_state(model, reduce, input_ids=input_ids, attention_mask=attention_mask)
 
 
 def pair_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -154,15 +214,41 @@ def pair_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 PACKABLE_ATTENTION = ("sdpa", "eager")  # the implementations that take an arbitrary 4D mask
 
 
-def _pair_attention_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+def binding_sliding_window(config, longest: int) -> int | None:
+    """The model's sliding attention window where some layer uses one and a sequence of ``longest`` tokens
+    exceeds it (else ``None``: the window never hides a token and every layer sees the plain causal mask)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    slides = "sliding_attention" in layer_types or (window is not None and not layer_types)
+    return window if slides and window is not None and longest > window else None
+
+
+def takes_mask_mapping(config) -> bool:
+    """Whether the model reads a ready ``{layer type: 4D mask}`` mapping, one mask per attention kind
+    (transformers' models that declare ``layer_types``, e.g. Gemma-2, Qwen2, Qwen3)."""
+    return bool(getattr(config, "layer_types", None))
+
+
+def _pair_attention_mask(
+    segments: torch.Tensor,
+    implementation: str,
+    dtype: torch.dtype,
+    *,
+    positions: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
     """``[n, 1, W, W]`` mask of packed pairs from per-position segments (0 prefix, 1 chosen's own tokens,
     2 rejected's own tokens, 3 padding): causal, and a token sees the prefix and its own segment; padding
-    sees only itself. Boolean (True = attend) for SDPA, additive float for eager attention."""
+    sees only itself. With a sliding ``window``, a token at true position ``p`` (``positions``) sees only
+    keys at positions ``> p - window``, as the model's own sliding mask does. Boolean (True = attend) for
+    SDPA, additive float for eager attention."""
     width = segments.shape[1]
     steps = torch.arange(width, device=segments.device)
     causal = steps[:, None] >= steps[None, :]
     query, key = segments[:, :, None], segments[:, None, :]
     visible = causal & (query < 3) & ((key == 0) | (key == query))
+    if window is not None:
+        visible = visible & (positions[:, :, None] - positions[:, None, :] < window)
     visible = (visible | torch.eye(width, dtype=torch.bool, device=segments.device))[:, None]
     if implementation == "sdpa":
         return visible
@@ -171,8 +257,8 @@ def _pair_attention_mask(segments: torch.Tensor, implementation: str, dtype: tor
 
 
 def paired_final_hidden_states(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, reduce: Reduce | None = None
+):
     """:func:`final_hidden_states` of a ``[2n, T]`` batch whose rows ``b`` and ``b + n`` are the chosen and
     rejected sequence of one pair, running their shared prefix (the prompt) once.
 
@@ -181,14 +267,23 @@ def paired_final_hidden_states(
     ``prefix + chosen's own tokens + rejected's own tokens``, with true position ids and a 4D attention mask
     in which each answer sees the prefix and itself only; one forward of ``n`` packed rows replaces ``2n``
     rows, and the states are unpacked into the right-padded ``[2n, T, H]`` layout. Gradients are those of
-    the unshared forward: each prefix token receives the sum of both answers' gradients. Falls back to the
-    plain forward when some pair shares nothing or the attention implementation takes no 4D mask.
+    the unshared forward: each prefix token receives the sum of both answers' gradients. Under a sliding
+    window that a sequence exceeds (Gemma-2), the sliding layers get their own windowed mask; the plain
+    forward runs instead when some pair shares nothing, the attention implementation takes no 4D mask, or
+    a binding window cannot be given to the model as a mask per layer type.
     """
     base = unwrap_model(model)
     implementation = getattr(base.config, "_attn_implementation", None)
     prefix = pair_prefix_lengths(input_ids, attention_mask)
-    if prefix.numel() == 0 or int(prefix.min()) < 1 or implementation not in PACKABLE_ATTENTION:
-        return final_hidden_states(model, input_ids, attention_mask)
+    longest = int(attention_mask.sum(dim=1).max()) if prefix.numel() else 0
+    window = binding_sliding_window(base.config, longest)
+    if (
+        prefix.numel() == 0
+        or int(prefix.min()) < 1
+        or implementation not in PACKABLE_ATTENTION
+        or (window is not None and not takes_mask_mapping(base.config))
+    ):
+        return final_hidden_states(model, input_ids, attention_mask, reduce)
     n, total = prefix.shape[0], input_ids.shape[1]
     device = input_ids.device
     lengths = attention_mask.sum(dim=1)
@@ -202,16 +297,23 @@ def paired_final_hidden_states(
     source_row = torch.where(in_rejected, pair + n, pair)
     source_col = torch.where(in_rejected, steps - chosen_end + start, torch.where(real, steps, 0))
     segments = torch.where(steps < start, 0, torch.where(steps < chosen_end, 1, torch.where(real, 2, 3)))
-    packed = _last_hidden_state(
-        model,
-        input_ids=input_ids[source_row, source_col],
-        attention_mask=_pair_attention_mask(segments, implementation, base.dtype),
-        position_ids=source_col,
-    )
+    mask = _pair_attention_mask(segments, implementation, base.dtype)
+    if window is not None:
+        windowed = _pair_attention_mask(
+            segments, implementation, base.dtype, positions=source_col, window=window
+        )
+        mask = {"full_attention": mask, "sliding_attention": windowed}
     positions = torch.arange(total, device=device)[None, :]
     rejected_cols = torch.where(positions < start, positions, positions - start + chosen_end)
-    columns = torch.cat([positions.expand(n, total), rejected_cols]).clamp_max(packed.shape[1] - 1)
-    return packed[pair.repeat(2, 1), columns]
+    columns = torch.cat([positions.expand(n, total), rejected_cols]).clamp_max(int(packed_end.max()) - 1)
+    unpack = lambda packed: packed[pair.repeat(2, 1), columns]
+    return _last_hidden_state(
+        model,
+        (lambda packed: reduce(unpack(packed))) if reduce else unpack,
+        input_ids=input_ids[source_row, source_col],
+        attention_mask=mask,
+        position_ids=source_col,
+    )
 
 
 def _softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -222,7 +324,8 @@ class ChunkedTokenLogps(torch.autograd.Function):
     """``log softmax(softcap(h W^T))[y]`` per row of ``h [N, H]`` for targets ``y [N]``, one chunk of rows at a
     time, never more than one chunk of logits alive.
 
-    Forward keeps only ``logsumexp`` per row. Backward recomputes each chunk's logits ``z`` and turns them in
+    The matmuls run in :func:`_matmul_dtype` (autocast's dtype under autocast) in forward and backward alike,
+    logits upcast to at least float32. Forward keeps only ``logsumexp`` per row. Backward recomputes each chunk's logits ``z`` and turns them in
     place into ``dL/dz = g * (onehot(y) - softmax(z))`` (times ``1 - tanh^2`` under a softcap), then
     ``dL/dh = dL/dz W`` and ``dL/dW += dL/dz^T h``: the same maths as autograd through a checkpointed chunk,
     with a few in-place passes over the logits instead of a dozen fresh tensors.
@@ -230,16 +333,19 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, softcap: float | None):
-        dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are upcast
+        compute = _matmul_dtype(hidden)
+        dtype = torch.promote_types(compute, torch.float32)  # bf16/fp16 logits are upcast
         out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
         lse = torch.empty_like(out)
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            logits = _softcapped((hidden[rows] @ weight.T).to(dtype), softcap)
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+        with _autocast_off(hidden):
+            h, w = hidden.to(compute), weight.to(compute)
+            for start in range(0, hidden.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                logits = _softcapped((h[rows] @ w.T).to(dtype), softcap)
+                lse[rows] = torch.logsumexp(logits, dim=-1)
+                out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk, ctx.softcap = chunk, softcap
+        ctx.chunk, ctx.softcap, ctx.compute = chunk, softcap, compute
         return out
 
     @staticmethod
@@ -247,26 +353,42 @@ class ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, targets, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
-        cap = ctx.softcap
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            g = grad_out[rows].to(lse.dtype)[:, None]
-            grad_logits = (hidden[rows] @ weight.T).to(lse.dtype)
-            if cap:
-                tanh = grad_logits.div_(cap).tanh_()
-                squash = 1 - tanh.square()
-                grad_logits = tanh.mul_(cap)
-            grad_logits.sub_(lse[rows, None]).exp_().mul_(-g)
-            grad_logits.scatter_add_(1, targets[rows, None], g)
-            if cap:
-                grad_logits.mul_(squash)
-            grad_logits = grad_logits.to(weight.dtype)
-            if want_hidden:
-                grad_hidden[rows] = grad_logits @ weight
-            if want_weight:
-                grad_weight.addmm_(grad_logits.T, hidden[rows])
-        return grad_hidden, grad_weight, None, None, None
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if want_weight else None
+        cap, compute = ctx.softcap, ctx.compute
+        with _autocast_off(hidden):
+            h, w = hidden.to(compute), weight.to(compute)
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                g = grad_out[rows].to(lse.dtype)[:, None]
+                grad_logits = (h[rows] @ w.T).to(lse.dtype)
+                if cap:
+                    tanh = grad_logits.div_(cap).tanh_()
+                    squash = 1 - tanh.square()
+                    grad_logits = tanh.mul_(cap)
+                grad_logits.sub_(lse[rows, None]).exp_().mul_(-g)
+                grad_logits.scatter_add_(1, targets[rows, None], g)
+                if cap:
+                    grad_logits.mul_(squash)
+                grad_logits = grad_logits.to(compute)
+                if want_hidden:
+                    grad_hidden[rows] = grad_logits @ w
+                if want_weight:
+                    grad_weight.add_(grad_logits.T @ h[rows])
+        return grad_hidden, grad_weight.to(weight.dtype) if want_weight else None, None, None, None
+
+
+def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype ``hidden @ weight.T`` runs in here: autocast's (bf16/fp16) where autocast is on for the
+    tensor's device, else the hidden states' own. Forward and backward both use it, so the backward's
+    recomputed logits are the forward's."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+def _autocast_off(hidden: torch.Tensor):
+    return torch.autocast(hidden.device.type, enabled=False)
 
 
 def _chunk_token_logps(
@@ -327,15 +449,18 @@ def sequence_outputs(
     (mean of the final hidden states over real tokens). ``paired``: rows ``b`` and ``b + B/2`` are the chosen
     and rejected sequence of one pair, and their shared prompt runs once (:func:`paired_final_hidden_states`)."""
     hidden_states = paired_final_hidden_states if paired else final_hidden_states
-    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
-    out: dict[str, torch.Tensor] = {}
-    if with_logps:
-        sums, counts = response_logp_sums(model, hidden, batch["input_ids"], batch["response_mask"])
-        out["logp_sums"], out["response_tokens"] = sums, counts
-        out["avg_logps"] = sums / counts.clamp_min(1).to(sums.dtype)
-    if with_pooled:
-        out["pooled"] = masked_mean_pool(hidden, batch["attention_mask"])
-    return out
+
+    def reduce(hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if with_logps:
+            sums, counts = response_logp_sums(model, hidden, batch["input_ids"], batch["response_mask"])
+            out["logp_sums"], out["response_tokens"] = sums, counts
+            out["avg_logps"] = sums / counts.clamp_min(1).to(sums.dtype)
+        if with_pooled:
+            out["pooled"] = masked_mean_pool(hidden, batch["attention_mask"])
+        return out
+
+    return hidden_states(model, batch["input_ids"], batch["attention_mask"], reduce)
 
 
 def full_logits_outputs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

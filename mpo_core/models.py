@@ -117,13 +117,16 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> PreTrainedTokenizerBase:
-    """The tokenizer of ``cfg``, with a pad token set (the EOS token where the model has none)."""
+    """The tokenizer of ``cfg``, with a pad token set (the EOS token where the model has none) and
+    ``cfg.chat_template`` in place of its own where set."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.name_or_path)
     tok = AutoTokenizer.from_pretrained(
         path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
+    if cfg.chat_template is not None:
+        tok.chat_template = cfg.chat_template
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from mpo_core.artifacts import artifact_is_complete, read_artifact, read_manifest, write_artifact
 from mpo_core.config import PipelineConfig
+from mpo_core.errors import ConfigError
 from mpo_core.progress import Tracker
 from mpo_core.stages import stage_call
 
@@ -27,18 +28,47 @@ logger = logging.getLogger(__name__)
 REFERENCE_FILE = "reference.parquet"
 
 
-def dominant_sequences(tokenizer, pairs: pa.Table, max_length: int) -> list[tuple]:
+def dominant_sequences(
+    tokenizer, pairs: pa.Table, max_length: int, truncation: str = "prompt_left"
+) -> list[tuple]:
     """Encoded ``(chosen, rejected)`` dominant-language sequences of every pair, in table order."""
     from mpo_core.logps import encode_prompt_responses
 
     return [
-        tuple(encode_prompt_responses(tokenizer, p, [c, r], max_length))
+        tuple(encode_prompt_responses(tokenizer, p, [c, r], max_length, truncation=truncation))
         for p, c, r in zip(
             pairs.column("dominant_prompt").to_pylist(),
             pairs.column("dominant_chosen").to_pylist(),
             pairs.column("dominant_rejected").to_pylist(),
         )
     ]
+
+
+def encoding_settings(config: PipelineConfig, max_length: int) -> dict:
+    """What decides the token sequences of a pair: stored in the reference manifest, compared by training."""
+    return {
+        "max_length": max_length,
+        "truncation": config.model.truncation,
+        "chat_template": config.model.chat_template,
+    }
+
+
+def check_reference_encoding(reference_path: Path, config: PipelineConfig) -> None:
+    """Refuse a reference built from other token sequences than training would use (another max length,
+    truncation or chat template): its RG^d and pooled states would not be those of the trained sequences,
+    and L2 would not start at 0. Raises :class:`ConfigError` naming the settings."""
+    stored = read_manifest(reference_path).extra
+    defaults = {"truncation": "prompt_left", "chat_template": None}  # references written before these keys
+    wanted = encoding_settings(config, config.train.max_length)
+    for key, value in wanted.items():
+        built = stored.get(key, defaults.get(key))
+        if built != value:
+            names = {"max_length": ("reference.max_length", "train.max_length")}.get(key, (f"model.{key}",) * 2)
+            raise ConfigError(
+                f"{reference_path}: the reference was built with {names[0]}={built!r} but training would use "
+                f"{names[1]}={value!r}; the reference must score exactly the sequences training uses: set "
+                f"them equal and rerun the reference stage"
+            )
 
 
 def reference_outputs(model, dominant_batch: dict) -> dict:
@@ -75,7 +105,7 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
 
     pairs = read_artifact(inputs["filtered"], "pairs")
     tokenizer = load_tokenizer(config.model, padding_side="right")
-    encoded = dominant_sequences(tokenizer, pairs, config.reference.max_length)
+    encoded = dominant_sequences(tokenizer, pairs, config.reference.max_length, config.model.truncation)
     pair_ids = pairs.column("pair_id").to_pylist()
     plan = length_sorted_batches(
         [max(len(c.input_ids), len(r.input_ids)) for c, r in encoded], config.reference.batch_size
@@ -126,7 +156,7 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
         out_path,
         "reference",
         **call.provenance,
-        extra={"model_fingerprint": fingerprint, "max_length": config.reference.max_length},
+        extra={"model_fingerprint": fingerprint, **encoding_settings(config, config.reference.max_length)},
     )
     shutil.rmtree(shard_dir, ignore_errors=True)
     gaps = table.column("reward_gap").to_pylist()

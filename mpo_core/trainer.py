@@ -12,7 +12,7 @@
   on the chosen responses, all on the target-language side of the same pairs.
 
 Common to all: full fine-tuning or LoRA (peft), dropout off (paper), bf16 and gradient checkpointing only
-where the config turns them on, gradient accumulation, checkpoints in ``out_dir/checkpoints`` with automatic
+where the config turns them on, FSDP2 sharding with fp32 master weights where ``train.sharding`` asks, gradient accumulation, checkpoints in ``out_dir/checkpoints`` with automatic
 resume from the latest one, a JSONL training log, and the final model saved as safetensors with its tokenizer
 into ``out_dir/model`` atomically (a LoRA adapter is merged first, so the result loads like any model).
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -40,6 +41,7 @@ from mpo_core.config import PipelineConfig, TrainConfig
 from mpo_core.errors import ConfigError, InputDataError
 from mpo_core.logps import collate_pairs, encode_prompt_responses, full_logits_outputs, sequence_outputs
 from mpo_core.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
+from mpo_core.reference import check_reference_encoding
 from mpo_core.stages import stage_call
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ def build_examples(
     max_length: int,
     *,
     origin: str = "pairs",
+    truncation: str = "prompt_left",
 ) -> list[dict[str, Any]]:
     """Tokenised training rows: target chosen/rejected, dominant chosen/rejected, the reference's gap and
     pooled states (joined on ``pair_id``). A pair missing from ``reference`` is an error naming it."""
@@ -75,7 +78,11 @@ def build_examples(
         example: dict[str, Any] = {"pair_id": row["pair_id"], "target_lang": row["target_lang"]}
         for side in ("target", "dominant"):
             example[f"{side}_chosen"], example[f"{side}_rejected"] = encode_prompt_responses(
-                tokenizer, row[f"{side}_prompt"], [row[f"{side}_chosen"], row[f"{side}_rejected"]], max_length
+                tokenizer,
+                row[f"{side}_prompt"],
+                [row[f"{side}_chosen"], row[f"{side}_rejected"]],
+                max_length,
+                truncation=truncation,
             )
         if reference is not None:
             ref = ref_rows.get(row["pair_id"])
@@ -217,10 +224,17 @@ def _trainer_class():
 
         def __init__(self, *args: Any, train_cfg: TrainConfig, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # our forward bypasses their wrappers
+            if self.args.n_gpu > 1:  # the Trainer would wrap the model in nn.DataParallel
                 raise ConfigError(
-                    f"train.loss={train_cfg.loss} runs on one device or data-parallel (DDP: torchrun or "
-                    "accelerate launch without FSDP/DeepSpeed); FSDP and DeepSpeed are not supported for it yet"
+                    f"train.loss={train_cfg.loss} does not run under nn.DataParallel ({self.args.n_gpu} GPUs "
+                    "visible to one process): launch one process per GPU (accelerate launch or torchrun), "
+                    "or make one GPU visible (CUDA_VISIBLE_DEVICES=0)"
+                )
+            fsdp2 = self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2
+            if (self.is_fsdp_enabled and not fsdp2) or self.is_deepspeed_enabled:
+                raise ConfigError(
+                    f"train.loss={train_cfg.loss} shards with FSDP2 (train.sharding: fsdp2), or runs on one device "
+                    "or data-parallel (DDP); FSDP1 and DeepSpeed are not supported for it"
                 )
             self.train_cfg = train_cfg
             self.model_accepts_loss_kwargs = False
@@ -244,21 +258,31 @@ def _trainer_class():
                 cfg.lam,
                 backward=self.accelerator.backward,
                 scale=scale,
-                forward_context=self.compute_loss_context_manager,
+                forward_context=self.mixed_precision_context,
             )
             self._record(
                 metrics, inputs["target_lang"], gaps, mpo_l1_terms(gaps, inputs["ref_gap"], cfg.beta)
             )
             return loss * scale
 
+        def mixed_precision_context(self) -> AbstractContextManager:
+            """The trainer's loss context plus the accelerator's autocast (bf16/fp16 where the run asks for
+            it). The accelerator wraps the model's own ``forward`` in autocast, but the MPO path calls the
+            backbone and the LM head directly, so the autocast is entered here, for every launch alike."""
+            stack = self.compute_loss_context_manager()
+            stack.enter_context(self.accelerator.autocast())
+            return stack
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             cfg = self.train_cfg
             if cfg.loss == "mpo":
-                loss, metrics, gaps = mpo_step_loss(model, inputs, cfg.beta, cfg.lam)
+                with self.mixed_precision_context():
+                    loss, metrics, gaps = mpo_step_loss(model, inputs, cfg.beta, cfg.lam)
                 l1_rows = mpo_l1_terms(gaps, inputs["ref_gap"], cfg.beta)
             else:
                 n = len(inputs["target_lang"])
-                outputs = sequence_outputs(model, side(inputs, "target"), with_pooled=False, paired=True)
+                with self.mixed_precision_context():
+                    outputs = sequence_outputs(model, side(inputs, "target"), with_pooled=False, paired=True)
                 target = outputs["avg_logps"]
                 loss = simpo_loss(target[:n], target[n:], cfg.beta, cfg.simpo_gamma)
                 gaps = reward_gap(target[:n], target[n:]).detach()
@@ -335,6 +359,20 @@ def _callbacks(log_path: Path) -> list:
     return [ProgressAndLog()]
 
 
+def _sharding_arguments(cfg: TrainConfig) -> dict[str, Any]:
+    """FSDP2 through accelerate for ``train.sharding: fsdp2`` under a launcher with several processes
+    (``WORLD_SIZE`` > 1): every decoder layer and the root sharded, parameters resharded after forward, full
+    state dicts on save. One process has nothing to shard (and transformers refuses FSDP there)."""
+    if cfg.sharding != "fsdp2" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return {}
+    checkpointing = cfg.gradient_checkpointing  # FSDP's own: no extra all-gather in the backward
+    return {
+        "fsdp": "full_shard",
+        "fsdp_config": {"version": 2, "reshard_after_forward": True, "activation_checkpointing": checkpointing},
+        "gradient_checkpointing": False,
+    }
+
+
 def _common_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_cpu: bool, seed: int) -> dict[str, Any]:
     return {
         "output_dir": str(checkpoint_dir),
@@ -346,7 +384,7 @@ def _common_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_cpu: bool, see
         "lr_scheduler_type": cfg.lr_scheduler,
         "warmup_steps": min(cfg.warmup_ratio, 0.999),
         "bf16": cfg.bf16,
-        "activation_checkpointing": cfg.gradient_checkpointing,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "logging_steps": cfg.logging_steps,
         "save_strategy": "steps",
         "save_steps": cfg.save_steps,
@@ -357,6 +395,7 @@ def _common_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_cpu: bool, see
         "dataloader_num_workers": 0,
         "use_cpu": use_cpu,
         "seed": seed,
+        **_sharding_arguments(cfg),
     }
 
 
@@ -403,6 +442,8 @@ def build_trainer(
     common = _common_arguments(cfg, out_dir / CHECKPOINT_DIR, use_cpu, config.run.seed)
     callbacks = _callbacks(out_dir / TRAIN_LOG)
     disable_dropout(model)
+    if cfg.sharding == "fsdp2" and cfg.lora is None:
+        model = model.float()  # fp32 master weights on every launch (FSDP2 keeps them sharded, compute in bf16)
     if cfg.loss in OWN_TRAINER_LOSSES:
         from transformers import TrainingArguments
 
@@ -410,9 +451,11 @@ def build_trainer(
             from peft import get_peft_model
 
             model = get_peft_model(model, _lora_config(cfg))
-        if cfg.gradient_checkpointing:
-            common["activation_checkpointing_kwargs"] = {"use_reentrant": False}
-        examples = build_examples(tokenizer, pairs, reference, cfg.max_length)
+        if common["gradient_checkpointing"]:
+            common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        examples = build_examples(
+            tokenizer, pairs, reference, cfg.max_length, truncation=config.model.truncation
+        )
         return _trainer_class()(
             model=model,
             args=TrainingArguments(**common),
@@ -480,14 +523,14 @@ def _truncate_log(log_path: Path, resumed_step: int) -> None:
 
 
 def save_model_atomically(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, info: dict
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, info: dict, state_dict=None
 ) -> Path:
     """Save ``model`` (LoRA merged) as safetensors + tokenizer + ``mpo_train.json`` into ``target``, via a
-    temporary sibling folder renamed into place."""
+    temporary sibling folder renamed into place; ``state_dict``: the full weights of a sharded model."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / TRAIN_INFO).write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
     return target
@@ -513,6 +556,7 @@ def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
     if config.train.loss == "mpo":
         if "reference" not in inputs:
             raise InputDataError("train.loss=mpo needs the 'reference' artifact")
+        check_reference_encoding(Path(inputs["reference"]), config)
         reference = read_artifact(inputs["reference"], "reference")
     tokenizer = load_tokenizer(config.model, padding_side="right")
     model = load_model(config.model)
@@ -534,7 +578,9 @@ def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
         "train_loss": result.training_loss,
         "base_model": config.model.name_or_path,
     }
+    # under FSDP the full weights are gathered by every rank together (a collective), then rank 0 writes them
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if main_process:
-        save_model_atomically(trainer.model, tokenizer, target, info)
+        save_model_atomically(trainer.model, tokenizer, target, info, state_dict)
     trainer.accelerator.wait_for_everyone()
     return {"checkpoint": target}

@@ -31,10 +31,19 @@ def default_model_config():
     return ModelConfig(device="cpu", dtype="float32")
 
 
+GPU_TESTS_ON_CPU = os.environ.get("MPO_GPU_TESTS_ON_CPU") == "1"  # scripts/gpu-check.sh --cpu-smoke
+
+
+@pytest.fixture(scope="session")
+def check_device() -> str:
+    """Where the ``gpu`` tests run: CUDA, or the CPU under ``scripts/gpu-check.sh --cpu-smoke``."""
+    return "cpu" if GPU_TESTS_ON_CPU else "cuda"
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or GPU_TESTS_ON_CPU:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -223,3 +223,74 @@ def test_paired_forward_under_eager_attention_takes_an_additive_mask(model_and_t
         plain = sequence_outputs(model, batch)
     for key in ("avg_logps", "pooled"):
         torch.testing.assert_close(shared[key], plain[key], atol=1e-4, rtol=1e-4)
+
+
+def _autocast_chunked_gradients(device: str, chunk: int) -> tuple[dict, dict]:
+    """Gradients of the chunked head and of autograd through the same bf16 autocast computation
+    (fp32 weights, bf16 matmul, fp32 log-softmax), on ``device``."""
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 64, device=device, requires_grad=True)
+    weight = torch.randn(500, 64, device=device).requires_grad_()  # logits of std 8, as trained LMs have
+    targets = torch.randint(0, 500, (12,), device=device)
+    grad_out = torch.randn(12, device=device)
+    results = []
+    for chunked in (True, False):
+        hidden.grad = weight.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            if chunked:
+                out = logps.ChunkedTokenLogps.apply(hidden, weight, targets, chunk, None)
+            else:
+                logits = (hidden @ weight.T).float()
+                out = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+        (out * grad_out).sum().backward()
+        results.append({"out": out.detach(), "hidden": hidden.grad.clone(), "weight": weight.grad.clone()})
+    return results[0], results[1]
+
+
+def test_chunked_token_logps_is_autocast_safe():
+    """Under bf16 autocast the backward recomputes the forward's bf16 logits (not fp32 ones): the gradients
+    are autograd's through the same autocast computation."""
+    chunked, autograd = _autocast_chunked_gradients("cpu", chunk=5)
+    for key in ("out", "hidden", "weight"):
+        difference = (chunked[key] - autograd[key]).norm() / autograd[key].norm()
+        assert difference < 5e-3, (key, float(difference))
+
+
+@pytest.mark.gpu
+def test_chunked_token_logps_bf16_gradients_on_cuda(check_device):
+    chunked, autograd = _autocast_chunked_gradients(check_device, chunk=5)
+    for key in ("out", "hidden", "weight"):
+        difference = (chunked[key] - autograd[key]).norm() / autograd[key].norm()
+        assert difference < 5e-3, (key, float(difference))
+
+
+@pytest.mark.parametrize(
+    ("architecture", "attention", "extra"),
+    [("gemma2", "eager", {}), ("qwen2", "sdpa", {"use_sliding_window": True, "max_window_layers": 0})],
+)
+def test_paired_forward_respects_a_sliding_window(architecture, attention, extra):
+    """Gemma-2 alternates sliding-window and global layers (Qwen2 can too): with sequences longer than the
+    window, the packed pair forward gives the plain forward's states (the window is built into the sliding
+    layers' mask)."""
+    from mpo_core.synthetic import random_pairs, synthetic_causal_lm
+
+    model = synthetic_causal_lm(
+        architecture, attn_implementation=attention, dtype=torch.float64, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], **extra,
+    ).eval()
+    pairs = random_pairs(3, prompt_len=11, response_len=14, vocab=512, generator=torch.Generator().manual_seed(0))
+    batch = logps.collate_pairs(pairs, 0)
+    assert logps.binding_sliding_window(model.config, int(batch["attention_mask"].sum(1).max())) == 8
+    with torch.no_grad():
+        packed = logps.paired_final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        plain = logps.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(packed[real], plain[real], atol=1e-5, rtol=1e-5)  # Gemma-2 eager: ~5e-7 noise
+
+
+def test_sliding_window_without_a_mask_per_layer_type_falls_back():
+    """A model with one sliding window for every layer and no ``layer_types`` (Mistral-style) cannot take
+    two masks: a binding window sends the pair through the plain forward."""
+    config = type("Config", (), {"sliding_window": 8, "layer_types": None})()
+    assert logps.binding_sliding_window(config, 9) == 8 and not logps.takes_mask_mapping(config)
+    assert logps.binding_sliding_window(config, 8) is None
