@@ -104,7 +104,10 @@ def cluster(tmp_path_factory):
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     folder = tmp_path_factory.mktemp("deployed")
-    server = PrefectServer(folder / "prefect-home").start()
+    # the scheduler visits deployments every 60 s by default; 5 s keeps the schedule test short
+    server = PrefectServer(
+        folder / "prefect-home", extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
+    ).start()
     workers: list[subprocess.Popen] = []
     try:
         deployed = subprocess.run(

@@ -20,10 +20,11 @@ from tests.integration.conftest import BIN, ROOT, prefect_env
 pytestmark = pytest.mark.slow
 
 PAIRS_PER_RUN = 12  # two prompts x six target languages of the official file
-# Where those two prompts start: the filter judges ready-made pairs, and most target "chosen" answers of the
-# official llama file comply with the request. Of these twelve, two pass the judge at the default
-# filter.max_length_ratio (zh among them) and a third at 30.
-FIRST_PAIR = 366
+# Where those two prompts start: the filter judges ready-made pairs (refusal_patterns@v3), and most target
+# "chosen" answers of the official llama file comply with the request. Of these twelve, two pass the judge at
+# the default filter.max_length_ratio (bn, and zh in row 209) and four at 30.
+FIRST_PAIR = 198
+ZH_ROW = 209 - FIRST_PAIR  # the zh quadruple of the window, copied as the noisy pair
 ALL_STAGES = ["ingest", "translate", "generate", "label", "pair", "filter", "reference", "train", "evaluate"]
 
 
@@ -32,13 +33,13 @@ def fast_recipe(
     noisy_pair: bool = False,
 ) -> Path:
     """A recipe on the pair-source path: a few real quadruples, tiny lengths, one or two training steps.
-    ``noisy_pair`` adds a copy of the first quadruple whose target rejected equals its chosen (to be dropped)."""
+    ``noisy_pair`` adds a copy of the zh quadruple whose target rejected equals its chosen (to be dropped)."""
     pairs = folder / "pairs.json"
     if not pairs.exists():
         rows = json.loads((shared_data / "mpo_official" / "llama_mpo_data.json").read_text(encoding="utf-8"))
         rows = rows[FIRST_PAIR : FIRST_PAIR + PAIRS_PER_RUN]
         if noisy_pair:
-            rows.append({**rows[0], "target_rejected": rows[0]["target_chosen"]})
+            rows.append({**rows[ZH_ROW], "target_rejected": rows[ZH_ROW]["target_chosen"]})
         pairs.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     recipe = folder / f"{name}.yaml"
     recipe.write_text(
