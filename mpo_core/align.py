@@ -78,7 +78,9 @@ def load_refusals(path: str | Path | None = None) -> list[str]:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise InputDataError(f"{path}: line {line_no}: expected a JSON object with 'chosen'") from None
                 answer = re.sub(r"\s+", " ", _last_assistant_turn(chosen))
-                if 0 < len(answer) <= HH_MAX_REFUSAL_CHARS and judge.judge_one(answer, "en").verdict == "refusal":
+                if "Human:" in answer or not 0 < len(answer) <= HH_MAX_REFUSAL_CHARS:
+                    continue  # a dialogue ending on the human's turn, or a long answer
+                if judge.judge_one(answer, "en").verdict == "refusal":
                     texts.append(answer)
     else:
         texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
