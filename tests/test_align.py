@@ -220,3 +220,24 @@ def test_align_stage_trains_saves_and_is_reused(tmp_path):
     stamp = (Path(aligned) / "mpo_train.json").stat().st_mtime_ns
     assert run_align(config, {"translated": translated}, tmp_path / "align")["aligned"] == aligned
     assert (Path(aligned) / "mpo_train.json").stat().st_mtime_ns == stamp
+
+
+def test_transfer_summary_says_where_selectivity_rose():
+    from mpo_core.evaluation import transfer_summary
+
+    config = config_from_dict({"run": {"target_langs": ["zh", "ko"]}})
+
+    def row(model, lang, metric, value):
+        return {"model": model, "lang": lang, "metric": metric, "value": value, "dataset": "seed"}
+
+    rows = [row("base", lang, m, 0.5) for lang in ("en", "zh", "ko") for m in ("asr", "over_refusal", "selectivity")]
+    rows += [row("trained", "en", "asr", 0.5), row("trained", "en", "over_refusal", 0.5),
+             row("trained", "en", "selectivity", 0.5),
+             row("trained", "zh", "asr", 0.2), row("trained", "zh", "over_refusal", 0.5),
+             row("trained", "zh", "selectivity", 0.8),
+             row("trained", "ko", "asr", 0.2), row("trained", "ko", "over_refusal", 0.9),
+             row("trained", "ko", "selectivity", 0.4)]
+    text = transfer_summary(rows, config)
+    assert "selectivity up in 1 of 2 target languages (zh)" in text
+    assert "ASR down without over-refusal up in 1 (zh)" in text and "en ASR +0.000" in text
+    assert transfer_summary([r for r in rows if r["model"] == "base"], config) is None
