@@ -32,7 +32,8 @@ import pyarrow as pa
 
 from mpo_core.artifacts import read_artifact, write_artifact
 from mpo_core.config import LabelConfig, ModelConfig, PipelineConfig, PromptsConfig
-from mpo_core.errors import InputDataError
+from mpo_core.errors import ConfigError, InputDataError
+from mpo_core.label_noise import describe_noise
 from mpo_core.metrics import (
     Estimate,
     bootstrap_mean_ci,
@@ -191,7 +192,7 @@ def load_pair_set(
             name = "pairs:train"
     else:
         return None
-    rows = [dict(r, lang=r["target_lang"]) for r in table.to_pylist()]
+    rows = [dict(true_labels(r), lang=r["target_lang"]) for r in table.to_pylist()]
     rows = _take_per_lang(rows, eval_langs(config), config.evaluate.max_pairs_per_lang)
     gaps = {}
     if reference is not None and config.evaluate.pairs is None:
@@ -287,6 +288,15 @@ def load_utility_sets(config: PipelineConfig) -> list[UtilitySet]:
     sets += [UtilitySet(dataset_name(s), "mc", load_multiple_choice(s, langs, ev.mc_max_per_lang))
              for s in ev.multiple_choice]
     return [s for s in sets if s.items]
+
+
+def true_labels(pair: dict) -> dict:
+    """A pair as judged before label noise: chosen and rejected swapped back where ``target_flipped``
+    (reward gaps are measured against the true preference, whatever the model was trained on)."""
+    if not pair.get("target_flipped"):
+        return pair
+    return dict(pair, target_chosen=pair["target_rejected"], target_rejected=pair["target_chosen"],
+                target_flipped=False)
 
 
 # --- one model ----------------------------------------------------------------------------------------
@@ -571,6 +581,7 @@ def report_meta(config: PipelineConfig, models: dict[str, ModelConfig], result: 
     meta["data"] = "; ".join(f"{name}: {what}" for name, what in result.datasets.items())
     meta["decoding"] = (f"greedy, max_new_tokens={config.evaluate.max_new_tokens}, "
                         f"backend={config.generate.backend}")
+    meta["label noise (target side)"] = describe_noise(config.pair.target_noise, config.pair.noise_seed)
     meta["config hash"] = config_hash
     meta["evaluation time"] = f"{result.seconds:.0f} s"
     return meta
@@ -602,6 +613,16 @@ def write_evaluation(
     return {"eval": eval_path, "report": report["markdown"], "report_html": report["html"]}
 
 
+def selected_roles(models: dict[str, ModelConfig], roles: list[str] | None) -> dict[str, ModelConfig]:
+    """The models of ``roles`` (``evaluate.roles``; None: all); an error names a role the run lacks."""
+    if roles is None:
+        return models
+    unknown = [r for r in roles if r not in models]
+    if unknown:
+        raise ConfigError(f"evaluate.roles names {unknown}; this run has the models {list(models)}")
+    return {role: models[role] for role in roles}
+
+
 def run_evaluate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage ``evaluate``: base model (``config.model``) and trained model (``inputs["checkpoint"]``) side by
     side -> ``eval`` artifact and ``report`` (Markdown, with ``report.html`` and the plots beside it)."""
@@ -612,6 +633,7 @@ def run_evaluate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path)
     models = {"base": config.model}
     if "checkpoint" in inputs:
         models["trained"] = config.model.model_copy(update={"name_or_path": str(inputs["checkpoint"])})
+    models = selected_roles(models, config.evaluate.roles)
     result = evaluate_models(config, models, translated=translated, filtered=filtered, reference=reference)
     paths = write_evaluation(result, config, models, out_dir, **call.provenance)
     return {"eval": paths["eval"], "report": paths["report"]}
