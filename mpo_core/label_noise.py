@@ -8,7 +8,10 @@ seed, independent of row order, and nested (the pairs flipped at 20 % are among 
 The judge's scores and the fallback flags stay where they were: they are what the (wrong) judge reported
 for each position, so a flipped pair looks as trustworthy to the filter as a clean one. The ``target_flipped``
 column records the truth (``True`` flipped, ``False`` left as built). The pair stage applies it to built and
-ready-made pairs alike (``pair.target_noise``, ``pair.noise_seed``).
+ready-made pairs alike (``pair.target_noise``, ``pair.noise_seed``); evaluation measures reward gaps against
+the true labels. One filter rule can see a flip: ``length_ratio`` compares each target response with its
+dominant counterpart, so on data with very unequal lengths a noisy run may keep a slightly different set of
+pairs (1 in 600 of the official Llama data), and then its reference is computed again.
 """
 
 from __future__ import annotations
