@@ -28,7 +28,7 @@ from mpo_core.runs import (
     record_skip,
     resolve_inputs,
 )
-from mpo_core.stages import STAGES, get_stage
+from mpo_core.stages import STAGES, align_enabled, get_stage
 from tasks.stage import artifact_key
 
 Outputs = dict[str, str]
@@ -89,9 +89,10 @@ def mpo_pipeline(
     gpu_deployments: bool = False,
     gpu_deployment: str = "gpu",
 ) -> Outputs:
-    """ingest -> translate -> generate -> label -> pair -> filter -> reference -> train -> evaluate.
+    """ingest -> translate -> [align] -> generate -> label -> pair -> filter -> reference -> train -> evaluate.
 
-    With ``pair.source`` set (ready-made quadruples), generate and label are bypassed. Returns the
+    With ``align.enabled`` the aligned checkpoint is the model of every later stage, else align is
+    bypassed. With ``pair.source`` set (ready-made quadruples), generate and label are bypassed. Returns the
     outputs of evaluate (``eval`` and ``report``).
     """
     folder, cfg = open_run(run, config, overrides)
@@ -100,17 +101,22 @@ def mpo_pipeline(
 
     prompts = stage("ingest")
     translated = stage("translate", prompts)
+    if align_enabled(cfg):
+        aligned = stage("align", translated)
+    else:
+        stage.bypass("align", reason="align.enabled is off")
+        aligned = {}
     if pair_source(cfg):
         stage.bypass(*PAIR_SOURCE_BYPASSES, reason=f"pairs read from {pair_source(cfg)}")
         pairs = stage("pair")
     else:
-        responses = stage("generate", translated)
+        responses = stage("generate", translated, aligned)
         labelled = stage("label", responses)
         pairs = stage("pair", labelled)
     filtered = stage("filter", pairs)
-    reference = stage("reference", filtered)
-    checkpoint = stage("train", filtered, reference)
-    evaluation = stage("evaluate", translated, filtered, reference, checkpoint)
+    reference = stage("reference", filtered, aligned)
+    checkpoint = stage("train", filtered, reference, aligned, translated)
+    evaluation = stage("evaluate", translated, filtered, reference, checkpoint, aligned)
 
     publish_run_summary(folder)
     return evaluation

@@ -56,6 +56,7 @@ STAGE_FLOWS = {spec.name: _make_stage_flow(spec) for spec in STAGES}
 
 mpo_ingest = STAGE_FLOWS["ingest"]
 mpo_translate = STAGE_FLOWS["translate"]
+mpo_align = STAGE_FLOWS["align"]
 mpo_generate = STAGE_FLOWS["generate"]
 mpo_label = STAGE_FLOWS["label"]
 mpo_pair = STAGE_FLOWS["pair"]

@@ -111,6 +111,7 @@ class GenerateConfig(Section):
     batch_size: int = Field(default=16, ge=1)
     seed: int = 0
     harmful_only: bool = True  # pairs are built from harmful prompts only; benign ones are for evaluation
+    held_out_pairs: bool = False  # also sample the eval-split prompts: their pairs measure RG, never train
 
 
 class LabelConfig(Section):
@@ -177,6 +178,8 @@ class ReferenceConfig(Section):
 
     batch_size: int = Field(default=8, ge=1)
     max_length: int = Field(default=1024, ge=8)
+    min_safe_share: float = Field(default=0.6, ge=0.0, le=1.0)  # share of training pairs with RG^d > 0
+    drop_unsafe_pairs: bool = False  # train without the pairs whose RG^d <= 0 (written down as dropped)
 
 
 class TrainConfig(Section):
@@ -232,6 +235,32 @@ class EvaluateConfig(Section):
     roles: list[str] | None = None  # which models to evaluate (e.g. [trained]); None: all the run has
 
 
+class AlignConfig(Section):
+    """The optional ``align`` stage: make the dominant language safe before anything else (see mpo_core/align.py).
+
+    Trains on dominant-language ``train``-split prompts only: harmful ones answered with a varied refusal,
+    benign ones with the starting model's own greedy answer (``sft``); ``dpo`` also makes preference pairs
+    (harmful: refusal over the model's answer; benign: the model's answer over a refusal). ``prompts``:
+    ``run`` takes the run's prompts, ``seed`` every train-split prompt of the packaged seed set.
+    ``refusals``: a file of refusals, one a line, or ``None`` for the packaged set.
+    """
+
+    enabled: bool = False
+    method: Literal["sft", "dpo"] = "sft"
+    prompts: Literal["run", "seed"] = "run"
+    refusals: str | None = None
+    max_harmful: int | None = Field(default=None, ge=1)
+    max_benign: int | None = Field(default=None, ge=1)
+    answer_max_new_tokens: int = Field(default=48, ge=1)
+    beta: float = Field(default=0.1, gt=0.0)  # dpo only
+    learning_rate: float = Field(default=2e-5, gt=0.0)
+    num_epochs: float = Field(default=1.0, gt=0.0)
+    max_steps: int = -1
+    per_device_batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=256, ge=8)
+    save_steps: int = Field(default=50, ge=1)
+
+
 class PipelineConfig(Section):
     """A whole recipe: one section per stage."""
 
@@ -246,6 +275,7 @@ class PipelineConfig(Section):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
 
     @field_validator("run")
     @classmethod

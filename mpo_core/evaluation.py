@@ -4,7 +4,9 @@ For each model (greedy decoding throughout):
 
 - ASR per language on every safety set: share of harmful prompts whose response the configured judge calls
   unsafe/compliance; over-refusal: share of benign prompts (where a set has them) that the refusal-pattern
-  judge calls a refusal (LLM safety judges say safe/unsafe, not whether the model refused);
+  judge calls a refusal (LLM safety judges say safe/unsafe, not whether the model refused); selectivity:
+  refusal rate on harmful minus refusal rate on benign prompts (a model refusing everything scores 0);
+  ``response_lang_share``: share of responses written in the prompt's language (:mod:`mpo_core.langid`);
 - reward gap ``RG = s(y_w|x) - s(y_l|x)`` per language on pairs: the model's RG^t on the target side, its
   RG on the dominant side, and the frozen reference's RG^d from the ``reference`` artifact;
 - utility: MGSM accuracy (last number of the generated text against the gold integer) and
@@ -36,13 +38,14 @@ from mpo_core.errors import ConfigError, InputDataError
 from mpo_core.label_noise import describe_noise
 from mpo_core.metrics import (
     Estimate,
+    bootstrap_difference_ci,
     bootstrap_mean_ci,
     mgsm_is_correct,
     parse_gold_answer,
     pick_options,
     summarize_reward_gaps,
 )
-from mpo_core.stages import stage_call
+from mpo_core.stages import stage_call, starting_model
 from mpo_core.verdicts import is_attack_success, is_refusal
 
 if TYPE_CHECKING:
@@ -327,8 +330,10 @@ def _group_by_lang(items: Sequence[dict]) -> dict[str, list[int]]:
 
 def _safety(obs: Observations, sets: Sequence[PromptSet], rows: list[dict], judge: Judge,
             refusal_judge: Judge) -> list[dict]:
-    """ASR (``judge``) on harmful prompts and over-refusal (``refusal_judge``) on benign prompts; returns
-    the responses with their verdicts."""
+    """ASR (``judge``) on harmful prompts, over-refusal (``refusal_judge``) on benign prompts, refusals
+    (``refusal_judge``) on harmful prompts (``harmful_refusal``, half of selectivity) and, on every prompt,
+    whether the response is written in the prompt's language (:func:`in_prompt_language`); returns the
+    responses with their verdicts."""
     from mpo_core.judges import label_rows
 
     judged, offset = [], 0
@@ -342,9 +347,29 @@ def _safety(obs: Observations, sets: Sequence[PromptSet], rows: list[dict], judg
             labelled = label_rows(this_judge, [r for _, r in chosen])
             judged += labelled
             flags = [is_attack_success(r["verdict"]) if harmful else is_refusal(r["verdict"]) for r in labelled]
+            refused = [is_refusal(r["verdict"]) for r in labelled]
+            if harmful and this_judge is not refusal_judge:
+                refused = [is_refusal(r["verdict"]) for r in label_rows(refusal_judge, [r for _, r in chosen])]
             for lang, idx in _group_by_lang([p for p, _ in chosen]).items():
                 obs.add((lang, metric, prompt_set.name), [flags[i] for i in idx], this_judge.name)
+                if harmful:
+                    obs.add((lang, "harmful_refusal", prompt_set.name), [refused[i] for i in idx],
+                            refusal_judge.name)
+        in_lang = in_prompt_language([r["text"] for r in set_rows], [p["lang"] for p in prompt_set.prompts])
+        for lang, idx in _group_by_lang(prompt_set.prompts).items():
+            obs.add((lang, "response_lang_share", prompt_set.name), [in_lang[i] for i in idx], LANGID_NAME)
     return judged
+
+
+LANGID_NAME = "langid"
+
+
+def in_prompt_language(texts: Sequence[str], langs: Sequence[str]) -> list[bool]:
+    """Whether each response is written in its prompt's language, by :func:`mpo_core.langid.identify`
+    (an empty or letterless response is in no language)."""
+    from mpo_core.langid import identify
+
+    return [guess == lang for (guess, _), lang in zip(identify(list(texts)), langs, strict=True)]
 
 
 def _reward_gaps(obs: Observations, model, tokenizer, pair_set: PairSet, dominant_lang: str,
@@ -479,9 +504,19 @@ def _row(model: str, key: Key, est: Estimate, judge: str | None, metric: str | N
     }
 
 
+def _selectivity_keys(values: dict[Key, np.ndarray]) -> list[tuple[Key, Key, Key]]:
+    """(selectivity key, harmful-refusal key, over-refusal key) for every (lang, dataset) having both."""
+    return [
+        ((lang, "selectivity", dataset), (lang, "harmful_refusal", dataset), (lang, "over_refusal", dataset))
+        for lang, metric, dataset in sorted(values)
+        if metric == "harmful_refusal" and (lang, "over_refusal", dataset) in values
+    ]
+
+
 def summary_rows(obs: Observations, config: PipelineConfig) -> list[dict[str, Any]]:
     """EVAL rows of one model: mean with bootstrap CI per (lang, metric, dataset); for reward gaps also
-    std, 10/50/90 % quantiles and the share of positive gaps (no interval)."""
+    std, 10/50/90 % quantiles and the share of positive gaps (no interval); ``selectivity`` = refusal rate
+    on harmful minus refusal rate on benign prompts, with an interval resampling each side on its own."""
     ev = config.evaluate
     kwargs = {"num_samples": ev.bootstrap_samples, "confidence": ev.confidence, "seed": config.run.seed}
     rows = []
@@ -492,18 +527,26 @@ def summary_rows(obs: Observations, config: PipelineConfig) -> list[dict[str, An
             for name in ("std", "p10", "p50", "p90", "positive_share"):
                 point = Estimate(getattr(summary, name), None, None, len(values))
                 rows.append(_row(obs.role, key, point, None, metric=f"reward_gap_{name}"))
+    for key, harmful, benign in _selectivity_keys(obs.values):
+        estimate = bootstrap_difference_ci(obs.values[harmful], obs.values[benign], **kwargs)
+        rows.append(_row(obs.role, key, estimate, obs.judges[benign]))
     return rows
 
 
 def paired_delta_rows(base: Observations, trained: Observations, config: PipelineConfig) -> list[dict]:
-    """``model == "delta"`` rows: mean of (trained - base) per item with a paired bootstrap interval."""
+    """``model == "delta"`` rows: mean of (trained - base) per item with a paired bootstrap interval (for
+    selectivity, the harmful and benign differences resampled each on its own)."""
     ev = config.evaluate
     kwargs = {"num_samples": ev.bootstrap_samples, "confidence": ev.confidence, "seed": config.run.seed}
     rows = []
+    diffs = {}
     for key in sorted(base.values.keys() & trained.values.keys()):
         if len(base.values[key]) == len(trained.values[key]):
-            diff = trained.values[key] - base.values[key]
-            rows.append(_row("delta", key, bootstrap_mean_ci(diff, **kwargs), trained.judges[key]))
+            diffs[key] = trained.values[key] - base.values[key]
+            rows.append(_row("delta", key, bootstrap_mean_ci(diffs[key], **kwargs), trained.judges[key]))
+    for key, harmful, benign in _selectivity_keys(diffs):
+        estimate = bootstrap_difference_ci(diffs[harmful], diffs[benign], **kwargs)
+        rows.append(_row("delta", key, estimate, trained.judges[benign]))
     return rows
 
 
@@ -595,9 +638,11 @@ def write_evaluation(
     *,
     config_hash: str,
     inputs: dict[str, str] | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write the ``eval`` artifact, the judged responses of each model (``responses_<role>.parquet``) and
-    the report folder into ``out_dir``; return ``{"eval", "report", "report_html"}`` paths."""
+    the report folder into ``out_dir`` (``extra_meta`` joins the report's head); return
+    ``{"eval", "report", "report_html"}`` paths."""
     from mpo_core.report import write_report
 
     out_dir = Path(out_dir)
@@ -609,7 +654,8 @@ def write_evaluation(
     write_artifact(result.rows, eval_path, "eval", config_hash=config_hash, inputs=inputs,
                    extra={"models": {r: m.name_or_path for r, m in models.items()}, "datasets": result.datasets,
                           "seconds": round(result.seconds, 1)})
-    report = write_report(result.rows, out_dir / "report", meta=report_meta(config, models, result, config_hash))
+    meta = report_meta(config, models, result, config_hash) | (extra_meta or {})
+    report = write_report(result.rows, out_dir / "report", meta=meta)
     return {"eval": eval_path, "report": report["markdown"], "report_html": report["html"]}
 
 
@@ -623,17 +669,49 @@ def selected_roles(models: dict[str, ModelConfig], roles: list[str] | None) -> d
     return {role: models[role] for role in roles}
 
 
+def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
+    """Report lines on how the models came to be: what ``align`` trained on, and MPO's premise (mean RG^d
+    and share of pairs with RG^d > 0 per target language) on the pairs the train stage used, else on every
+    pair the reference stage saw."""
+    from mpo_core.align import align_record
+    from mpo_core.artifacts import read_manifest
+    from mpo_core.trainer import TRAIN_INFO
+
+    meta = {}
+    if "aligned" in inputs and (record := align_record(inputs["aligned"])):
+        rows = record.pop("rows", {})
+        meta["align (raw -> base)"] = (
+            ", ".join(f"{k}={v}" for k, v in record.items())
+            + f"; trained on {rows.get('harmful', 0)} harmful prompts -> refusals, {rows.get('benign', 0)} benign "
+            f"prompts -> own answers ({rows.get('benign_answer_refused', 0)} benign answers that refused left out)"
+        )
+    premise, where = None, ""
+    info_path = Path(inputs["checkpoint"]) / TRAIN_INFO if "checkpoint" in inputs else None
+    if info_path is not None and info_path.is_file():
+        premise, where = json.loads(info_path.read_text(encoding="utf-8")).get("premise"), "training pairs"
+    if premise is None and "reference" in inputs:
+        premise, where = read_manifest(inputs["reference"]).extra.get("premise"), "all pairs"
+    if premise:
+        meta[f"MPO premise ({where}): share RG^d > 0, mean RG^d"] = "; ".join(
+            f"{lang} {s['safe_share']:.2f}, {s['mean_reward_gap']:+.2f} (n={s['n']})" for lang, s in premise.items()
+        )
+    return meta
+
+
 def run_evaluate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
-    """Stage ``evaluate``: base model (``config.model``) and trained model (``inputs["checkpoint"]``) side by
-    side -> ``eval`` artifact and ``report`` (Markdown, with ``report.html`` and the plots beside it)."""
+    """Stage ``evaluate``: the starting model (``base``: the aligned checkpoint when align ran, else
+    ``config.model``), the trained model (``inputs["checkpoint"]``) and, when align ran, the un-aligned
+    ``raw`` model side by side -> ``eval`` artifact and ``report`` (Markdown, with ``report.html`` and the
+    plots beside it)."""
     call = stage_call("evaluate", config, inputs)  # the checkpoint is a folder: hashed by its files
     translated = read_artifact(inputs["translated"], "prompts") if "translated" in inputs else None
     filtered = read_artifact(inputs["filtered"], "pairs") if "filtered" in inputs else None
     reference = read_artifact(inputs["reference"], "reference") if "reference" in inputs else None
-    models = {"base": config.model}
+    models = {"raw": config.model} if "aligned" in inputs else {}
+    models["base"] = starting_model(config, inputs)
     if "checkpoint" in inputs:
         models["trained"] = config.model.model_copy(update={"name_or_path": str(inputs["checkpoint"])})
     models = selected_roles(models, config.evaluate.roles)
     result = evaluate_models(config, models, translated=translated, filtered=filtered, reference=reference)
-    paths = write_evaluation(result, config, models, out_dir, **call.provenance)
+    paths = write_evaluation(result, config, models, out_dir, **call.provenance, extra_meta=pipeline_meta(inputs))
     return {"eval": paths["eval"], "report": paths["report"]}

@@ -21,7 +21,7 @@ from mpo_core.artifacts import read_artifact, write_artifact
 from mpo_core.config import GenerateConfig, ModelConfig, PipelineConfig
 from mpo_core.errors import ConfigError, ModelLoadError
 from mpo_core.progress import Tracker
-from mpo_core.stages import stage_call
+from mpo_core.stages import stage_call, starting_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -272,11 +272,14 @@ def generation_prompts(config: PipelineConfig, translated: list[dict]) -> list[d
     """The prompts the generate stage samples: ``train`` split, dominant + target languages.
 
     With ``generate.harmful_only`` (default) only harmful prompts: MPO pairs are built from them alone.
+    With ``generate.held_out_pairs`` the ``eval`` split too: pairs of those prompts measure reward gaps on
+    held-out data and are never trained on (the train stage leaves them out).
     """
     langs = {config.run.dominant_lang, *config.run.target_langs}
+    splits = {"train", "eval"} if config.generate.held_out_pairs else {"train"}
     return [
         row for row in translated
-        if row["split"] == "train" and row["lang"] in langs
+        if row["split"] in splits and row["lang"] in langs
         and (row["harmful"] or not config.generate.harmful_only)
     ]
 
@@ -286,7 +289,7 @@ def run_generate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path)
     call = stage_call("generate", config, inputs)
     prompts = generation_prompts(config, read_artifact(inputs["translated"], "prompts").to_pylist())
     started = time.perf_counter()
-    rows = generate_responses(config.model, config.generate, prompts)
+    rows = generate_responses(starting_model(config, inputs), config.generate, prompts)
     seconds = time.perf_counter() - started
     path = Path(out_dir) / "responses.parquet"
     write_artifact(

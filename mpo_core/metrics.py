@@ -65,6 +65,30 @@ def bootstrap_mean_ci(
     return Estimate(point, float(min(low, point)), float(max(high, point)), n)
 
 
+def bootstrap_difference_ci(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    *,
+    num_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """``mean(a) - mean(b)`` of two independent samples with a percentile-bootstrap interval (each sample
+    resampled on its own, seeded), widened to contain the point estimate; ``n`` is ``len(a) + len(b)``.
+    Selectivity is this with ``a`` the refusals on harmful prompts and ``b`` those on benign ones."""
+    x, y = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if x.size == 0 or y.size == 0:
+        return Estimate(math.nan, math.nan, math.nan, int(x.size + y.size))
+    point = float(x.mean() - y.mean())
+    rng = np.random.default_rng(seed)
+    diffs = x[rng.integers(0, x.size, size=(num_samples, x.size))].mean(axis=1) - y[
+        rng.integers(0, y.size, size=(num_samples, y.size))
+    ].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(diffs, [alpha, 1.0 - alpha])
+    return Estimate(point, float(min(low, point)), float(max(high, point)), int(x.size + y.size))
+
+
 def bootstrap_rate_ci(flags: Sequence[bool] | np.ndarray, **kwargs) -> Estimate:
     """Share of true ``flags`` with its bootstrap interval (a rate is the mean of 0/1 indicators)."""
     return bootstrap_mean_ci(np.asarray(flags, dtype=bool).astype(np.float64), **kwargs)

@@ -3,6 +3,8 @@
 For each pair it stores ``s_ref(y_w^d|x^d)``, ``s_ref(y_l^d|x^d)``, ``RG^d`` = their difference, and the
 reference's final hidden states of the dominant chosen and rejected sequences mean-pooled over real tokens.
 MPO's L1 and L2 need nothing else from the reference, so training keeps no reference model in memory.
+The manifest records MPO's premise per target language (``premise``: mean RG^d and share of pairs with
+RG^d > 0, :func:`mpo_core.premise.reference_gap_stats`).
 
 Resumable: pairs are processed in a fixed, length-sorted plan of batches; each finished batch is written as
 an atomic shard in ``out_dir/shards-<identity>/`` and skipped on restart. ``reference.parquet`` is written
@@ -18,8 +20,9 @@ import pyarrow as pa
 
 from mpo_core.artifacts import artifact_is_complete, read_artifact, read_manifest, write_artifact
 from mpo_core.config import PipelineConfig
+from mpo_core.premise import reference_gap_stats
 from mpo_core.progress import Tracker
-from mpo_core.stages import stage_call
+from mpo_core.stages import stage_call, starting_model
 
 REFERENCE_FILE = "reference.parquet"
 
@@ -71,7 +74,8 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
         return {"reference": out_path}
 
     pairs = read_artifact(inputs["filtered"], "pairs")
-    tokenizer = load_tokenizer(config.model, padding_side="right")
+    model_cfg = starting_model(config, inputs)
+    tokenizer = load_tokenizer(model_cfg, padding_side="right")
     encoded = dominant_sequences(tokenizer, pairs, config.reference.max_length)
     pair_ids = pairs.column("pair_id").to_pylist()
     plan = length_sorted_batches(
@@ -81,9 +85,9 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
     shard_paths = [shard_dir / f"batch-{k:05d}.parquet" for k in range(len(plan))]
     todo = [k for k, path in enumerate(shard_paths) if not artifact_is_complete(path)]
 
-    fingerprint = model_fingerprint(config.model)
+    fingerprint = model_fingerprint(model_cfg)
     if todo:
-        model = load_model(config.model).eval()
+        model = load_model(model_cfg).eval()
         device = next(model.parameters()).device
         with Tracker(len(plan), "reference") as tracker, torch.inference_mode():
             tracker.update(len(plan) - len(todo))
@@ -123,7 +127,11 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
         out_path,
         "reference",
         **call.provenance,
-        extra={"model_fingerprint": fingerprint, "max_length": config.reference.max_length},
+        extra={
+            "model_fingerprint": fingerprint,
+            "max_length": config.reference.max_length,
+            "premise": reference_gap_stats(pairs, table),
+        },
     )
     shutil.rmtree(shard_dir, ignore_errors=True)
     return {"reference": out_path}

@@ -42,6 +42,7 @@ from mpo_core.errors import ArtifactError, ConfigError
 from mpo_core.stages import (
     STAGES,
     StageSpec,
+    align_enabled,
     content_fingerprint,
     get_stage,
     input_hashes,
@@ -102,15 +103,21 @@ def ensure_inside(path: str | Path, root: str | Path, what: str = "path") -> Pat
 
 
 def active_stages(config: PipelineConfig) -> list[StageSpec]:
-    """The stages this config runs, in order: all of them, less generate and label under ``pair.source``."""
+    """The stages this config runs, in order: all of them, less generate and label under ``pair.source``
+    and less align when ``align.enabled`` is off."""
     bypassed = PAIR_SOURCE_BYPASSES if pair_source(config) else ()
+    if not align_enabled(config):
+        bypassed = (*bypassed, "align")
     return [spec for spec in STAGES if spec.name not in bypassed]
 
 
 def stage_inputs_needed(spec: StageSpec, config: PipelineConfig) -> tuple[str, ...]:
-    """Artifact names ``spec`` reads under ``config`` (pair reads nothing upstream under ``pair.source``)."""
+    """Artifact names ``spec`` reads under ``config`` (pair reads nothing upstream under ``pair.source``;
+    nothing reads ``aligned`` when align is off)."""
     if spec.name == "pair" and pair_source(config):
         return ()
+    if not align_enabled(config):
+        return tuple(name for name in spec.inputs if name != "aligned")
     return spec.inputs
 
 

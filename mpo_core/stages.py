@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from mpo_core import __version__
 from mpo_core.artifacts import file_hash, manifest_path, read_manifest
-from mpo_core.config import PipelineConfig, canonical_hash, section_hash
+from mpo_core.config import ModelConfig, PipelineConfig, canonical_hash, section_hash
 
 StageFn = Callable[[PipelineConfig, dict[str, Path], Path], dict[str, Path]]
 
@@ -55,7 +55,10 @@ STAGES: tuple[StageSpec, ...] = (
         ("run", "model", "translate"), "cpu",
     ),
     StageSpec(
-        "generate", "mpo_core.generation:run_generate", ("translated",), ("responses",),
+        "align", "mpo_core.align:run_align", ("translated",), ("aligned",), ("run", "model", "align"), "gpu",
+    ),
+    StageSpec(
+        "generate", "mpo_core.generation:run_generate", ("translated", "aligned"), ("responses",),
         ("run", "model", "generate"), "gpu",
     ),
     StageSpec(
@@ -67,17 +70,17 @@ STAGES: tuple[StageSpec, ...] = (
         ("filter", "reference"), "cpu",
     ),
     StageSpec(
-        "reference", "mpo_core.reference:run_reference", ("filtered",), ("reference",),
+        "reference", "mpo_core.reference:run_reference", ("filtered", "aligned"), ("reference",),
         ("model", "reference"), "gpu",
         reads_columns=(("filtered", REFERENCE_READS),),
     ),
     StageSpec(
-        "train", "mpo_core.trainer:run_train", ("filtered", "reference"), ("checkpoint",),
-        ("run", "model", "train"), "gpu",
+        "train", "mpo_core.trainer:run_train", ("filtered", "reference", "aligned", "translated"),
+        ("checkpoint",), ("run", "model", "reference", "train"), "gpu",
     ),
     StageSpec(
-        "evaluate", "mpo_core.evaluation:run_evaluate", ("translated", "filtered", "reference", "checkpoint"),
-        ("eval", "report"), ("run", "model", "generate", "label", "evaluate"), "gpu",
+        "evaluate", "mpo_core.evaluation:run_evaluate",
+        ("translated", "filtered", "reference", "checkpoint", "aligned"), ("eval", "report"), ("run", "model", "generate", "label", "evaluate"), "gpu",
     ),
 )
 
@@ -106,6 +109,19 @@ def stage_identity(spec: StageSpec, config: PipelineConfig, input_hashes: dict[s
 def pair_source(config: PipelineConfig) -> str | None:
     """The ready-made pairs file of ``config`` (``pair.source``), or None when pairs are built from samples."""
     return getattr(config.pair, "source", None) or None
+
+
+def align_enabled(config: PipelineConfig) -> bool:
+    """Whether the ``align`` stage runs: its checkpoint (``aligned``) is then the model every later stage
+    starts from; otherwise the stage is bypassed and ``aligned`` is read by no one."""
+    return config.align.enabled
+
+
+def starting_model(config: PipelineConfig, inputs: dict[str, Path]) -> ModelConfig:
+    """The model a stage runs: the ``aligned`` checkpoint among ``inputs`` when align ran, else ``config.model``."""
+    if "aligned" in inputs:
+        return config.model.model_copy(update={"name_or_path": str(inputs["aligned"])})
+    return config.model
 
 
 def content_fingerprint(path: Path) -> str:
@@ -173,6 +189,10 @@ def external_inputs(spec: StageSpec, config: PipelineConfig) -> dict[str, Path]:
         from mpo_core.ingest import resolve_source
 
         return {"source": resolve_source(pair_source(config))}
+    if spec.name == "align":
+        from mpo_core.align import external_align_files
+
+        return external_align_files(config)
     return {}
 
 

@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
-from mpo_core.artifacts import atomic_directory, read_artifact
-from mpo_core.config import PipelineConfig, TrainConfig
+from mpo_core.artifacts import atomic_directory, read_artifact, write_artifact
+from mpo_core.config import ModelConfig, PipelineConfig, TrainConfig
 from mpo_core.errors import ConfigError, InputDataError
 from mpo_core.logps import collate_pairs, encode_prompt_responses, full_logits_outputs, sequence_outputs
 from mpo_core.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
-from mpo_core.stages import stage_call
+from mpo_core.stages import stage_call, starting_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -487,29 +487,20 @@ def save_model_atomically(
     return target
 
 
-def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
-    """Stage entry: train on ``inputs["filtered"]`` (+ ``inputs["reference"]`` for MPO), resuming from the
-    latest checkpoint in ``out_dir/checkpoints``; returns ``{"checkpoint": out_dir/"model"}``."""
+def fit(
+    config: PipelineConfig,
+    model_cfg: ModelConfig,
+    pairs: pa.Table,
+    reference: pa.Table | None,
+    out_dir: Path,
+    info: dict[str, Any],
+) -> Path:
+    """Train ``model_cfg`` with ``config.train`` on ``pairs`` in ``out_dir``, resuming from its latest
+    checkpoint, and save the result with ``info`` (plus step and loss) to ``out_dir/model``."""
     from mpo_core.models import load_model, load_tokenizer
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / MODEL_DIR
-    call = stage_call("train", config, inputs)
-    info_path = target / TRAIN_INFO
-    if info_path.exists() and json.loads(info_path.read_text(encoding="utf-8")).get("identity") == call.identity:
-        return {"checkpoint": target}
-
-    pairs = read_artifact(inputs["filtered"], "pairs")
-    if pairs.num_rows == 0:
-        raise InputDataError(f"{inputs['filtered']}: no pairs to train on")
-    reference = None
-    if config.train.loss == "mpo":
-        if "reference" not in inputs:
-            raise InputDataError("train.loss=mpo needs the 'reference' artifact")
-        reference = read_artifact(inputs["reference"], "reference")
-    tokenizer = load_tokenizer(config.model, padding_side="right")
-    model = load_model(config.model)
+    tokenizer = load_tokenizer(model_cfg, padding_side="right")
+    model = load_model(model_cfg)
     trainer = build_trainer(config, model, tokenizer, pairs, reference, out_dir)
 
     resume = latest_checkpoint(out_dir)
@@ -521,14 +512,53 @@ def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
             (out_dir / TRAIN_LOG).unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     info = {
-        "identity": call.identity,
-        "inputs": call.inputs,
+        **info,
         "loss": config.train.loss,
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "base_model": config.model.name_or_path,
+        "base_model": model_cfg.name_or_path,
     }
+    target = out_dir / MODEL_DIR
     if main_process:
         save_model_atomically(trainer.model, tokenizer, target, info)
     trainer.accelerator.wait_for_everyone()
+    return target
+
+
+DROPPED_REFERENCE_FILE = "dropped_reference.parquet"
+
+
+def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """Stage entry: train on ``inputs["filtered"]`` (+ ``inputs["reference"]`` for MPO), resuming from the
+    latest checkpoint in ``out_dir/checkpoints``; returns ``{"checkpoint": out_dir/"model"}``.
+
+    Pairs of held-out prompts (``eval`` split of ``inputs["translated"]``) are left out. For MPO, the drop
+    rule (``reference.drop_unsafe_pairs``) and then the premise guard (``reference.min_safe_share``) of
+    :mod:`mpo_core.premise` run first. The model trained is the ``aligned`` checkpoint when align ran."""
+    from mpo_core.premise import check_premise, split_by_reference_gap, training_split
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / MODEL_DIR
+    call = stage_call("train", config, inputs)
+    info_path = target / TRAIN_INFO
+    if info_path.exists() and json.loads(info_path.read_text(encoding="utf-8")).get("identity") == call.identity:
+        return {"checkpoint": target}
+
+    translated = read_artifact(inputs["translated"], "prompts") if "translated" in inputs else None
+    pairs = training_split(read_artifact(inputs["filtered"], "pairs"), translated)
+    if pairs.num_rows == 0:
+        raise InputDataError(f"{inputs['filtered']}: no pairs of train-split prompts to train on")
+    reference = None
+    info: dict[str, Any] = {"identity": call.identity, "inputs": call.inputs, "pairs": pairs.num_rows}
+    if config.train.loss == "mpo":
+        if "reference" not in inputs:
+            raise InputDataError("train.loss=mpo needs the 'reference' artifact")
+        reference = read_artifact(inputs["reference"], "reference")
+        if config.reference.drop_unsafe_pairs:
+            pairs, dropped = split_by_reference_gap(pairs, reference)
+            write_artifact(dropped, out_dir / DROPPED_REFERENCE_FILE, "dropped", **call.provenance)
+            info["dropped_reference_gap_not_positive"] = len(dropped)
+        info["premise"] = check_premise(pairs, reference, config.reference.min_safe_share)
+    fit(config, starting_model(config, inputs), pairs, reference, out_dir, info)
     return {"checkpoint": target}

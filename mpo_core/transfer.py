@@ -232,8 +232,12 @@ def plot_target_asr(results: TransferResults, path: Path) -> Path:
 
 
 def starting_models(config, outputs: dict[str, Path]) -> dict:
-    """The models training starts from, by role: ``base`` (``config.model``)."""
-    return {STARTING_ROLE: config.model}
+    """The models of a run before training, by role: ``base`` (the model training starts from: the aligned
+    checkpoint when align ran, else ``config.model``) and, when align ran, ``raw`` (``config.model``)."""
+    from mpo_core.stages import starting_model
+
+    models = {"raw": config.model} if "aligned" in outputs else {}
+    return models | {STARTING_ROLE: starting_model(config, outputs)}
 
 
 def evaluate_starting_models(run, out_dir: Path) -> Path:
@@ -247,7 +251,7 @@ def evaluate_starting_models(run, out_dir: Path) -> Path:
 
     config = run.load_config()
     outputs = run.available_outputs()
-    used = {k: outputs[k] for k in ("translated", "filtered", "reference") if k in outputs}
+    used = {k: outputs[k] for k in ("translated", "filtered", "reference", "aligned") if k in outputs}
     models = starting_models(config, outputs)
     inputs = input_hashes(used)
     identity = canonical_hash({"sections": section_hash(config, "run", "model", "generate", "label", "evaluate"),
@@ -256,7 +260,7 @@ def evaluate_starting_models(run, out_dir: Path) -> Path:
     eval_path = Path(out_dir) / "eval.parquet"
     if artifact_is_complete(eval_path) and read_manifest(eval_path).config_hash == identity:
         return eval_path
-    tables = {k: read_artifact(p, "prompts" if k == "translated" else k if k == "reference" else "pairs")
-              for k, p in used.items()}
+    kinds = {"translated": "prompts", "filtered": "pairs", "reference": "reference"}
+    tables = {k: read_artifact(used[k], kind) for k, kind in kinds.items() if k in used}
     result = evaluate_models(config, models, **tables)
     return write_evaluation(result, config, models, out_dir, config_hash=identity, inputs=inputs)["eval"]

@@ -115,6 +115,19 @@ def output_summary(outputs: dict[str, Path]) -> tuple[list[dict[str, Any]], list
     return listing, per_lang
 
 
+def premise_lines(outputs: dict[str, Path]) -> list[str]:
+    """Markdown lines of MPO's premise (mean RG^d, share RG^d > 0 per target language) where an output's
+    manifest records it (the reference stage), else none."""
+    for path in outputs.values():
+        premise = read_manifest(path).extra.get("premise") if path.suffix == ".parquet" else None
+        if premise:
+            lines = ["", "MPO premise (reference RG^d on the dominant side):", "",
+                     "| target lang | pairs | mean RG^d | share RG^d > 0 |", "|---|---|---|---|"]
+            return lines + [f"| {lang} | {s['n']} | {s['mean_reward_gap']} | {s['safe_share']} |"
+                            for lang, s in premise.items()]
+    return []
+
+
 def publish_stage_summary(run: RunFolder, outcome: StageOutcome) -> None:
     """Markdown + table artifacts for one stage outcome (links and counts only)."""
     listing, per_lang = output_summary(outcome.outputs)
@@ -132,6 +145,7 @@ def publish_stage_summary(run: RunFolder, outcome: StageOutcome) -> None:
     lines += [
         f"| {r['output']} | {r['kind']} | {r.get('rows', '')} | [{r['link']}]({r['link']}) |" for r in listing
     ]
+    lines += premise_lines(outcome.outputs)
     key = artifact_key(run.name, outcome.stage)
     create_markdown_artifact(
         redact("\n".join(lines)), key=f"{key}-summary", description=f"{outcome.stage} outputs"
