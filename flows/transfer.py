@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import mpo_pipeline
 from flows.stages import STAGE_FLOWS
+from mpo_core.config import CONFIGS_DIR
 from mpo_core.runs import RunFolder, open_run
 from mpo_core.sweep import SHARED_RUN, link_stages, run_overrides, shared_stages, sweep_cells
 
@@ -53,6 +54,7 @@ def transfer_sweep(
 ) -> dict[str, str]:
     """Run the sweep into ``sweep_dir`` and return ``{cell name: eval path, "starting": eval path}``."""
     logger = get_run_logger()
+    config = config or str(CONFIGS_DIR / "default.yaml")
     overrides = list(overrides or [])
     cells = sweep_cells(methods or DEFAULT_METHODS, noise_levels or DEFAULT_NOISE, seeds or DEFAULT_SEEDS)
 
