@@ -17,7 +17,14 @@ from flows.pipeline import mpo_pipeline
 from flows.stages import STAGE_FLOWS
 from mpo_core.config import CONFIGS_DIR
 from mpo_core.runs import RunFolder, open_run
-from mpo_core.sweep import SHARED_RUN, link_stages, run_overrides, shared_stages, sweep_cells
+from mpo_core.sweep import (
+    SHARED_RUN,
+    link_stages,
+    noise_free_stages,
+    run_overrides,
+    shared_stages,
+    sweep_cells,
+)
 
 DEFAULT_METHODS = ["mpo", "dpo", "simpo", "ipo", "sft"]
 DEFAULT_NOISE = [0.0, 0.2, 0.4]
@@ -70,7 +77,7 @@ def transfer_sweep(
         folder, _ = open_run(
             config=config, overrides=overrides + cell.pair_overrides() + run_overrides(sweep_dir, cell.pairs_run)
         )
-        link_shared(str(shared.path), str(folder.path), stages)
+        link_shared(str(shared.path), str(folder.path), noise_free_stages(stages))
         run_shared_stages(folder, stages)
         pairs_runs[cell.pairs_run] = folder
 

@@ -8,8 +8,9 @@ runner's one reuse rule (:mod:`mpo_core.runs`) skip them everywhere else:
 1. a ``shared`` run (noise 0) runs every stage before ``train``: ingest, translate, (align), generate,
    label, pair, filter, reference;
 2. a ``pairs-noiseNN-sS`` run per noise level and noise seed receives hard-linked copies of the shared
-   run's stage folders (:func:`link_stages`) and reruns pair and filter only: the reference reads the
-   dominant side alone (``StageSpec.reads_columns``), which label noise never touches, so it stays current;
+   run's stage folders but pair and filter (:func:`link_stages`, :func:`noise_free_stages`) and runs pair
+   and filter only: the reference reads the dominant side alone (``StageSpec.reads_columns``), which label
+   noise never touches, so it stays current;
 3. each cell run receives hard-linked copies of its pairs run's stage folders, then runs the pipeline:
    every stage before ``train`` is skipped as current, train and evaluate run.
 
@@ -32,6 +33,7 @@ from mpo_core.runs import RunFolder, active_stages, ensure_inside
 
 SHARED_RUN = "shared"
 FIRST_CELL_STAGE = "train"  # the stages before it are common to cells with the same label noise
+NOISE_STAGES = ("pair", "filter")  # what a pairs run computes itself (label noise is a pair setting)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,12 @@ def shared_stages(config: PipelineConfig) -> list[str]:
     """The stages this config runs before ``train``: the ones cells may share."""
     names = [spec.name for spec in active_stages(config)]
     return names[: names.index(FIRST_CELL_STAGE)]
+
+
+def noise_free_stages(stages: list[str]) -> list[str]:
+    """The shared stages a pairs run links from the shared run: all but those label noise changes (its own
+    pair and filter are kept when the sweep runs again)."""
+    return [stage for stage in stages if stage not in NOISE_STAGES]
 
 
 def link_stages(source: RunFolder, target: RunFolder, stages: list[str]) -> list[str]:
