@@ -1,5 +1,5 @@
 """The transfer sweep flow on a real Prefect server and the real default model, at the smallest scale: two
-methods (MPO, SFT) x clean and noisy labels x one seed on a dozen official quadruples. The shared stages run once,
+methods (MPO, SimPO) x clean and noisy labels x one seed on a dozen official quadruples. The shared stages run once,
 the noisy pairs run reruns pair and filter only, every cell skips the shared stages and runs train and
 evaluate; the benchmark's table and last line come out of the cells' eval artifacts."""
 
@@ -25,7 +25,7 @@ def test_sweep_shares_stages_and_feeds_the_table(use_server, tmp_path, shared_da
 
     recipe = fast_recipe(tmp_path, shared_data, "sweep")
     sweep_dir = tmp_path / "sweep"
-    methods, noise, seeds = ["mpo", "sft"], [0.0, 0.5], [0]
+    methods, noise, seeds = ["mpo", "simpo"], [0.0, 0.5], [0]
     # length_ratio off: it compares each target answer with its dominant one, so a flip could change its
     # verdict; the un-aligned model fails MPO's premise (this test is about plumbing, not about safety)
     overrides = ["filter.max_length_ratio=1000.0", "reference.min_safe_share=0.0"]
@@ -54,4 +54,4 @@ def test_sweep_shares_stages_and_feeds_the_table(use_server, tmp_path, shared_da
     assert math.isfinite(figures["mpo_drop_clean"]) and math.isnan(figures["dpo_drop_clean"])
     assert math.isfinite(figures["english_change_mpo"]) and math.isfinite(figures["over_refusal_change_mpo"])
     assert " dpo_drop_clean=nan " in headline_line(figures)
-    assert "| sft | 50% | 0 | zh |" in markdown_table(results)
+    assert "| simpo | 50% | 0 | zh |" in markdown_table(results)
