@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from mpo_core.artifacts import read_artifact
+from mpo_core.artifacts import read_artifact, read_manifest
 from mpo_core.config import CONFIGS_DIR, load_config
 from mpo_core.runs import RunFolder
 from mpo_core.sweep import SHARED_RUN, runs_root, sweep_cells
@@ -89,6 +89,22 @@ def timing_lines(seconds: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def noise_lines(runs_dir: Path) -> list[str]:
+    """Per pairs run, how many target pairs the pair stage flipped and how many flipped pairs the filter kept
+    (small sets: ``round(noise * n)`` per language can be 0)."""
+    lines = []
+    for folder in sorted(runs_dir.iterdir()):
+        pairs, filtered = folder / "pair" / "pairs.parquet", folder / "filter" / "filtered.parquet"
+        if not pairs.is_file() or not filtered.is_file():
+            continue
+        noise = read_manifest(pairs).extra.get("label_noise", {})
+        kept = read_artifact(filtered, "pairs").column("target_flipped").to_pylist()
+        lines.append(f"- `{folder.name}`: {noise.get('flipped')} of {noise.get('pairs')} target pairs flipped "
+                     f"(noise {noise.get('fraction')}, seed {noise.get('seed')}); after the filter "
+                     f"{sum(bool(k) for k in kept)} of {len(kept)} training-stage pairs are flipped")
+    return lines
+
+
 def write_outputs(sweep_dir: Path, results, figures: dict, meta: list[str]) -> Path:
     out = sweep_dir / "transfer"
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         "values and bounds; abs(beta*RG^t - RG^d) is taken on the language means"),
         (f"- wall time {wall:.0f} s; load average at the end {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} "
         f"on {os.cpu_count()} cores"),
+        "- label noise as applied:",
+        *noise_lines(runs_root(sweep_dir)),
         "- seconds per stage where it ran:",
         *timing_lines(stage_seconds(runs_root(sweep_dir))),
     ]
