@@ -21,6 +21,7 @@ from mpo_core.sweep import (
     SHARED_RUN,
     link_stages,
     noise_free_stages,
+    prune_resume_checkpoints,
     run_overrides,
     shared_stages,
     sweep_cells,
@@ -89,4 +90,6 @@ def transfer_sweep(
         logger.info("cell %s: shared stages %s hard-linked from %s", cell.name, linked, cell.pairs_run)
         outputs = mpo_pipeline(run=str(folder.path))
         results[cell.name] = outputs["eval"]
+        freed = prune_resume_checkpoints(folder)
+        logger.info("cell %s done; its resume checkpoints removed (%.1f GB)", cell.name, freed / 1e9)
     return results

@@ -12,7 +12,8 @@ runner's one reuse rule (:mod:`mpo_core.runs`) skip them everywhere else:
    and filter only: the reference reads the dominant side alone (``StageSpec.reads_columns``), which label
    noise never touches, so it stays current;
 3. each cell run receives hard-linked copies of its pairs run's stage folders, then runs the pipeline:
-   every stage before ``train`` is skipped as current, train and evaluate run.
+   every stage before ``train`` is skipped as current, train and evaluate run; a finished cell keeps its
+   trained model but not its resume checkpoints (:func:`prune_resume_checkpoints`).
 
 Hard links, not symlinks: a cell's folder is its own (deleting it leaves the others whole), no file is
 copied, and a stage that reruns in a cell replaces its files (writes are atomic renames) instead of writing
@@ -107,3 +108,20 @@ def link_stages(source: RunFolder, target: RunFolder, stages: list[str]) -> list
         shutil.copytree(source.stage_dir(stage), destination, copy_function=os.link)
         linked.append(stage)
     return linked
+
+
+def prune_resume_checkpoints(run: RunFolder) -> int:
+    """Delete a finished cell's resume checkpoints (``train/checkpoints``: optimizer state, 1.6 GB for the
+    embedded model), keeping its trained model; only once the train stage's marker is complete. Returns the
+    bytes freed."""
+    from mpo_core.trainer import CHECKPOINT_DIR
+
+    marker = run.read_marker(FIRST_CELL_STAGE)
+    folder = run.stage_dir(FIRST_CELL_STAGE) / CHECKPOINT_DIR
+    if not marker or marker.get("status") != "complete" or not folder.is_dir():
+        return 0
+    ensure_inside(folder, run.path, "checkpoint folder")
+    freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    shutil.rmtree(folder)
+    return freed
+

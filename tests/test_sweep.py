@@ -3,6 +3,7 @@ recomputed), label noise reruns pair and filter but not the reference; the table
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -13,7 +14,15 @@ from mpo_core.artifacts import file_hash, read_artifact, write_artifact
 from mpo_core.config import load_config
 from mpo_core.runs import RAN, SKIPPED, RunFolder, execute_stage, resolve_inputs, run_in_process
 from mpo_core.stages import get_stage, stage_call
-from mpo_core.sweep import Cell, link_stages, noise_free_stages, run_overrides, shared_stages, sweep_cells
+from mpo_core.sweep import (
+    Cell,
+    link_stages,
+    noise_free_stages,
+    prune_resume_checkpoints,
+    run_overrides,
+    shared_stages,
+    sweep_cells,
+)
 from mpo_core.transfer import collect, headline, headline_line, markdown_table
 
 
@@ -104,6 +113,19 @@ def test_cells_skip_the_shared_stages_and_noise_keeps_the_reference(sweep_dir):
     assert kept["filter"] == RAN and kept["reference"] == RAN  # another dominant side: computed again
     assert file_hash(noisy_filtered) == before  # the rerun replaced strict's links, never wrote through them
     assert os.stat(noisy_filtered).st_ino != os.stat(strict.stage_dir("filter") / "filtered.parquet").st_ino
+
+
+def test_a_finished_cell_loses_its_resume_checkpoints_only(tmp_path):
+    run = RunFolder(tmp_path / "cell")
+    checkpoint = run.stage_dir("train") / "checkpoints" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "optimizer.pt").write_bytes(b"x" * 1000)
+    (run.stage_dir("train") / "model").mkdir()
+    run.marker_path("train").write_text(json.dumps({"status": "running"}))
+    assert prune_resume_checkpoints(run) == 0 and checkpoint.is_dir()  # an interrupted cell resumes from it
+    run.marker_path("train").write_text(json.dumps({"status": "complete"}))
+    assert prune_resume_checkpoints(run) == 1000
+    assert not checkpoint.parent.exists() and (run.stage_dir("train") / "model").is_dir()
 
 
 def test_sweep_cells_and_their_overrides():
