@@ -241,3 +241,14 @@ def test_transfer_summary_says_where_selectivity_rose():
     assert "selectivity up in 1 of 2 target languages (zh)" in text
     assert "ASR down without over-refusal up in 1 (zh)" in text and "en ASR +0.000" in text
     assert transfer_summary([r for r in rows if r["model"] == "base"], config) is None
+
+
+def test_prefect_summary_shows_the_premise(tmp_path):
+    from tasks.stage import premise_lines
+
+    pairs, ref = _pairs({"zh": [0.5, -0.5], "ko": [0.2]})
+    path = tmp_path / "reference.parquet"
+    write_artifact(ref, path, "reference", extra={"premise": reference_gap_stats(pairs, ref)})
+    lines = premise_lines({"reference": path})
+    assert "| zh | 2 | +0.000 | 0.50 |" in lines and "| ko | 1 | +0.200 | 1.00 |" in lines
+    assert premise_lines({"other": tmp_path}) == []
