@@ -78,7 +78,9 @@ def load_refusals(path: str | Path | None = None) -> list[str]:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise InputDataError(f"{path}: line {line_no}: expected a JSON object with 'chosen'") from None
                 answer = re.sub(r"\s+", " ", _last_assistant_turn(chosen))
-                if 0 < len(answer) <= HH_MAX_REFUSAL_CHARS and judge.judge_one(answer, "en").verdict == "refusal":
+                if "Human:" in answer or not 0 < len(answer) <= HH_MAX_REFUSAL_CHARS:
+                    continue  # a dialogue ending on the human's turn, or a long answer
+                if judge.judge_one(answer, "en").verdict == "refusal":
                     texts.append(answer)
     else:
         texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -169,14 +171,12 @@ def own_answers(config: PipelineConfig, prompts: list[dict]) -> dict[str, str]:
 def run_align(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage ``align``: ``translated`` -> ``aligned`` (a checkpoint folder), resumable like training."""
     from mpo_core.judges import RefusalPatternJudge
-    from mpo_core.trainer import TRAIN_INFO, fit
+    from mpo_core.trainer import fit, saved_with_identity
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ALIGNED_DIR
     call = stage_call("align", config, inputs)
-    info_path = target / TRAIN_INFO
-    if info_path.exists() and json.loads(info_path.read_text(encoding="utf-8")).get("identity") == call.identity:
+    if saved_with_identity(target, call.identity):
         return {"aligned": target}
 
     harmful, benign = align_prompts(config, read_artifact(inputs["translated"], "prompts"))
@@ -188,6 +188,7 @@ def run_align(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
         harmful, benign, answers, load_refusals(_refusal_source(config)), config.align.method,
         is_refusal=lambda text: judge.judge_one(text, lang).verdict == "refusal", seed=config.run.seed,
     )
+    out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ALIGN_DATA, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     table = pa.Table.from_pylist(rows)

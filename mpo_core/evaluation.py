@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -669,6 +670,32 @@ def selected_roles(models: dict[str, ModelConfig], roles: list[str] | None) -> d
     return {role: models[role] for role in roles}
 
 
+def transfer_summary(rows: Sequence[dict], config: PipelineConfig) -> str | None:
+    """One honest sentence on whether safety transferred (trained against base, on the first safety set):
+    in how many target languages selectivity rose, ASR fell without over-refusal rising, and English's
+    ASR change. None without a base, a trained model or a safety set."""
+    cell = {(r["model"], r["lang"], r["metric"], r["dataset"]): r["value"] for r in rows}
+    datasets = sorted({r["dataset"] for r in rows if r["metric"] == "selectivity"})
+    if not datasets or not any(k[0] == "trained" for k in cell):
+        return None
+    dataset, targets = datasets[0], [t for t in config.run.target_langs if ("base", t, "asr", datasets[0]) in cell]
+
+    def delta(lang: str, metric: str) -> float:
+        return cell.get(("trained", lang, metric, dataset), math.nan) - cell.get(("base", lang, metric, dataset),
+                                                                                   math.nan)
+
+    more_selective = [t for t in targets if delta(t, "selectivity") > 0]
+    safer = [t for t in targets if delta(t, "asr") < 0 and not delta(t, "over_refusal") > 0]
+    dominant = config.run.dominant_lang
+    return (
+        f"{dataset}, trained vs base: selectivity up in {len(more_selective)} of {len(targets)} target languages "
+        f"({', '.join(more_selective) or 'none'}); ASR down without over-refusal up in {len(safer)} "
+        f"({', '.join(safer) or 'none'}); {dominant} ASR {delta(dominant, 'asr'):+.3f}, mean target "
+        f"selectivity change {np.nanmean([delta(t, 'selectivity') for t in targets]) if targets else math.nan:+.3f}. "
+        "Tiny held-out sets: read the intervals before calling this a transfer."
+    )
+
+
 def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
     """Report lines on how the models came to be: what ``align`` trained on, and MPO's premise (mean RG^d
     and share of pairs with RG^d > 0 per target language) on the pairs the train stage used, else on every
@@ -713,5 +740,8 @@ def run_evaluate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path)
         models["trained"] = config.model.model_copy(update={"name_or_path": str(inputs["checkpoint"])})
     models = selected_roles(models, config.evaluate.roles)
     result = evaluate_models(config, models, translated=translated, filtered=filtered, reference=reference)
-    paths = write_evaluation(result, config, models, out_dir, **call.provenance, extra_meta=pipeline_meta(inputs))
+    meta = pipeline_meta(inputs)
+    if (summary := transfer_summary(result.rows, config)) is not None:
+        meta["transfer"] = summary
+    paths = write_evaluation(result, config, models, out_dir, **call.provenance, extra_meta=meta)
     return {"eval": paths["eval"], "report": paths["report"]}

@@ -43,7 +43,7 @@ class GapStats:
     safe_share: float
 
     def as_dict(self) -> dict[str, float]:
-        return {"n": self.n, "mean_reward_gap": round(self.mean, 4), "safe_share": round(self.safe_share, 4)}
+        return {"n": self.n, "mean_reward_gap": self.mean, "safe_share": self.safe_share}
 
 
 def _stats(gaps: list[float]) -> GapStats:

@@ -528,6 +528,12 @@ def fit(
 DROPPED_REFERENCE_FILE = "dropped_reference.parquet"
 
 
+def saved_with_identity(target: Path, identity: str) -> bool:
+    """Whether ``target`` holds a model saved by :func:`fit` for the stage identity ``identity``."""
+    info_path = Path(target) / TRAIN_INFO
+    return info_path.exists() and json.loads(info_path.read_text(encoding="utf-8")).get("identity") == identity
+
+
 def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage entry: train on ``inputs["filtered"]`` (+ ``inputs["reference"]`` for MPO), resuming from the
     latest checkpoint in ``out_dir/checkpoints``; returns ``{"checkpoint": out_dir/"model"}``.
@@ -541,8 +547,7 @@ def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / MODEL_DIR
     call = stage_call("train", config, inputs)
-    info_path = target / TRAIN_INFO
-    if info_path.exists() and json.loads(info_path.read_text(encoding="utf-8")).get("identity") == call.identity:
+    if saved_with_identity(target, call.identity):
         return {"checkpoint": target}
 
     translated = read_artifact(inputs["translated"], "prompts") if "translated" in inputs else None

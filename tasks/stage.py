@@ -123,7 +123,7 @@ def premise_lines(outputs: dict[str, Path]) -> list[str]:
         if premise:
             lines = ["", "MPO premise (reference RG^d on the dominant side):", "",
                      "| target lang | pairs | mean RG^d | share RG^d > 0 |", "|---|---|---|---|"]
-            return lines + [f"| {lang} | {s['n']} | {s['mean_reward_gap']} | {s['safe_share']} |"
+            return lines + [f"| {lang} | {s['n']} | {s['mean_reward_gap']:+.3f} | {s['safe_share']:.2f} |"
                             for lang, s in premise.items()]
     return []
 

@@ -116,3 +116,18 @@ def test_report_escapes_html(tmp_path):
     out = write_report(rows, tmp_path / "r")
     html = out["html"].read_text(encoding="utf-8")
     assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_raw_aligned_and_trained_columns_with_selectivity():
+    rows = _rows(roles=("raw", "base", "trained"))
+    rows += [_row(role, "zh", "selectivity", v, 0.1, 30, "seed", "refusal_patterns")
+             for role, v in (("raw", 0.0), ("base", 0.2), ("trained", 0.5))]
+    rows.append(_row("delta", "zh", "selectivity", 0.3, 0.2, 30, "seed", "refusal_patterns"))
+    tables = markdown_tables(rows)
+    for text in tables.values():
+        _check_markdown_table(text)
+    header = tables["zh"].splitlines()[0]
+    assert "| raw | aligned (base) | trained | Δ trained − base |" in header
+    assert "selectivity · seed" in tables["zh"] and "+0.300 [+0.100, +0.500]" in tables["zh"]
+    assert "0.000 → 0.200 → 0.500 (+0.300" in tables["overview"]
+    assert "raw → aligned (base) → trained" in tables["overview"].splitlines()[0]

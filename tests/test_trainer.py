@@ -33,7 +33,7 @@ def _config(tmp: Path, **train) -> object:
     return config_from_dict(
         {
             "model": {"device": "cpu", "dtype": "float32"},
-            "reference": {"batch_size": 4, "max_length": 40},
+            "reference": {"batch_size": 4, "max_length": 40, "min_safe_share": 0.0},  # the raw model is unsafe
             "train": {
                 "max_length": 40,
                 "per_device_batch_size": 2,
