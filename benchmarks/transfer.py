@@ -101,7 +101,8 @@ def noise_lines(runs_dir: Path) -> list[str]:
         kept = read_artifact(filtered, "pairs").column("target_flipped").to_pylist()
         lines.append(f"- `{folder.name}`: {noise.get('flipped')} of {noise.get('pairs')} target pairs flipped "
                      f"(noise {noise.get('fraction')}, seed {noise.get('seed')}); after the filter "
-                     f"{sum(bool(k) for k in kept)} of {len(kept)} training-stage pairs are flipped")
+                     f"{sum(bool(k) for k in kept)} of {len(kept)} kept pairs are flipped (held-out pairs included: "
+                     "training leaves them out, evaluation reads them with their true labels)")
     return lines
 
 
