@@ -11,7 +11,9 @@ column records the truth (``True`` flipped, ``False`` left as built). The pair s
 ready-made pairs alike (``pair.target_noise``, ``pair.noise_seed``); evaluation measures reward gaps against
 the true labels. One filter rule can see a flip: ``length_ratio`` compares each target response with its
 dominant counterpart, so on data with very unequal lengths a noisy run may keep a slightly different set of
-pairs (1 in 600 of the official Llama data), and then its reference is computed again.
+pairs (1 in 600 of the official Llama data), and then its reference is computed again. The share is exact
+over the pairs artifact, held-out pairs included (``generate.held_out_pairs``; training leaves them out), so
+among the pairs a model trains on it is close to the setting, not exactly it.
 """
 
 from __future__ import annotations
