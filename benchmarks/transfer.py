@@ -62,7 +62,7 @@ def sweep_overrides(args: argparse.Namespace) -> list[str]:
         f"run.target_langs=[{args.target_langs}]",
         f"prompts.limit={args.prompts_limit}",
         f"train.max_steps={args.train_steps}",
-        "train.save_steps=100000",  # no resume checkpoints: a cell trains for minutes; each would be 1.6 GB
+        "train.save_steps=100000",  # only the last step's checkpoint (1.6 GB), which the sweep prunes
         f"evaluate.safety_sets=[{', '.join(safety_sets)}]",
         f"evaluate.max_prompts_per_lang={args.multijail_per_lang}",
         f"evaluate.max_new_tokens={args.eval_tokens}",
