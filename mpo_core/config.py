@@ -165,12 +165,16 @@ class LabelConfig(Section):
 
 
 class PairConfig(Section):
-    """Building MPO quadruples from judged samples."""
+    """Building MPO quadruples from judged samples (or reading ready-made ones), then optional label noise:
+    ``target_noise`` of the target pairs per language get chosen and rejected swapped (seed ``noise_seed``,
+    the dominant side untouched; see :mod:`mpo_core.label_noise`)."""
 
     fallback_refusal: bool = True  # no safe sample: use the language's configured refusal, else skip
     fallback_texts: dict[str, str] = Field(default_factory=dict)  # per-language refusal overrides
     source: str | None = None  # ready-made quadruples (mpo_official JSON, HH-RLHF...): skip building
     source_format: Literal["auto", "mpo_json", "hh_rlhf"] = "auto"  # for mpo_core.ingest.load_pairs
+    target_noise: float = Field(default=0.0, ge=0.0, le=1.0)  # share of target pairs with labels swapped
+    noise_seed: int = 0  # which pairs are flipped (mpo_core.label_noise)
 
 
 TruncatedField = Literal["dominant_chosen", "dominant_rejected", "target_chosen", "target_rejected"]
@@ -243,6 +247,7 @@ class TrainConfig(Section):
     # torchrun (torch fully_shard through accelerate), fp32 master weights (accelerate upcasts bf16 weights)
     # with bf16 compute where train.bf16 is on; a single process without a launcher trains unsharded
     sharding: Literal["none", "fsdp2"] = "none"
+    seed: int | None = None  # training's own seed (data order); None: run.seed. Sweeps vary it alone
 
 
 class EvaluateConfig(Section):
@@ -271,6 +276,7 @@ class EvaluateConfig(Section):
     mgsm_max_new_tokens: int = Field(default=256, ge=1)
     multiple_choice: list[str] = Field(default_factory=list)
     mc_max_per_lang: int | None = Field(default=100, ge=1)
+    roles: list[str] | None = None  # which models to evaluate (e.g. [trained]); None: all the run has
 
 
 class AlignConfig(Section):

@@ -34,7 +34,8 @@ import pyarrow as pa
 
 from mpo_core.artifacts import read_artifact, write_artifact
 from mpo_core.config import LabelConfig, ModelConfig, PipelineConfig, PromptsConfig
-from mpo_core.errors import InputDataError
+from mpo_core.errors import ConfigError, InputDataError
+from mpo_core.label_noise import describe_noise
 from mpo_core.metrics import (
     Estimate,
     bootstrap_difference_ci,
@@ -195,7 +196,7 @@ def load_pair_set(
             name = "pairs:train"
     else:
         return None
-    rows = [dict(r, lang=r["target_lang"]) for r in table.to_pylist()]
+    rows = [dict(true_labels(r), lang=r["target_lang"]) for r in table.to_pylist()]
     rows = _take_per_lang(rows, eval_langs(config), config.evaluate.max_pairs_per_lang)
     gaps = {}
     if reference is not None and config.evaluate.pairs is None:
@@ -291,6 +292,15 @@ def load_utility_sets(config: PipelineConfig) -> list[UtilitySet]:
     sets += [UtilitySet(dataset_name(s), "mc", load_multiple_choice(s, langs, ev.mc_max_per_lang))
              for s in ev.multiple_choice]
     return [s for s in sets if s.items]
+
+
+def true_labels(pair: dict) -> dict:
+    """A pair as judged before label noise: chosen and rejected swapped back where ``target_flipped``
+    (reward gaps are measured against the true preference, whatever the model was trained on)."""
+    if not pair.get("target_flipped"):
+        return pair
+    return dict(pair, target_chosen=pair["target_rejected"], target_rejected=pair["target_chosen"],
+                target_flipped=False)
 
 
 # --- one model ----------------------------------------------------------------------------------------
@@ -616,6 +626,7 @@ def report_meta(config: PipelineConfig, models: dict[str, ModelConfig], result: 
     meta["data"] = "; ".join(f"{name}: {what}" for name, what in result.datasets.items())
     meta["decoding"] = (f"greedy, max_new_tokens={config.evaluate.max_new_tokens}, "
                         f"backend={config.generate.backend}")
+    meta["label noise (target side)"] = describe_noise(config.pair.target_noise, config.pair.noise_seed)
     meta["config hash"] = config_hash
     meta["evaluation time"] = f"{round_seconds(result.seconds)} s"
     return meta
@@ -648,6 +659,16 @@ def write_evaluation(
     meta = report_meta(config, models, result, config_hash) | (extra_meta or {})
     report = write_report(result.rows, out_dir / "report", meta=meta)
     return {"eval": eval_path, "report": report["markdown"], "report_html": report["html"]}
+
+
+def selected_roles(models: dict[str, ModelConfig], roles: list[str] | None) -> dict[str, ModelConfig]:
+    """The models of ``roles`` (``evaluate.roles``; None: all); an error names a role the run lacks."""
+    if roles is None:
+        return models
+    unknown = [r for r in roles if r not in models]
+    if unknown:
+        raise ConfigError(f"evaluate.roles names {unknown}; this run has the models {list(models)}")
+    return {role: models[role] for role in roles}
 
 
 def transfer_summary(rows: Sequence[dict], config: PipelineConfig) -> str | None:
@@ -718,6 +739,7 @@ def run_evaluate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path)
     models["base"] = starting_model(config, inputs)
     if "checkpoint" in inputs:
         models["trained"] = config.model.model_copy(update={"name_or_path": str(inputs["checkpoint"])})
+    models = selected_roles(models, config.evaluate.roles)
     result = evaluate_models(config, models, translated=translated, filtered=filtered, reference=reference)
     meta = pipeline_meta(inputs)
     if (summary := transfer_summary(result.rows, config)) is not None:

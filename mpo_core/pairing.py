@@ -14,7 +14,9 @@ For every prompt with samples in the dominant language d and every target langua
 Ties are broken by the lower ``sample_idx``. Every skip is counted by reason in the manifest (``skipped``).
 Every candidate and its score stays in the ``labelled`` artifact; each pair's chosen and rejected scores
 are in its provenance columns. With ``pair.source`` set, the stage instead ingests ready-made quadruples
-with :func:`mpo_core.ingest.load_pairs` and has no ``labelled`` input.
+with :func:`mpo_core.ingest.load_pairs` and has no ``labelled`` input. Either way the stage then applies
+the configured target-side label noise (:mod:`mpo_core.label_noise`) and marks every pair's
+``target_flipped``; the manifest's ``label_noise`` counts the flips per language.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpo_core.artifacts import read_artifact, write_artifact
+from mpo_core.artifacts import read_artifact, to_table, write_artifact
 from mpo_core.config import PairConfig, PipelineConfig
 from mpo_core.errors import ArtifactError
 from mpo_core.judges import fallback_refusal
+from mpo_core.label_noise import flip_target_labels
 from mpo_core.stages import stage_call
 from mpo_core.verdicts import is_safe
 
@@ -136,11 +139,13 @@ def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> 
         from mpo_core.ingest import load_pairs, resolve_source
 
         table = load_pairs(resolve_source(config.pair.source), format=config.pair.source_format)
+        table, noise = flip_target_labels(table, config.pair.target_noise, config.pair.noise_seed)
         write_artifact(
             table, path, "pairs",
             **call.provenance,
             extra={"source": str(config.pair.source), "pairs": table.num_rows,
-                   "per_target_lang": dict(sorted(Counter(table.column("target_lang").to_pylist()).items()))},
+                   "per_target_lang": dict(sorted(Counter(table.column("target_lang").to_pylist()).items())),
+                   "label_noise": noise.as_dict()},
         )
         return {"pairs": path}
     rows = read_artifact(inputs["labelled"], "responses").to_pylist()
@@ -148,8 +153,9 @@ def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> 
     if unlabelled is not None:
         raise ArtifactError(f"{inputs['labelled']}: row {unlabelled} has no verdict/score (run the label stage)")
     pairs, skipped = build_pairs(rows, config.run.dominant_lang, config.run.target_langs, config.pair)
+    table, noise = flip_target_labels(to_table(pairs, "pairs"), config.pair.target_noise, config.pair.noise_seed)
     write_artifact(
-        pairs, path, "pairs",
+        table, path, "pairs",
         **call.provenance,
         extra={
             "pairs": len(pairs),
@@ -157,6 +163,7 @@ def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> 
             "per_target_lang": dict(sorted(Counter(p["target_lang"] for p in pairs).items())),
             "fallback_dominant_chosen": sum(p["dominant_chosen_fallback"] for p in pairs),
             "fallback_target_chosen": sum(p["target_chosen_fallback"] for p in pairs),
+            "label_noise": noise.as_dict(),
         },
     )
     return {"pairs": path}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 NONEMPTY = b"mpo.nonempty"
@@ -85,6 +85,9 @@ PAIRS = pa.schema(
         _f("target_rejected_score", pa.float32(), True),
         _f("dominant_chosen_fallback", pa.bool_()),
         _f("target_chosen_fallback", pa.bool_()),
+        # label noise (mpo_core.label_noise): True where the pair stage swapped the target chosen and
+        # rejected on purpose; null where no pair stage set it (pairs read straight from a file)
+        _f("target_flipped", pa.bool_(), True),
     ]
 )
 

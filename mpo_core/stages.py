@@ -35,11 +35,17 @@ class StageSpec:
     outputs: tuple[str, ...]
     sections: tuple[str, ...]
     device: Literal["cpu", "gpu"]
+    # inputs of which the stage reads only some columns: its identity hashes those columns, not the file
+    reads_columns: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def load(self) -> StageFn:
         module, _, func = self.entry.partition(":")
         return getattr(importlib.import_module(module), func)
 
+
+# The reference runs on the dominant side only: target-side changes (label noise) leave it current.
+REFERENCE_READS = ("pair_id", "prompt_id", "dominant_lang", "target_lang", "dominant_prompt", "dominant_chosen",
+                   "dominant_rejected")
 
 # Order is the pipeline's order. ``model`` sections are part of every stage that runs the model.
 STAGES: tuple[StageSpec, ...] = (
@@ -66,6 +72,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec(
         "reference", "mpo_core.reference:run_reference", ("filtered", "aligned"), ("reference",),
         ("model", "reference"), "gpu",
+        reads_columns=(("filtered", REFERENCE_READS),),
     ),
     StageSpec(
         "train", "mpo_core.trainer:run_train", ("filtered", "reference", "aligned", "translated"),
@@ -145,6 +152,30 @@ def input_hashes(inputs: dict[str, Path]) -> dict[str, str]:
     return {name: output_fingerprint(Path(p)) for name, p in inputs.items()}
 
 
+def columns_hash(path: Path, columns: tuple[str, ...]) -> str:
+    """sha256 of the named columns of a Parquet artifact (their Arrow IPC bytes, schema metadata dropped)."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=list(columns)).combine_chunks().replace_schema_metadata(None)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def stage_input_hashes(spec: StageSpec, inputs: dict[str, Path]) -> dict[str, str]:
+    """:func:`input_hashes`, except that an input of which ``spec`` reads only some columns is hashed by
+    those columns (``spec.reads_columns``)."""
+    hashes = input_hashes(inputs)
+    for name, columns in spec.reads_columns:
+        if name in inputs:
+            hashes[name] = columns_hash(Path(inputs[name]), columns)
+    return hashes
+
+
 def external_inputs(spec: StageSpec, config: PipelineConfig) -> dict[str, Path]:
     """Files from outside the run that a stage reads: ingest its prompt source, pair a ready-made
     ``pair.source``. Their content hashes (as ``source``) join the stage's identity."""
@@ -182,7 +213,7 @@ class StageCall:
 def stage_call(name: str, config: PipelineConfig, inputs: dict[str, Path]) -> StageCall:
     """The :class:`StageCall` of stage ``name`` on ``inputs`` (upstream artifacts) and its external files."""
     spec = get_stage(name)
-    hashes = input_hashes(inputs) | {k: file_hash(p) for k, p in external_inputs(spec, config).items()}
+    hashes = stage_input_hashes(spec, inputs) | {k: file_hash(p) for k, p in external_inputs(spec, config).items()}
     return StageCall(hashes, stage_identity(spec, config, hashes))
 
 

@@ -439,7 +439,8 @@ def build_trainer(
 
     cfg = config.train
     use_cpu = resolve_device(config.model.device) == "cpu"
-    common = _common_arguments(cfg, out_dir / CHECKPOINT_DIR, use_cpu, config.run.seed)
+    seed = config.run.seed if cfg.seed is None else cfg.seed
+    common = _common_arguments(cfg, out_dir / CHECKPOINT_DIR, use_cpu, seed)
     callbacks = _callbacks(out_dir / TRAIN_LOG)
     disable_dropout(model)
     if cfg.sharding == "fsdp2" and cfg.lora is None:

@@ -26,7 +26,7 @@ def pair(n: int = 0, **changes) -> dict:
         "target_prompt": ZH_PROMPT + "?" * n, "target_chosen": ZH_CHOSEN, "target_rejected": ZH_REJECTED,
         "source": "test", "judge": None, "dominant_chosen_score": None, "dominant_rejected_score": None,
         "target_chosen_score": None, "target_rejected_score": None,
-        "dominant_chosen_fallback": False, "target_chosen_fallback": False,
+        "dominant_chosen_fallback": False, "target_chosen_fallback": False, "target_flipped": False,
     }
     row.update(changes)
     return row

@@ -1,0 +1,171 @@
+"""MPO against DPO, SimPO, IPO and SFT, with clean and noisy target labels, from one aligned reference.
+
+Runs the ``mpo-transfer-sweep`` flow (:mod:`flows.transfer`): method x target label noise x seed, every cell
+a pipeline run on the same pairs (noise aside) with the same step budget, sharing align, generation,
+judging, pairs and the reference. Then writes into ``runs/<name>/transfer/``: ``transfer.md`` (the table
+method x noise x language with intervals, the setting, per-stage times, and as its last line the headline),
+``transfer.png`` (mean target ASR and over-refusal against noise), ``cells.json``. The headline is also the
+last line printed::
+
+    mpo_drop_clean=<a> dpo_drop_clean=<b> mpo_drop_noisy=<c> dpo_drop_noisy=<d> english_change_mpo=<e> ...
+
+Evaluation (held out, greedy, the recipe's judge): the seed hold-out (harmful and benign) and MultiJail
+harmful prompts, per language; ``ja`` is not among the default target languages here because MultiJail has
+no Japanese (it would get fewer than 20 harmful prompts). Budget: see README (benchmarks) for the measured
+per-stage times the defaults are sized from; scale up with the flags or ``key=value`` overrides, e.g.
+``--seeds 0 1 2 --train-steps 48 prompts.limit=90``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from mpo_core.artifacts import read_artifact, read_manifest
+from mpo_core.config import CONFIGS_DIR, load_config
+from mpo_core.runs import RunFolder
+from mpo_core.sweep import SHARED_RUN, runs_root, sweep_cells
+from mpo_core.transfer import collect, headline, headline_line, markdown_table, plot_target_asr
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(CONFIGS_DIR / "default.yaml"))
+    parser.add_argument("--name", default="transfer", help="sweep folder runs/<name>")
+    parser.add_argument("--root", default=str(ROOT / "runs"))
+    parser.add_argument("--methods", nargs="+", default=["mpo", "dpo", "simpo", "ipo", "sft"])
+    parser.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2, 0.4])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--target-langs", default="zh,ko,ar,bn,sw")
+    parser.add_argument("--prompts-limit", type=int, default=36,
+                        help="seed prompt ids (half harmful): 36 = 12 train + 6 held-out harmful, 6 held-out benign")
+    parser.add_argument("--multijail", default=str(SHARED / "multijail" / "MultiJail.csv"))
+    parser.add_argument("--multijail-per-lang", type=int, default=14,
+                        help="MultiJail harmful prompts per language (with 6 seed hold-out ones: 20)")
+    parser.add_argument("--train-steps", type=int, default=10, help="optimizer steps per cell (batch 2)")
+    parser.add_argument("--eval-tokens", type=int, default=16,
+                        help="greedy tokens per evaluation answer (a refusal shows in the first few)")
+    parser.add_argument("overrides", nargs="*", help="extra config overrides, key.sub=value")
+    return parser.parse_args(argv)
+
+
+def sweep_overrides(args: argparse.Namespace) -> list[str]:
+    """The recipe's changes for the benchmark: languages, set sizes, step budget, evaluation sets."""
+    safety_sets = ["seed"] + ([f"'{args.multijail}'"] if args.multijail else [])
+    return [
+        f"run.target_langs=[{args.target_langs}]",
+        f"prompts.limit={args.prompts_limit}",
+        f"train.max_steps={args.train_steps}",
+        "train.save_steps=100000",  # only the last step's checkpoint (1.6 GB), which the sweep prunes
+        f"evaluate.safety_sets=[{', '.join(safety_sets)}]",
+        f"evaluate.max_prompts_per_lang={args.multijail_per_lang}",
+        f"evaluate.max_new_tokens={args.eval_tokens}",
+        *args.overrides,
+    ]
+
+
+def stage_seconds(runs_dir: Path) -> dict[str, dict[str, float]]:
+    """Per run, the seconds of every stage that ran (not skipped) in its latest invocation."""
+    out = {}
+    for folder in sorted(p for p in runs_dir.iterdir() if (p / "state.json").is_file()):
+        stages = RunFolder(folder).read_state()["stages"]
+        out[folder.name] = {s: round(e.get("seconds", 0.0), 1) for s, e in stages.items() if e.get("status") == "ran"}
+    return out
+
+
+def timing_lines(seconds: dict[str, dict[str, float]]) -> list[str]:
+    """Shared-stage times and the mean per cell of train and evaluate."""
+    lines = [f"- shared run: {seconds.get(SHARED_RUN, {})}"]
+    for stage in ("pair", "filter", "reference", "train", "evaluate"):
+        values = [s[stage] for run, s in seconds.items() if run != SHARED_RUN and stage in s]
+        if values:
+            lines.append(f"- {stage}: ran in {len(values)} other runs, mean {sum(values) / len(values):.1f} s")
+    return lines
+
+
+def noise_lines(runs_dir: Path) -> list[str]:
+    """Per pairs run, how many target pairs the pair stage flipped and how many flipped pairs the filter kept
+    (small sets: ``round(noise * n)`` per language can be 0)."""
+    lines = []
+    for folder in sorted(runs_dir.iterdir()):
+        pairs, filtered = folder / "pair" / "pairs.parquet", folder / "filter" / "filtered.parquet"
+        if not pairs.is_file() or not filtered.is_file():
+            continue
+        noise = read_manifest(pairs).extra.get("label_noise", {})
+        kept = read_artifact(filtered, "pairs").column("target_flipped").to_pylist()
+        lines.append(f"- `{folder.name}`: {noise.get('flipped')} of {noise.get('pairs')} target pairs flipped "
+                     f"(noise {noise.get('fraction')}, seed {noise.get('seed')}); after the filter "
+                     f"{sum(bool(k) for k in kept)} of {len(kept)} kept pairs are flipped (held-out pairs included: "
+                     "training leaves them out, evaluation reads them with their true labels)")
+    return lines
+
+
+def write_outputs(sweep_dir: Path, results, figures: dict, meta: list[str]) -> Path:
+    out = sweep_dir / "transfer"
+    out.mkdir(parents=True, exist_ok=True)
+    plot = plot_target_asr(results, out / "transfer.png")
+    text = "\n".join(["# Transfer: MPO against its baselines, clean and noisy target labels", "", *meta, "",
+                      markdown_table(results), "", f"![target ASR and over-refusal]({plot.name})", "",
+                      headline_line(figures)])
+    path = out / "transfer.md"
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    from flows.transfer import transfer_sweep
+
+    args = parse_args(argv)
+    sweep_dir = Path(args.root) / args.name
+    overrides = sweep_overrides(args)
+    config = load_config(args.config, overrides)
+    started = time.perf_counter()
+    evals = transfer_sweep(sweep_dir=str(sweep_dir), config=args.config, overrides=overrides,
+                           methods=args.methods, noise_levels=args.noise, seeds=args.seeds)
+    wall = time.perf_counter() - started
+
+    cells = {(c.method, c.noise, c.seed): read_artifact(evals[c.name], "eval").to_pylist()
+             for c in sweep_cells(args.methods, args.noise, args.seeds)}
+    starting = read_artifact(evals["starting"], "eval").to_pylist()
+    results = collect(starting, cells, beta=config.train.beta, dominant_lang=config.run.dominant_lang,
+                      target_langs=list(config.run.target_langs), num_samples=config.evaluate.bootstrap_samples,
+                      seed=config.run.seed)
+    figures = headline(results)
+    judges = sorted({f"{r['metric']}: {r['judge']}" for r in starting if r["judge"]})
+    sizes = sorted({f"{r['lang']}/{r['metric']}/{r['dataset']}: n={r['n']}" for r in starting
+                    if r["model"] == "base" and r["metric"] in ("asr", "over_refusal", "reward_gap")})
+    load = os.getloadavg()
+    align = (f"{config.align.method}, {config.align.max_steps} steps, lr {config.align.learning_rate}"
+             if config.align.enabled else "off")
+    meta = [
+        (f"- cells: methods {args.methods} x noise {args.noise} x seeds {args.seeds} "
+        f"({len(cells)} pipeline runs under `{runs_root(sweep_dir)}`)"),
+        (f"- step budget per cell: train.max_steps={config.train.max_steps}, batch "
+        f"{config.train.per_device_batch_size}, lr {config.train.learning_rate}, beta {config.train.beta}; "
+        f"align (once, shared): {align}"),
+        f"- judges: {'; '.join(judges)}",
+        f"- evaluation sets per model (n per language): {'; '.join(sizes)}",
+        ("- intervals: rates pool every prompt of every seed (percentile bootstrap); RG^t averages the seeds' "
+        "values and bounds; abs(beta*RG^t - RG^d) is taken on the language means"),
+        (f"- wall time {wall:.0f} s; load average at the end {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} "
+        f"on {os.cpu_count()} cores"),
+        "- label noise as applied:",
+        *noise_lines(runs_root(sweep_dir)),
+        "- seconds per stage where it ran:",
+        *timing_lines(stage_seconds(runs_root(sweep_dir))),
+    ]
+    path = write_outputs(sweep_dir, results, figures, meta)
+    (sweep_dir / "transfer" / "cells.json").write_text(
+        json.dumps({"evals": evals, "figures": figures}, indent=2, default=str), encoding="utf-8")
+    print(path.read_text(encoding="utf-8").rstrip("\n").rsplit("\n", 1)[0])
+    print(headline_line(figures))
+
+
+if __name__ == "__main__":
+    main()
