@@ -284,7 +284,10 @@ class PairFilter:
     def score_unjudged(self, columns: dict[str, list]) -> None:
         """Score the four responses of every pair that has no judge scores (ready-made pairs: the paper's
         JSON, HH-RLHF) with ``self.judge``, each with its side's prompt and language, in place; the
-        judge-disagreement rule then applies to them as to generated pairs."""
+        judge-disagreement rule then applies to them as to generated pairs.
+
+        Label noise (``target_flipped``, :mod:`mpo_core.label_noise`) stands for a judge that was wrong on
+        those pairs: their target scores are swapped with their texts, so the filter does not undo it."""
         rows = [i for i in range(len(columns["pair_id"])) if all(columns[f][i] is None for f in SCORE_FIELDS)]
         if not rows:
             return
@@ -296,9 +299,13 @@ class PairFilter:
                 responses.append(columns[name][i])
                 langs.append(columns[f"{side}_lang"][i])
         verdicts = iter(self.judge.judge(prompts, responses, langs))
+        flipped = columns.get("target_flipped") or [None] * len(columns["pair_id"])
         for i in rows:
             for name in SCORE_FIELDS:
                 columns[name][i] = next(verdicts).score
+            if flipped[i]:
+                columns["target_chosen_score"][i], columns["target_rejected_score"][i] = (
+                    columns["target_rejected_score"][i], columns["target_chosen_score"][i])
             columns["judge"][i] = self.judge.name
         self.counts.update((columns["target_lang"][i], "judged", "") for i in rows)
 
