@@ -466,12 +466,18 @@ def canonical_hash(obj: Any) -> str:
 
 
 def section_hash(config: PipelineConfig, *sections: str) -> str:
-    """Hash of the named sections of ``config``: the config part of a stage's identity. Where a run lives
-    (``run.name``, ``run.root``) never changes what a stage computes, so it is left out."""
+    """Hash of the named sections of ``config``: the config part of a stage's identity. A name may also be
+    one field of a section (``reference.min_safe_share``), for a stage that reads only that field. Where a
+    run lives (``run.name``, ``run.root``) never changes what a stage computes, so it is left out."""
     dumps = {}
     for name in sections:
+        section, _, field = name.partition(".")
+        value = getattr(config, section)
+        if field:
+            dumps[name] = getattr(value, field)
+            continue
         exclude = RUN_LOCATION_FIELDS if name == "run" else None
-        dumps[name] = getattr(config, name).model_dump(mode="json", exclude=exclude)
+        dumps[name] = value.model_dump(mode="json", exclude=exclude)
     return canonical_hash(dumps)
 
 

@@ -76,7 +76,8 @@ STAGES: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         "train", "mpo_core.trainer:run_train", ("filtered", "reference", "aligned", "translated"),
-        ("checkpoint",), ("run", "model", "reference", "train"), "gpu",
+        ("checkpoint",),
+        ("run", "model", "reference.min_safe_share", "reference.drop_unsafe_pairs", "train"), "gpu",
     ),
     StageSpec(
         "evaluate", "mpo_core.evaluation:run_evaluate",
