@@ -36,20 +36,24 @@ class UnsafeReferenceError(MPOError):
 
 @dataclass(frozen=True)
 class GapStats:
-    """RG^d over one group of pairs: count, mean and the share of pairs with RG^d > 0."""
+    """RG^d over one group of pairs: count, mean, the share of pairs with RG^d > 0, min and max."""
 
     n: int
     mean: float
     safe_share: float
+    min: float
+    max: float
 
     def as_dict(self) -> dict[str, float]:
-        return {"n": self.n, "mean_reward_gap": self.mean, "safe_share": self.safe_share}
+        return {"n": self.n, "mean_reward_gap": self.mean, "safe_share": self.safe_share,
+                "min_reward_gap": self.min, "max_reward_gap": self.max}
 
 
 def _stats(gaps: list[float]) -> GapStats:
     if not gaps:
-        return GapStats(0, float("nan"), float("nan"))
-    return GapStats(len(gaps), sum(gaps) / len(gaps), sum(g > 0 for g in gaps) / len(gaps))
+        nan = float("nan")
+        return GapStats(0, nan, nan, nan, nan)
+    return GapStats(len(gaps), sum(gaps) / len(gaps), sum(g > 0 for g in gaps) / len(gaps), min(gaps), max(gaps))
 
 
 def reference_gaps(pairs: pa.Table, reference: pa.Table) -> list[float]:
@@ -64,7 +68,9 @@ def reference_gaps(pairs: pa.Table, reference: pa.Table) -> list[float]:
 
 
 def reference_gap_stats(pairs: pa.Table, reference: pa.Table) -> dict[str, dict[str, float]]:
-    """Per target language, and over all pairs as ``"all"``: ``n``, ``mean_reward_gap``, ``safe_share``."""
+    """Per target language, and over all pairs as ``"all"``: ``n``, ``mean_reward_gap``, ``safe_share``,
+    ``min_reward_gap``, ``max_reward_gap``. The one computation of these figures: the reference manifest, the
+    guard, the report and the Prefect table all show what it returns."""
     gaps = reference_gaps(pairs, reference)
     by_lang: dict[str, list[float]] = defaultdict(list)
     for lang, gap in zip(pairs.column("target_lang").to_pylist(), gaps):

@@ -155,6 +155,7 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
     else:
         position = {pid: i for i, pid in enumerate(shards.column("pair_id").to_pylist())}
         table = shards.take([position[pid] for pid in pair_ids])
+    premise = reference_gap_stats(pairs, table)
     write_artifact(
         table,
         out_path,
@@ -163,12 +164,12 @@ def run_reference(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
         extra={
             "model_fingerprint": fingerprint,
             **encoding_settings(config, config.reference.max_length),
-            "premise": reference_gap_stats(pairs, table),
+            "premise": premise,
         },
     )
     shutil.rmtree(shard_dir, ignore_errors=True)
-    gaps = table.column("reward_gap").to_pylist()
-    if gaps:
+    overall = premise["all"]
+    if overall["n"]:
         logger.info("reference: RG^d mean %+.4f on %d pairs; %.0f %% are safe dominant pairs (RG^d > 0)",
-                    sum(gaps) / len(gaps), len(gaps), 100.0 * sum(g > 0 for g in gaps) / len(gaps))
+                    overall["mean_reward_gap"], overall["n"], 100.0 * overall["safe_share"])
     return {"reference": out_path}

@@ -10,7 +10,7 @@ no Prefect: the orchestration layer publishes these as Prefect artifacts.
   L1, L2, loss and per-language target gaps) and :func:`training_log_line` (what the trainer logs);
 - filter: :func:`mpo_core.filtering.reason_rows` (reason x language);
 - reference: :func:`reference_gaps` (RG^d per target language and the share of safe dominant pairs,
-  RG^d > 0, which is MPO's premise).
+  RG^d > 0, which is MPO's premise), as the reference manifest records them.
 """
 
 from __future__ import annotations
@@ -147,21 +147,17 @@ def training_log_line(logs: dict[str, Any], step: int, max_steps: int) -> str:
     return " | ".join(parts)
 
 
-def reference_gaps(reference: pa.Table, pairs: pa.Table) -> list[dict[str, Any]]:
-    """RG^d of the frozen reference per target language of the pairs (joined on ``pair_id``): pairs, mean,
-    min, max and the share of safe dominant pairs (RG^d > 0); a last row ``all`` over every pair."""
-    gap_of = dict(zip(reference.column("pair_id").to_pylist(), reference.column("reward_gap").to_pylist()))
-    by_lang: dict[str, list[float]] = {}
-    for pair_id, lang in zip(pairs.column("pair_id").to_pylist(), pairs.column("target_lang").to_pylist()):
-        if pair_id in gap_of:
-            by_lang.setdefault(lang, []).append(float(gap_of[pair_id]))
-    groups = sorted(by_lang.items()) + [("all", [g for gaps in by_lang.values() for g in gaps])]
-    return [
-        {"target_lang": lang, "pairs": len(gaps), "mean_rg_d": _num(sum(gaps) / len(gaps)),
-         "min_rg_d": _num(min(gaps)), "max_rg_d": _num(max(gaps)),
-         "safe_share": _num(sum(g > 0 for g in gaps) / len(gaps))}
-        for lang, gaps in groups if gaps
+def reference_gaps(premise: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Table rows of the reference's RG^d per target language, from the stats its manifest records
+    (``premise``, :func:`mpo_core.premise.reference_gap_stats`): pairs, mean, min, max and the share of safe
+    dominant pairs (RG^d > 0); ``all`` last. Languages without pairs are left out."""
+    rows = [
+        {"target_lang": lang, "pairs": s["n"], "mean_rg_d": _num(s["mean_reward_gap"]),
+         "min_rg_d": _num(s.get("min_reward_gap")), "max_rg_d": _num(s.get("max_reward_gap")),
+         "safe_share": _num(s["safe_share"])}
+        for lang, s in premise.items() if s["n"]
     ]
+    return sorted(rows, key=lambda row: row["target_lang"] == "all")
 
 
 def plot_training_curve(curve: list[dict[str, Any]]) -> bytes | None:

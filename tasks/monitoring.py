@@ -188,13 +188,9 @@ def _publish_filter(key: str, run: RunFolder, outputs: dict[str, Path], inputs: 
 
 def _publish_reference(key: str, run: RunFolder, outputs: dict[str, Path], inputs: dict[str, Path],
                        config: PipelineConfig) -> None:
-    import pyarrow.parquet as pq
-
     from mpo_core.stage_results import reference_gaps
 
-    reference = pq.read_table(outputs["reference"], columns=["pair_id", "reward_gap"])
-    pairs = pq.read_table(inputs["filtered"], columns=["pair_id", "target_lang"])
-    rows = reference_gaps(reference, pairs)
+    rows = reference_gaps(read_manifest(outputs["reference"]).extra.get("premise", {}))
     share = rows[-1]["safe_share"] if rows else None
     create_table_artifact(rows, key=f"{key}-rg-d",
                           description=f"RG^d of the frozen reference per target language; safe dominant "

@@ -123,19 +123,6 @@ def output_summary(
     return listing, per_lang
 
 
-def premise_lines(outputs: dict[str, Path]) -> list[str]:
-    """Markdown lines of MPO's premise (mean RG^d, share RG^d > 0 per target language) where an output's
-    manifest records it (the reference stage), else none."""
-    for path in outputs.values():
-        premise = read_manifest(path).extra.get("premise") if path.suffix == ".parquet" else None
-        if premise:
-            lines = ["", "MPO premise (reference RG^d on the dominant side):", "",
-                     "| target lang | pairs | mean RG^d | share RG^d > 0 |", "|---|---|---|---|"]
-            return lines + [f"| {lang} | {s['n']} | {s['mean_reward_gap']:+.3f} | {s['safe_share']:.2f} |"
-                            for lang, s in premise.items()]
-    return []
-
-
 def publish_stage_summary(run: RunFolder, outcome: StageOutcome) -> None:
     """Markdown + table artifacts for one stage outcome (links and counts only)."""
     listing, per_lang = output_summary(outcome.outputs, run.path)
@@ -151,7 +138,6 @@ def publish_stage_summary(run: RunFolder, outcome: StageOutcome) -> None:
         "|---|---|---|---|",
     ]
     lines += [f"| {r['output']} | {r['kind']} | {r.get('rows', '')} | `{r['path']}` |" for r in listing]
-    lines += premise_lines(outcome.outputs)
     key = artifact_key(run.name, outcome.stage)
     create_markdown_artifact(
         redact("\n".join(lines)), key=f"{key}-summary", description=f"{outcome.stage} outputs"

@@ -76,10 +76,12 @@ def test_training_curve_summary_and_log_line(tmp_path):
     assert plot_training_curve(curve).startswith(PNG_MAGIC) and plot_training_curve([]) is None
 
 
-def test_reference_gaps_per_language_and_safe_share():
+def test_reference_gaps_table_is_the_premise_the_reference_records():
+    from mpo_core.premise import reference_gap_stats
+
     reference = pa.table({"pair_id": ["a", "b", "c", "d"], "reward_gap": [0.5, -0.25, 1.0, -1.0]})
-    pairs = pa.table({"pair_id": ["a", "b", "c", "x"], "target_lang": ["zh", "zh", "ja", "ja"]})
-    rows = reference_gaps(reference, pairs)
+    pairs = pa.table({"pair_id": ["a", "b", "c"], "target_lang": ["zh", "zh", "ja"]})
+    rows = reference_gaps(reference_gap_stats(pairs, reference))
     assert rows == [
         {"target_lang": "ja", "pairs": 1, "mean_rg_d": 1.0, "min_rg_d": 1.0, "max_rg_d": 1.0, "safe_share": 1.0},
         {"target_lang": "zh", "pairs": 2, "mean_rg_d": 0.125, "min_rg_d": -0.25, "max_rg_d": 0.5,
@@ -87,6 +89,7 @@ def test_reference_gaps_per_language_and_safe_share():
         {"target_lang": "all", "pairs": 3, "mean_rg_d": 0.41667, "min_rg_d": -0.25, "max_rg_d": 1.0,
          "safe_share": 0.66667},
     ]
+    assert reference_gaps({"all": {"n": 0, "mean_reward_gap": float("nan"), "safe_share": float("nan")}}) == []
 
 
 def test_filter_reason_rows_are_the_report_markdown_rows():

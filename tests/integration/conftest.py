@@ -40,6 +40,14 @@ def prefect_env(home: Path, api_url: str | None = None, **extra: str) -> dict[st
     return env
 
 
+def mpo_run(recipe: Path, env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess:
+    """``mpo run --config recipe`` as a user runs it; asserts exit 0 and shows the output's tail if not."""
+    result = subprocess.run([str(BIN / "mpo"), "run", "--config", str(recipe)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout_s, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def wait_healthy(api_url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
     import httpx
 

@@ -30,7 +30,7 @@ import pytest
 from mpo_core.artifacts import file_hash, read_manifest
 from mpo_core.runs import RunFolder
 from mpo_core.stages import STAGES
-from tests.integration.conftest import BIN, ROOT, PrefectServer, stop
+from tests.integration.conftest import BIN, ROOT, PrefectServer, mpo_run, stop
 
 pytestmark = pytest.mark.slow
 
@@ -280,16 +280,7 @@ def test_weekly_schedule_is_created_and_scheduler_makes_next_runs(cluster):
 def test_pipeline_deployment_sends_gpu_stages_to_the_gpu_pool_and_matches_a_local_run(cluster):
     recipe = tiny_recipe(cluster.folder, "tiny")
     run_dir = cluster.folder / "runs" / "tiny"
-    local = subprocess.run(
-        [str(BIN / "mpo"), "run", "--config", str(recipe)],
-        cwd=ROOT,
-        env=cluster.server.client_env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
-    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    mpo_run(recipe, cluster.server.client_env, RUN_TIMEOUT_S)
     local_dir = cluster.folder / "local-tiny"
     shutil.move(run_dir, local_dir)  # the deployed run then writes the very same paths
 

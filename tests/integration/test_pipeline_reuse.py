@@ -15,7 +15,7 @@ import pytest
 
 from mpo_core.artifacts import artifact_is_complete, read_manifest
 from mpo_core.runs import RunFolder
-from tests.integration.conftest import BIN, ROOT, prefect_env
+from tests.integration.conftest import BIN, ROOT, mpo_run, prefect_env
 
 pytestmark = pytest.mark.slow
 
@@ -182,16 +182,7 @@ def test_killed_during_training_resumes_from_last_checkpoint(pipeline_folder, pr
     with open(train_log, "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"step": 0, "probe": "written before the resume"}) + "\n")
 
-    second = subprocess.run(
-        [str(BIN / "mpo"), "run", "--config", str(recipe)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    second = mpo_run(recipe, env, 1200)
     statuses = run.stage_statuses()
     assert statuses["train"] == "ran" and statuses["evaluate"] == "ran"
     assert all(statuses[s] == "skipped" for s in ("ingest", "translate", "pair", "filter", "reference"))
