@@ -374,14 +374,15 @@ def in_prompt_language(texts: Sequence[str], langs: Sequence[str]) -> list[bool]
 
 
 def _reward_gaps(obs: Observations, model, tokenizer, pair_set: PairSet, dominant_lang: str,
-                 max_length: int, batch_size: int) -> None:
-    """RG^t per target language, and RG on the dominant side (distinct dominant triples) under ``model``."""
+                 max_length: int, batch_size: int, truncation: str) -> None:
+    """RG^t per target language, and RG on the dominant side (distinct dominant triples) under ``model``,
+    each pair encoded as training encodes it (``model.truncation``)."""
     from mpo_core.logps import reward_gaps
 
     pairs = pair_set.pairs
     gaps = reward_gaps(
         model, tokenizer, [p["target_prompt"] for p in pairs], [p["target_chosen"] for p in pairs],
-        [p["target_rejected"] for p in pairs], max_length=max_length, batch_size=batch_size,
+        [p["target_rejected"] for p in pairs], max_length=max_length, batch_size=batch_size, truncation=truncation,
     ).tolist()
     obs_langs = _group_by_lang(pairs)
     for lang, idx in obs_langs.items():
@@ -390,7 +391,7 @@ def _reward_gaps(obs: Observations, model, tokenizer, pair_set: PairSet, dominan
     if dominant and dominant_lang not in obs_langs:  # English-only pairs (HH-RLHF): already measured
         dom_gaps = reward_gaps(
             model, tokenizer, [t[0] for t in dominant], [t[1] for t in dominant], [t[2] for t in dominant],
-            max_length=max_length, batch_size=batch_size,
+            max_length=max_length, batch_size=batch_size, truncation=truncation,
         ).tolist()
         obs.add((dominant_lang, "reward_gap", pair_set.name), dom_gaps)
 
@@ -451,7 +452,8 @@ def evaluate_model(
     model.eval()
     ev = config.evaluate
     if pair_set is not None and pair_set.pairs:
-        _reward_gaps(obs, model, tokenizer, pair_set, config.run.dominant_lang, ev.max_length, ev.batch_size)
+        _reward_gaps(obs, model, tokenizer, pair_set, config.run.dominant_lang, ev.max_length, ev.batch_size,
+                     config.model.truncation)
     for utility in utility_sets:
         if utility.kind == "mc":
             _multiple_choice(obs, utility, model, tokenizer, config)

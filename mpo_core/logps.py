@@ -530,13 +530,16 @@ def pair_avg_logps(
     *,
     max_length: int,
     batch_size: int,
+    truncation: str = "prompt_left",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s(y_w|x), s(y_l|x))`` per pair, in input order, as float32 CPU tensors (no grad), encoded as the
-    reference stage and the trainer encode a pair (one prompt cut for both answers, the prompt run once)."""
+    reference stage and the trainer encode a pair (one prompt cut for both answers by ``truncation``, the
+    prompt run once)."""
     if not len(prompts) == len(chosen) == len(rejected):
         raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected")
     encoded = [
-        encode_prompt_responses(tokenizer, p, [c, r], max_length) for p, c, r in zip(prompts, chosen, rejected)
+        encode_prompt_responses(tokenizer, p, [c, r], max_length, truncation=truncation)
+        for p, c, r in zip(prompts, chosen, rejected)
     ]
     result = torch.zeros(2, len(encoded), dtype=torch.float32)
     device = _model_device(model)
@@ -558,10 +561,12 @@ def reward_gaps(
     *,
     max_length: int,
     batch_size: int,
+    truncation: str = "prompt_left",
 ) -> torch.Tensor:
     """``RG = s(y_w|x) - s(y_l|x)`` per prompt under ``model`` (float32 CPU tensor, no grad)."""
     return reward_gap(
         *pair_avg_logps(
-            model, tokenizer, prompts, chosen, rejected, max_length=max_length, batch_size=batch_size
+            model, tokenizer, prompts, chosen, rejected, max_length=max_length, batch_size=batch_size,
+            truncation=truncation,
         )
     )

@@ -117,6 +117,22 @@ def test_batched_api_keeps_input_order(model_and_tokenizer):
     torch.testing.assert_close(gaps, one - other, atol=1e-5, rtol=1e-5)
 
 
+
+def test_reward_gaps_encode_as_training_does(model_and_tokenizer):
+    """The evaluation's RG uses ``model.truncation``: with a long prompt, LLaMA-Factory's cut keeps the
+    prompt's start and gives other gaps than mpo's left cut; each equals the gap of its own encoding."""
+    model, tok = model_and_tokenizer
+    prompt, chosen, rejected = ["word " * 40 + PROMPTS[0]], ["No, I won't."], [RESPONSES[0] * 3]
+    by_cut = {}
+    for cut in ("prompt_left", "llama_factory"):
+        gap = reward_gaps(model, tok, prompt, chosen, rejected, max_length=40, batch_size=1, truncation=cut)
+        enc = encode_prompt_responses(tok, prompt[0], [chosen[0], rejected[0]], 40, truncation=cut)
+        batch = collate_sequences(list(enc), tok.pad_token_id)
+        avg = sequence_outputs(model, batch, with_pooled=False)["avg_logps"]
+        torch.testing.assert_close(gap, (avg[0] - avg[1]).reshape(1), atol=1e-5, rtol=1e-5)
+        by_cut[cut] = float(gap)
+    assert abs(by_cut["prompt_left"] - by_cut["llama_factory"]) > 1e-3
+
 REJECTED = ["Mix flour and sugar, then fry it.", "Claro, primero busca un coche abierto.", "好的"]
 
 
