@@ -205,22 +205,24 @@ def load_pair_set(
 
 
 def _read_mgsm_tsv(path: Path, lang: str, limit: int | None) -> list[dict]:
+    """MGSM's ``question<TAB>answer`` lines; an unreadable file or bad line is named (file, line, column)."""
+    from mpo_core.ingest import read_text
+
     items = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 2:
-                raise InputDataError(f"{path}: line {line_no}: expected 'question<TAB>answer', got {len(parts)} "
-                                     "column(s)")
-            try:
-                gold = parse_gold_answer(parts[1])
-            except ValueError as err:
-                raise InputDataError(f"{path}: line {line_no}, column 'answer': {err}") from None
-            items.append({"prompt_id": f"mgsm-{lang}-{line_no:04d}", "lang": lang, "text": parts[0], "gold": gold})
+    for line_no, line in enumerate(read_text(path).splitlines(), 1):
+        if limit is not None and len(items) >= limit:
+            break
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise InputDataError(f"{path}: line {line_no}: expected 'question<TAB>answer', got {len(parts)} "
+                                 "column(s)")
+        try:
+            gold = parse_gold_answer(parts[1])
+        except ValueError as err:
+            raise InputDataError(f"{path}: line {line_no}, column 'answer': {err}") from None
+        items.append({"prompt_id": f"mgsm-{lang}-{line_no:04d}", "lang": lang, "text": parts[0], "gold": gold})
     return items
 
 
@@ -250,12 +252,12 @@ _MC_LANG_FROM_NAME = re.compile(r"_([A-Za-z]{2,3})(?:[_-][A-Za-z]{2,4})?$")
 
 
 def _mc_rows(path: Path) -> list[dict]:
-    from mpo_core.ingest import read_csv_records, read_text
+    from mpo_core.ingest import json_lines, read_csv_records
 
     if path.suffix == ".csv":
         return read_csv_records(path)[1]
     if path.suffix in (".jsonl", ".json"):
-        return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
+        return [record for _, record in json_lines(path)]
     raise InputDataError(f"{path}: multiple-choice files must be .csv or .jsonl")
 
 

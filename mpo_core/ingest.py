@@ -224,7 +224,7 @@ def split_hh_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str,
     return render_dialogue(turns), chosen[start:].strip(), rejected[start:].strip()
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """``(row, object)`` for each non-blank line of a ``.jsonl(.gz)`` file (row = line number - 1)."""
     with _reading(path), _open_text(path) as fh:
         for row, line in enumerate(fh):
@@ -241,7 +241,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
 
 def read_hh_rlhf(path: Path) -> Iterator[tuple[int, str, str, str]]:
     """``(row, prompt, chosen, rejected)`` for each line of an HH-RLHF ``.jsonl(.gz)`` file."""
-    for row, record in _json_lines(path):
+    for row, record in json_lines(path):
         chosen = _text(record.get("chosen"), path, "chosen", row)
         rejected = _text(record.get("rejected"), path, "rejected", row)
         yield (row, *split_hh_dialogue(chosen, rejected, f"{path}: column 'chosen', row {row}"))
@@ -506,7 +506,7 @@ def _read_records(path: Path, fmt: str) -> tuple[list[str], Iterator[dict]]:
         header, rows = read_csv_records(path)
         return header, iter(rows)
 
-    records = [record for _, record in _json_lines(path)]
+    records = [record for _, record in json_lines(path)]
     if not records:
         raise InputDataError(f"{path}: no JSON records in the file")
     return sorted({k for r in records for k in r}), iter(records)

@@ -84,9 +84,19 @@ class Judge(abc.ABC):
 @lru_cache(maxsize=4)
 def load_refusal_patterns(path: str | None = None) -> dict[str, Any]:
     """The versioned pattern file (default: the packaged one), parsed and its regexes checked."""
+    from mpo_core.ingest import read_text
+
     source = Path(path) if path else Path(str(resources.files("mpo_core") / "data" / PATTERNS_FILE))
-    data = json.loads(source.read_text(encoding="utf-8"))
-    for lang, entry in data["languages"].items():
+    if not source.is_file():
+        raise ConfigError(f"{source}: no such refusal-pattern file")
+    try:
+        data = json.loads(read_text(source))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{source}: not valid JSON: {err}") from None
+    languages = data.get("languages") if isinstance(data, dict) else None
+    if not isinstance(languages, dict) or not all(isinstance(e, dict) for e in languages.values()):
+        raise ConfigError(f"{source}: expected a JSON object with 'languages': {{<lang>: {{<kind>: [regex, ...]}}}}")
+    for lang, entry in languages.items():
         for kind in PATTERN_KINDS:
             for pattern in entry.get(kind, []):
                 try:

@@ -390,3 +390,29 @@ def test_utility_csv_files_use_the_same_reader(tmp_path):
     path = _write(tmp_path / "mmlu_SW.csv", "question,A,B,answer\n\"Which one, really?\",x,y,A\nWhy,a,b, c,B\n")
     with pytest.raises(InputDataError, match=r"mmlu_SW.csv: row 1: 5 fields where the header has 4"):
         load_multiple_choice(str(path), ["sw"], None)
+
+
+# ------------------------------------------------------------------------------- evaluation inputs
+
+
+def test_utility_and_judge_files_name_what_is_wrong(tmp_path):
+    from mpo_core.evaluation import load_mgsm, load_multiple_choice
+    from mpo_core.judges import load_refusal_patterns
+
+    mgsm = tmp_path / "mgsm_en.tsv"
+    mgsm.write_bytes(b"What is 2+2?\t4\n\xff\xfe?\t5\n")
+    with pytest.raises(InputDataError, match=rf"{mgsm}: not UTF-8 text"):
+        load_mgsm(str(mgsm), ["en"], None)
+    mc = tmp_path / "mc_en.jsonl"
+    mc.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": \n', encoding="utf-8")
+    with pytest.raises(InputDataError, match=rf"{mc}: row 1 \(line 2\) is not valid JSON"):
+        load_multiple_choice(str(mc), ["en"], None)
+    patterns = tmp_path / "patterns.json"
+    with pytest.raises(ConfigError, match=rf"{patterns}: no such refusal-pattern file"):
+        load_refusal_patterns(str(patterns))
+    patterns.write_text('{"languages": {"en": ', encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"{patterns}: not valid JSON"):
+        load_refusal_patterns(str(patterns))
+    patterns.write_text('{"version": 3}', encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"{patterns}: expected a JSON object with 'languages'"):
+        load_refusal_patterns(str(patterns))
