@@ -1,0 +1,127 @@
+"""The train stage under FSDP2 through the launcher users use: ``MPO_TRAIN_LAUNCHER="accelerate launch ..."``
+makes the train task run ``accelerate launch ... -m mpo_core.runs train RUN INPUTS`` (tasks/launch.py). Two
+CPU processes (gloo) train a tiny random-weight Llama on real pairs with ``train.sharding: fsdp2``, stop at a
+sharded checkpoint, resume from it, and save the full model; one process with the whole batch trains the same
+steps. The model really is sharded (every parameter a DTensor, accelerate's FSDP version 2, fp32 master
+weights), and losses and final weights equal the one-process run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from core_pairs import official_pairs, write_pairs
+
+from mpo_core.config import config_from_dict
+from mpo_core.reference import run_reference
+from mpo_core.runs import RunFolder
+from mpo_core.trainer import CHECKPOINT_DIR, MODEL_DIR, TRAIN_INFO, TRAIN_LOG, run_train
+
+WORLD = 2
+PAIRS = 4  # two steps of two pairs per epoch
+# torchrun of this interpreter: on CPU `accelerate launch` starts one process (its multi-process launcher,
+# torchrun underneath, is for GPUs: `--multi_gpu`); every rank then builds the same accelerate state from the
+# torchrun environment either way
+LAUNCHER = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node {WORLD}"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, default_model_config) -> Path:
+    """A 2-layer random-weight Llama with the default model's tokenizer, saved like any local model."""
+    from mpo_core.models import load_tokenizer
+    from mpo_core.synthetic import synthetic_causal_lm
+
+    tokenizer = load_tokenizer(default_model_config)
+    model = synthetic_causal_lm(vocab_size=len(tokenizer), seed=0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _config(root: Path, name: str, model: Path, max_steps: int, per_device: int):
+    return config_from_dict(
+        {
+            "run": {"root": str(root), "name": name},
+            "model": {"name_or_path": str(model), "device": "cpu", "dtype": "float32"},
+            "reference": {"batch_size": 4, "max_length": 40, "min_safe_share": 0.0},
+            "train": {
+                "max_length": 40,
+                "per_device_batch_size": per_device,
+                "learning_rate": 1.0e-3,
+                "lr_scheduler": "constant",
+                "warmup_ratio": 0.0,
+                "max_steps": max_steps,
+                "save_steps": 2,
+                "sharding": "fsdp2",
+            },
+        }
+    )
+
+
+def _losses(train_dir: Path) -> list[float]:
+    lines = [json.loads(line) for line in (train_dir / TRAIN_LOG).read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32)
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny_model, tmp_path, monkeypatch):
+    from tasks.launch import launcher_for
+
+    from mpo_core.stages import get_stage
+
+    pairs = write_pairs(official_pairs(shared_data, PAIRS, step=11), tmp_path / "pairs.parquet")
+    sharded = _config(tmp_path, "sharded", tiny_model, max_steps=2, per_device=2 // WORLD)
+    run = RunFolder.for_config(sharded)
+    run.path.mkdir(parents=True)
+    reference = run_reference(sharded, {"filtered": pairs}, run.stage_dir("reference"))["reference"]
+    inputs = {"filtered": pairs, "reference": reference}
+    train_dir = run.stage_dir("train")
+
+    monkeypatch.setenv("MPO_TRAIN_LAUNCHER", LAUNCHER)
+    runner = launcher_for(get_stage("train"))
+    run.save_config(sharded)
+    runner(get_stage("train"), sharded, inputs, train_dir)
+    first = train_dir / CHECKPOINT_DIR / "checkpoint-2"
+    assert not list(first.glob("*.safetensors")), "resume checkpoints hold shards, not a gathered model"
+    assert list(first.rglob("*.distcp")), sorted(p.name for p in first.rglob("*"))
+    # a longer run in the same folder resumes from the sharded checkpoint-2 instead of starting again
+    resumed = _config(tmp_path, "sharded", tiny_model, max_steps=4, per_device=2 // WORLD)
+    run.save_config(resumed)
+    outputs = runner(get_stage("train"), resumed, inputs, train_dir)
+    assert outputs["checkpoint"].resolve() == (train_dir / MODEL_DIR).resolve()
+
+    info = json.loads((train_dir / MODEL_DIR / TRAIN_INFO).read_text())
+    assert info["global_step"] == 4
+    layout = info["distributed"]
+    assert (layout["processes"], layout["fsdp_version"]) == (WORLD, 2), layout
+    assert layout["sharded_parameters"] == layout["parameters"] > 0, layout
+    assert layout["master_dtype"] == "float32", layout
+
+    whole_dir = tmp_path / "whole"
+    whole = _config(tmp_path, "whole", tiny_model, max_steps=4, per_device=2)
+    run_train(whole, inputs, whole_dir)
+    assert json.loads((whole_dir / MODEL_DIR / TRAIN_INFO).read_text())["distributed"]["processes"] == 1
+
+    # fp32 on both sides; the runs differ only in summation order (each rank pads its own pair, gradients
+    # are averaged by a reduce-scatter), so values agree to float32 round-off, carried through 4 Adam steps
+    sharded_losses, whole_losses = _losses(train_dir), _losses(whole_dir)
+    assert len(sharded_losses) == len(whole_losses) == 4
+    assert sharded_losses == pytest.approx(whole_losses, rel=1e-4, abs=1e-6)
+    base, trained, reference_run = _weights(tiny_model), _weights(train_dir / MODEL_DIR), _weights(whole_dir / MODEL_DIR)
+    assert trained.keys() == reference_run.keys() == base.keys()
+    for name, weight in reference_run.items():
+        moved = (weight - base[name]).norm()
+        assert moved > 0, name
+        difference = (trained[name] - weight).norm() / moved
+        assert difference < 1e-3, (name, float(difference))
