@@ -62,9 +62,9 @@ def _config(root: Path, name: str, model: Path, max_steps: int, per_device: int)
     )
 
 
-def _losses(train_dir: Path) -> list[float]:
+def _logged(train_dir: Path, key: str) -> list[float]:
     lines = [json.loads(line) for line in (train_dir / TRAIN_LOG).read_text().splitlines()]
-    return [line["loss"] for line in lines if "loss" in line]
+    return [line[key] for line in lines if "loss" in line]
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -101,6 +101,8 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
     outputs = runner(get_stage("train"), resumed, inputs, train_dir)
     assert outputs["checkpoint"].resolve() == (train_dir / MODEL_DIR).resolve()
 
+    log = [json.loads(line) for line in (train_dir / TRAIN_LOG).read_text().splitlines()]
+    assert sum("train_runtime" in line for line in log) == 2, "the second launch resumed, keeping steps 1-2"
     info = json.loads((train_dir / MODEL_DIR / TRAIN_INFO).read_text())
     assert info["global_step"] == 4
     layout = info["distributed"]
@@ -113,15 +115,19 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
     run_train(whole, inputs, whole_dir)
     assert json.loads((whole_dir / MODEL_DIR / TRAIN_INFO).read_text())["distributed"]["processes"] == 1
 
-    # fp32 on both sides; the runs differ only in summation order (each rank pads its own pair, gradients
-    # are averaged by a reduce-scatter), so values agree to float32 round-off, carried through 4 Adam steps
-    sharded_losses, whole_losses = _losses(train_dir), _losses(whole_dir)
-    assert len(sharded_losses) == len(whole_losses) == 4
-    assert sharded_losses == pytest.approx(whole_losses, rel=1e-4, abs=1e-6)
+    # fp32 on both sides; the runs differ only in summation order (each rank pads its own pair, gradients are
+    # averaged by a reduce-scatter), so they agree to float32 round-off carried through 4 Adam steps: measured
+    # 3e-6 (losses) and 8e-6 (weight updates), bounded here at 1e-4. The gradient norms are compared too,
+    # since Adam would hide a gradient scaled by a constant (a sum instead of a mean over the ranks).
+    for key in ("loss", "grad_norm"):  # both over the whole batch (the per-pair metrics are rank 0's own)
+        sharded_values, whole_values = _logged(train_dir, key), _logged(whole_dir, key)
+        assert len(sharded_values) == len(whole_values) == 4
+        assert sharded_values == pytest.approx(whole_values, rel=1e-4, abs=1e-7), key
     base, trained, reference_run = _weights(tiny_model), _weights(train_dir / MODEL_DIR), _weights(whole_dir / MODEL_DIR)
     assert trained.keys() == reference_run.keys() == base.keys()
+    differences = {}
     for name, weight in reference_run.items():
         moved = (weight - base[name]).norm()
         assert moved > 0, name
-        difference = (trained[name] - weight).norm() / moved
-        assert difference < 1e-3, (name, float(difference))
+        differences[name] = float((trained[name] - weight).norm() / moved)
+    assert max(differences.values()) < 1e-4, differences
