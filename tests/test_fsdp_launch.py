@@ -42,7 +42,7 @@ def tiny_model(tmp_path_factory, default_model_config) -> Path:
     return folder
 
 
-def _config(root: Path, name: str, model: Path, max_steps: int, per_device: int):
+def _config(root: Path, name: str, model: Path, max_steps: int, per_device: int, bf16: bool = False):
     return config_from_dict(
         {
             "run": {"root": str(root), "name": name},
@@ -57,6 +57,7 @@ def _config(root: Path, name: str, model: Path, max_steps: int, per_device: int)
                 "max_steps": max_steps,
                 "save_steps": 2,
                 "sharding": "fsdp2",
+                "bf16": bf16,
             },
         }
     )
@@ -131,3 +132,35 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
         assert moved > 0, name
         differences[name] = float((trained[name] - weight).norm() / moved)
     assert max(differences.values()) < 1e-4, differences
+
+
+@pytest.mark.slow
+def test_launched_fsdp2_bf16_compute_keeps_fp32_master_weights(shared_data, tiny_model, tmp_path, monkeypatch):
+    """``train.bf16`` under FSDP2: parameters gathered and computed in bf16, gradients reduce-scattered in
+    fp32 into fp32 master shards; the saved model is float32 and moved, the losses finite."""
+    from tasks.launch import launcher_for
+
+    from mpo_core.stages import get_stage
+
+    pairs = write_pairs(official_pairs(shared_data, PAIRS, step=11), tmp_path / "pairs.parquet")
+    config = _config(tmp_path, "bf16", tiny_model, max_steps=2, per_device=1, bf16=True)
+    run = RunFolder.for_config(config)
+    run.path.mkdir(parents=True)
+    run.save_config(config)
+    reference = run_reference(config, {"filtered": pairs}, run.stage_dir("reference"))["reference"]
+    monkeypatch.setenv("MPO_TRAIN_LAUNCHER", LAUNCHER)
+    train_dir = run.stage_dir("train")
+    launcher_for(get_stage("train"))(get_stage("train"), config, {"filtered": pairs, "reference": reference}, train_dir)
+
+    layout = json.loads((train_dir / MODEL_DIR / TRAIN_INFO).read_text())["distributed"]
+    assert layout["sharded_parameters"] == layout["parameters"] > 0, layout
+    assert (layout["master_dtype"], layout["compute_dtype"], layout["reduce_dtype"]) == (
+        "float32", "bfloat16", "float32",
+    ), layout
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in _logged(train_dir, "loss"))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(train_dir / MODEL_DIR / "model.safetensors"))
+    base = load_file(str(tiny_model / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert all((saved[name] - base[name]).abs().max() > 0 for name in base)
