@@ -164,3 +164,30 @@ def test_launched_fsdp2_bf16_compute_keeps_fp32_master_weights(shared_data, tiny
     base = load_file(str(tiny_model / "model.safetensors"))
     assert {t.dtype for t in saved.values()} == {torch.float32}
     assert all((saved[name] - base[name]).abs().max() > 0 for name in base)
+
+
+def test_fsdp2_arguments_are_not_the_deprecated_form(tmp_path, monkeypatch, capfd):
+    """``fsdp=True`` plus ``fsdp_config`` (transformers 5.19 warns that ``fsdp="full_shard"`` goes in 5.20):
+    TrainingArguments' own translation turns them into accelerate's FSDP2 plugin arguments, without the
+    deprecation warning that the string form gives."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from mpo_core.trainer import _sharding_arguments
+
+    def plugin_arguments(sharding: dict) -> dict:
+        args = SimpleNamespace(**sharding, _apply_legacy_fsdp_to_config=TrainingArguments._apply_legacy_fsdp_to_config)
+        return TrainingArguments._process_fsdp_args(args)
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # restored: the translation sets it
+    train = _config(tmp_path, "args", tmp_path, max_steps=1, per_device=1).train
+    monkeypatch.setenv("WORLD_SIZE", str(WORLD))
+    sharding = _sharding_arguments(train)
+    assert sharding["fsdp"] is True
+    plugin = plugin_arguments(sharding)
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True, plugin
+    assert plugin["state_dict_type"] == "SHARDED_STATE_DICT", plugin
+    assert "deprecated" not in capfd.readouterr().err
+    plugin_arguments({**sharding, "fsdp": "full_shard"})
+    assert "deprecated" in capfd.readouterr().err
