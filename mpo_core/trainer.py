@@ -19,7 +19,9 @@ into ``out_dir/model`` atomically (a LoRA adapter is merged first, so the result
 Checkpoints for resuming hold the model as safetensors; the optimizer, scheduler and RNG states are written
 by ``transformers`` with ``torch.save`` and read back with ``torch.load(weights_only=True)`` (tensors and
 plain containers only, no arbitrary objects); the pickled ``training_args.bin``, which resuming never reads,
-is deleted after every save. ``out_dir/model`` holds no pickle at all.
+is deleted after every save. Under FSDP2 (``train.sharding: fsdp2`` in several processes) a checkpoint holds
+the model and optimizer shards as a torch distributed checkpoint (a file per rank, pickled ``.metadata``),
+and the final model is gathered into a full state dict first. ``out_dir/model`` holds no pickle at all.
 """
 
 from __future__ import annotations
@@ -373,8 +375,9 @@ def _sharding_arguments(cfg: TrainConfig) -> dict[str, Any]:
     (``WORLD_SIZE`` > 1): every decoder layer and the root sharded, parameters resharded after forward.
     Resume checkpoints are sharded (torch distributed checkpoint, each rank writes its own shard); the final
     model is gathered into a full state dict by :func:`fit`. One process has nothing to shard (and
-    transformers refuses FSDP there)."""
-    if cfg.sharding != "fsdp2" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    transformers refuses FSDP there); LoRA trains data-parallel (its frozen base is replicated, only the
+    adapters train, and merging them needs the whole weights on one process)."""
+    if cfg.sharding != "fsdp2" or cfg.lora is not None or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return {}
     return {
         "fsdp": True,

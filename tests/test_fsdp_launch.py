@@ -1,6 +1,6 @@
-"""The train stage under FSDP2 through the launcher users use: ``MPO_TRAIN_LAUNCHER="accelerate launch ..."``
-makes the train task run ``accelerate launch ... -m mpo_core.runs train RUN INPUTS`` (tasks/launch.py). Two
-CPU processes (gloo) train a tiny random-weight Llama on real pairs with ``train.sharding: fsdp2``, stop at a
+"""The train stage under FSDP2 through the launcher users use: ``MPO_TRAIN_LAUNCHER`` makes the train task run
+``<launcher> -m mpo_core.runs train RUN INPUTS`` (tasks/launch.py; ``accelerate launch --multi_gpu`` on GPUs,
+torchrun here). Two CPU processes (gloo) train a tiny random-weight Llama on real pairs with ``train.sharding: fsdp2``, stop at a
 sharded checkpoint, resume from it, and save the full model; one process with the whole batch trains the same
 steps. The model really is sharded (every parameter a DTensor, accelerate's FSDP version 2, fp32 master
 weights), and losses and final weights equal the one-process run."""
@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from core_pairs import official_pairs, write_pairs
+from safetensors.torch import load_file
 
 from mpo_core.config import config_from_dict
 from mpo_core.reference import run_reference
 from mpo_core.runs import RunFolder
+from mpo_core.stages import get_stage
 from mpo_core.trainer import CHECKPOINT_DIR, MODEL_DIR, TRAIN_INFO, TRAIN_LOG, run_train
+from tasks.launch import launcher_for
 
 WORLD = 2
 PAIRS = 4  # two steps of two pairs per epoch
@@ -63,6 +66,22 @@ def _config(root: Path, name: str, model: Path, max_steps: int, per_device: int,
     )
 
 
+def _prepared_run(config, shared_data: Path, tmp_path: Path) -> tuple[RunFolder, dict[str, Path]]:
+    """The run folder of ``config`` with real pairs and their reference built (in this process)."""
+    pairs = write_pairs(official_pairs(shared_data, PAIRS, step=11), tmp_path / "pairs.parquet")
+    run = RunFolder.for_config(config)
+    run.path.mkdir(parents=True)
+    reference = run_reference(config, {"filtered": pairs}, run.stage_dir("reference"))["reference"]
+    return run, {"filtered": pairs, "reference": reference}
+
+
+def _launch(run: RunFolder, config, inputs: dict[str, Path]) -> dict[str, Path]:
+    """The train stage as the train task starts it under ``MPO_TRAIN_LAUNCHER`` (reading the run's config)."""
+    run.save_config(config)
+    spec = get_stage("train")
+    return launcher_for(spec)(spec, config, inputs, run.stage_dir("train"))
+
+
 def _logged(train_dir: Path, key: str) -> list[float]:
     lines = [json.loads(line) for line in (train_dir / TRAIN_LOG).read_text().splitlines()]
     return [line[key] for line in lines if "loss" in line]
@@ -77,29 +96,17 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny_model, tmp_path, monkeypatch):
-    from tasks.launch import launcher_for
-
-    from mpo_core.stages import get_stage
-
-    pairs = write_pairs(official_pairs(shared_data, PAIRS, step=11), tmp_path / "pairs.parquet")
     sharded = _config(tmp_path, "sharded", tiny_model, max_steps=2, per_device=2 // WORLD)
-    run = RunFolder.for_config(sharded)
-    run.path.mkdir(parents=True)
-    reference = run_reference(sharded, {"filtered": pairs}, run.stage_dir("reference"))["reference"]
-    inputs = {"filtered": pairs, "reference": reference}
+    run, inputs = _prepared_run(sharded, shared_data, tmp_path)
     train_dir = run.stage_dir("train")
-
     monkeypatch.setenv("MPO_TRAIN_LAUNCHER", LAUNCHER)
-    runner = launcher_for(get_stage("train"))
-    run.save_config(sharded)
-    runner(get_stage("train"), sharded, inputs, train_dir)
+    _launch(run, sharded, inputs)
     first = train_dir / CHECKPOINT_DIR / "checkpoint-2"
     assert not list(first.glob("*.safetensors")), "resume checkpoints hold shards, not a gathered model"
     assert list(first.rglob("*.distcp")), sorted(p.name for p in first.rglob("*"))
     # a longer run in the same folder resumes from the sharded checkpoint-2 instead of starting again
     resumed = _config(tmp_path, "sharded", tiny_model, max_steps=4, per_device=2 // WORLD)
-    run.save_config(resumed)
-    outputs = runner(get_stage("train"), resumed, inputs, train_dir)
+    outputs = _launch(run, resumed, inputs)
     assert outputs["checkpoint"].resolve() == (train_dir / MODEL_DIR).resolve()
 
     log = [json.loads(line) for line in (train_dir / TRAIN_LOG).read_text().splitlines()]
@@ -138,19 +145,11 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
 def test_launched_fsdp2_bf16_compute_keeps_fp32_master_weights(shared_data, tiny_model, tmp_path, monkeypatch):
     """``train.bf16`` under FSDP2: parameters gathered and computed in bf16, gradients reduce-scattered in
     fp32 into fp32 master shards; the saved model is float32 and moved, the losses finite."""
-    from tasks.launch import launcher_for
-
-    from mpo_core.stages import get_stage
-
-    pairs = write_pairs(official_pairs(shared_data, PAIRS, step=11), tmp_path / "pairs.parquet")
     config = _config(tmp_path, "bf16", tiny_model, max_steps=2, per_device=1, bf16=True)
-    run = RunFolder.for_config(config)
-    run.path.mkdir(parents=True)
-    run.save_config(config)
-    reference = run_reference(config, {"filtered": pairs}, run.stage_dir("reference"))["reference"]
+    run, inputs = _prepared_run(config, shared_data, tmp_path)
     monkeypatch.setenv("MPO_TRAIN_LAUNCHER", LAUNCHER)
+    _launch(run, config, inputs)
     train_dir = run.stage_dir("train")
-    launcher_for(get_stage("train"))(get_stage("train"), config, {"filtered": pairs, "reference": reference}, train_dir)
 
     layout = json.loads((train_dir / MODEL_DIR / TRAIN_INFO).read_text())["distributed"]
     assert layout["sharded_parameters"] == layout["parameters"] > 0, layout
@@ -158,15 +157,13 @@ def test_launched_fsdp2_bf16_compute_keeps_fp32_master_weights(shared_data, tiny
         "float32", "bfloat16", "float32",
     ), layout
     assert all(torch.isfinite(torch.tensor(loss)) for loss in _logged(train_dir, "loss"))
-    from safetensors.torch import load_file
-
     saved = load_file(str(train_dir / MODEL_DIR / "model.safetensors"))
     base = load_file(str(tiny_model / "model.safetensors"))
     assert {t.dtype for t in saved.values()} == {torch.float32}
     assert all((saved[name] - base[name]).abs().max() > 0 for name in base)
 
 
-def test_fsdp2_arguments_are_not_the_deprecated_form(tmp_path, monkeypatch, capfd):
+def test_fsdp2_arguments_are_not_the_deprecated_form(tmp_path, monkeypatch, capfd, caplog):
     """``fsdp=True`` plus ``fsdp_config`` (transformers 5.19 warns that ``fsdp="full_shard"`` goes in 5.20):
     TrainingArguments' own translation turns them into accelerate's FSDP2 plugin arguments, without the
     deprecation warning that the string form gives."""
@@ -176,18 +173,22 @@ def test_fsdp2_arguments_are_not_the_deprecated_form(tmp_path, monkeypatch, capf
 
     from mpo_core.trainer import _sharding_arguments
 
-    def plugin_arguments(sharding: dict) -> dict:
+    def plugin_arguments(sharding: dict) -> tuple[dict, str]:
+        """accelerate's plugin arguments and what transformers logged (to stderr, or to pytest's log capture
+        once an earlier test has made its logger propagate)."""
+        caplog.clear()
         args = SimpleNamespace(**sharding, _apply_legacy_fsdp_to_config=TrainingArguments._apply_legacy_fsdp_to_config)
-        return TrainingArguments._process_fsdp_args(args)
+        return TrainingArguments._process_fsdp_args(args), capfd.readouterr().err + caplog.text
 
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # restored: the translation sets it
     train = _config(tmp_path, "args", tmp_path, max_steps=1, per_device=1).train
     monkeypatch.setenv("WORLD_SIZE", str(WORLD))
     sharding = _sharding_arguments(train)
     assert sharding["fsdp"] is True
-    plugin = plugin_arguments(sharding)
+    plugin, logged = plugin_arguments(sharding)
     assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True, plugin
     assert plugin["state_dict_type"] == "SHARDED_STATE_DICT", plugin
-    assert "deprecated" not in capfd.readouterr().err
-    plugin_arguments({**sharding, "fsdp": "full_shard"})
-    assert "deprecated" in capfd.readouterr().err
+    assert "deprecated" not in logged
+    assert "deprecated" in plugin_arguments({**sharding, "fsdp": "full_shard"})[1]
+    lora = train.model_copy(update={"lora": {"r": 4}})
+    assert _sharding_arguments(lora) == {}, "LoRA adapters train data-parallel"
