@@ -606,14 +606,16 @@ def save_model_atomically(
 def distributed_report(trainer) -> dict[str, Any]:
     """How the trained model was laid out, read from the model itself: processes, FSDP version (2 where the
     root is a ``fully_shard`` module), how many parameters are sharded (``DTensor``), the master weights'
-    dtype, and the compute and gradient-reduction dtypes of FSDP2's mixed precision."""
+    dtype, the compute and gradient-reduction dtypes of FSDP2's mixed precision, and how many layers FSDP's
+    activation checkpointing wraps."""
     import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     parameters = list(trainer.model.parameters())
     sharded = isinstance(trainer.model, FSDPModule)
-    policy = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
+    policy = trainer.model._get_fsdp_state()._mp_policy if sharded else None  # what fully_shard was given
     master = parameters[0].dtype
     return {
         "processes": dist.get_world_size() if dist.is_initialized() else 1,
@@ -624,6 +626,7 @@ def distributed_report(trainer) -> dict[str, Any]:
         "compute_dtype": str(getattr(policy, "param_dtype", None) or master).removeprefix("torch."),
         "reduce_dtype": str(getattr(policy, "reduce_dtype", None) or master).removeprefix("torch."),
         "mixed_precision": trainer.accelerator.state.mixed_precision,
+        "checkpointed_layers": sum(isinstance(m, CheckpointWrapper) for m in trainer.model.modules()),
     }
 
 

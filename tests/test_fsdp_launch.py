@@ -46,6 +46,8 @@ def tiny_model(tmp_path_factory, default_model_config) -> Path:
 
 
 def _config(root: Path, name: str, model: Path, max_steps: int, per_device: int, bf16: bool = False):
+    """A tiny run of ``train.sharding: fsdp2``; ``bf16`` also turns on gradient checkpointing, as the paper
+    recipes do (FSDP's own activation checkpointing under the launcher)."""
     return config_from_dict(
         {
             "run": {"root": str(root), "name": name},
@@ -61,6 +63,7 @@ def _config(root: Path, name: str, model: Path, max_steps: int, per_device: int,
                 "save_steps": 2,
                 "sharding": "fsdp2",
                 "bf16": bf16,
+                "gradient_checkpointing": bf16,
             },
         }
     )
@@ -116,7 +119,7 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
     layout = info["distributed"]
     assert (layout["processes"], layout["fsdp_version"]) == (WORLD, 2), layout
     assert layout["sharded_parameters"] == layout["parameters"] > 0, layout
-    assert layout["master_dtype"] == "float32", layout
+    assert layout["master_dtype"] == "float32" and layout["checkpointed_layers"] == 0, layout
 
     whole_dir = tmp_path / "whole"
     whole = _config(tmp_path, "whole", tiny_model, max_steps=4, per_device=2)
@@ -143,8 +146,9 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
 
 @pytest.mark.slow
 def test_launched_fsdp2_bf16_compute_keeps_fp32_master_weights(shared_data, tiny_model, tmp_path, monkeypatch):
-    """``train.bf16`` under FSDP2: parameters gathered and computed in bf16, gradients reduce-scattered in
-    fp32 into fp32 master shards; the saved model is float32 and moved, the losses finite."""
+    """``train.bf16`` under FSDP2 (with activation checkpointing, as the paper recipes): parameters gathered
+    and computed in bf16, gradients reduce-scattered in fp32 into fp32 master shards; the saved model is
+    float32 and moved, the losses finite."""
     config = _config(tmp_path, "bf16", tiny_model, max_steps=2, per_device=1, bf16=True)
     run, inputs = _prepared_run(config, shared_data, tmp_path)
     monkeypatch.setenv("MPO_TRAIN_LAUNCHER", LAUNCHER)
@@ -156,6 +160,7 @@ def test_launched_fsdp2_bf16_compute_keeps_fp32_master_weights(shared_data, tiny
     assert (layout["master_dtype"], layout["compute_dtype"], layout["reduce_dtype"]) == (
         "float32", "bfloat16", "float32",
     ), layout
+    assert layout["checkpointed_layers"] == 2, layout  # both decoder layers
     assert all(torch.isfinite(torch.tensor(loss)) for loss in _logged(train_dir, "loss"))
     saved = load_file(str(train_dir / MODEL_DIR / "model.safetensors"))
     base = load_file(str(tiny_model / "model.safetensors"))
