@@ -1,7 +1,9 @@
 """How a stage function is started: in the task's process, or on every GPU through ``accelerate launch``.
 
 Multi-GPU training: set ``MPO_TRAIN_LAUNCHER`` (a job variable of the ``gpu`` pool deployment), e.g.
-``accelerate launch --multi_gpu --num_processes 8`` (DDP; ``train.loss: mpo`` refuses FSDP and DeepSpeed).
+``accelerate launch --multi_gpu --num_processes 8`` (DDP, or FSDP2 where the recipe sets ``train.sharding:
+fsdp2``; ``train.loss: mpo`` refuses FSDP1 and DeepSpeed), or ``torchrun --standalone --nproc_per_node N`` on
+CPU machines, where ``accelerate launch`` starts one process.
 The train task then runs ``<launcher> -m mpo_core.runs train RUN_DIR INPUTS_JSON``; every rank runs the
 stage function, rank 0 writes the log and the model and reports the outputs, and the task keeps the markers
 and the run state.
