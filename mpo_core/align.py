@@ -109,6 +109,19 @@ def align_prompts(config: PipelineConfig, translated: pa.Table) -> tuple[list[di
     return harmful, benign
 
 
+def validation_split(
+    harmful: list[dict], benign: list[dict], every: int = 4
+) -> tuple[tuple[list[dict], list[dict]], tuple[list[dict], list[dict]]]:
+    """((fit harmful, fit benign), (validation harmful, validation benign)): every ``every``-th prompt of each
+    list (the 1st, the (every+1)-th, ...) is kept out of training to compare align recipes on, so that a recipe
+    is never chosen on the evaluation hold-out."""
+    def cut(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        return [r for i, r in enumerate(rows) if i % every], rows[::every]
+
+    (fit_harmful, val_harmful), (fit_benign, val_benign) = cut(harmful), cut(benign)
+    return (fit_harmful, fit_benign), (val_harmful, val_benign)
+
+
 def build_align_rows(
     harmful: list[dict],
     benign: list[dict],

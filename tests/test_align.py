@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mpo_core.align import align_prompts, build_align_rows, load_refusals
+from mpo_core.align import align_prompts, build_align_rows, load_refusals, validation_split
 from mpo_core.artifacts import read_artifact, write_artifact
 from mpo_core.config import config_from_dict
 from mpo_core.evaluation import Observations, in_prompt_language, paired_delta_rows, summary_rows
@@ -109,6 +109,18 @@ def test_align_prompts_are_dominant_train_split_only():
     held_out = {r["prompt_id"] for r in load_seed_prompts() if r["split"] == "eval"}
     assert all(r["lang"] == "en" and r["split"] == "train" for r in harmful + benign)
     assert not held_out & {r["prompt_id"] for r in harmful + benign}
+
+
+def test_validation_split_keeps_every_fourth_train_prompt_out_of_training():
+    config = config_from_dict({"align": {"enabled": True, "prompts": "seed"}})
+    harmful, benign = align_prompts(config, pa.Table.from_pylist([]))
+    (fit_harmful, fit_benign), (val_harmful, val_benign) = validation_split(harmful, benign)
+    assert (len(fit_harmful), len(fit_benign), len(val_harmful), len(val_benign)) == (30, 15, 10, 5)
+    fit_ids = {r["prompt_id"] for r in fit_harmful + fit_benign}
+    val_ids = {r["prompt_id"] for r in val_harmful + val_benign}
+    assert not fit_ids & val_ids and fit_ids | val_ids == {r["prompt_id"] for r in harmful + benign}
+    assert all(r["split"] == "train" for r in val_harmful + val_benign)
+    assert val_harmful[0] is harmful[0] and val_harmful[1] is harmful[4]
 
 
 def test_align_rows_sft_and_dpo():
