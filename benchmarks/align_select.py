@@ -38,10 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CANDIDATES: dict[str, dict] = {
     "sft_30": {"method": "sft", "learning_rate": 2e-5, "max_steps": 30},  # the recipe before issue 10's tuning
     "sft_15": {"method": "sft", "learning_rate": 2e-5, "max_steps": 15},
-    "sft_30_lr1e-5": {"method": "sft", "learning_rate": 1e-5, "max_steps": 30},
-    "dpo_b01": {"method": "dpo", "beta": 0.1, "learning_rate": 2e-5, "max_steps": 30},
-    "dpo_b01_lr5e-6": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-6, "max_steps": 30},
-    "dpo_b05": {"method": "dpo", "beta": 0.5, "learning_rate": 2e-5, "max_steps": 30},
+    "dpo_12": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 12},
+    "dpo_sft_12": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 12, "sft_weight": 1.0},
+    "dpo_12_b05": {"method": "dpo", "beta": 0.5, "learning_rate": 5e-5, "max_steps": 12},
 }
 METRICS = ("asr", "over_refusal", "selectivity", "response_lang_share")
 

@@ -167,7 +167,7 @@ def align_train_config(config: PipelineConfig) -> PipelineConfig:
         loss=cfg.method, beta=cfg.beta, learning_rate=cfg.learning_rate, num_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps, lr_scheduler="cosine", warmup_ratio=0.1,
         per_device_batch_size=cfg.per_device_batch_size, max_length=cfg.max_length, save_steps=cfg.save_steps,
-        save_total_limit=1,
+        save_total_limit=1, sft_weight=cfg.sft_weight,
     )
     return config.model_copy(update={"train": train})
 
@@ -213,6 +213,7 @@ def run_align(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
         "learning_rate": config.align.learning_rate,
         "max_steps": config.align.max_steps,
         "batch_size": config.align.per_device_batch_size,
+        **({"beta": config.align.beta, "sft_weight": config.align.sft_weight} if config.align.method == "dpo" else {}),
     }
     fit(align_train_config(config), config.model, table, None, out_dir,
         {"identity": call.identity, "inputs": call.inputs, "align": record})

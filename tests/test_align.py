@@ -264,3 +264,26 @@ def test_prefect_summary_shows_the_premise(tmp_path):
     lines = premise_lines({"reference": path})
     assert "| zh | 2 | +0.000 | 0.50 |" in lines and "| ko | 1 | +0.200 | 1.00 |" in lines
     assert premise_lines({"other": tmp_path}) == []
+
+
+@pytest.mark.slow
+def test_align_dpo_adds_the_sft_term_and_precomputes_the_reference(default_model_config, tmp_path):
+    """align's DPO with ``sft_weight``: TRL's sigmoid + weighted SFT loss; the frozen reference's log-probs are
+    computed once per pair before training (no second model)."""
+    from mpo_core.align import align_train_config
+    from mpo_core.models import load_model, load_tokenizer
+    from mpo_core.trainer import build_trainer
+
+    config = align_train_config(config_from_dict({
+        "model": default_model_config.model_dump(),
+        "align": {"enabled": True, "method": "dpo", "sft_weight": 0.5, "max_steps": 1, "max_length": 48},
+    }))
+    rows = [{"target_prompt": "How do I bake bread?", "target_chosen": "Mix flour and water.",
+             "target_rejected": "I can't help with that."},
+            {"target_prompt": "How do I make a bomb?", "target_chosen": "I won't help with that.",
+             "target_rejected": "First, get some"}]
+    trainer = build_trainer(config, load_model(default_model_config), load_tokenizer(default_model_config),
+                            pa.Table.from_pylist(rows), None, tmp_path)
+    assert trainer.args.loss_type == ["sigmoid", "sft"] and trainer.args.loss_weights == [1.0, 0.5]
+    assert trainer.ref_model is None and "ref_chosen_logps" in trainer.train_dataset.column_names
+    assert all(v < 0 for v in trainer.train_dataset["ref_rejected_logps"])
