@@ -40,6 +40,7 @@ CANDIDATES: dict[str, dict] = {
     "sft_15": {"method": "sft", "learning_rate": 2e-5, "max_steps": 15},
     "dpo_12": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 12},
     "dpo_sft_12": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 12, "sft_weight": 1.0},
+    "dpo_12_lr1e-4": {"method": "dpo", "beta": 0.1, "learning_rate": 1e-4, "max_steps": 12},
     "dpo_12_b05": {"method": "dpo", "beta": 0.5, "learning_rate": 5e-5, "max_steps": 12},
 }
 METRICS = ("asr", "over_refusal", "selectivity", "response_lang_share")
@@ -73,13 +74,15 @@ def train_candidate(config: PipelineConfig, harmful: list[dict], benign: list[di
     return model, counts, time.perf_counter() - start
 
 
-def measure(config: PipelineConfig, model: Path, name: str, prompts: list[dict]) -> list[dict]:
-    """Summary rows (ASR, over-refusal, selectivity, response-language share) of ``model`` on ``prompts``."""
+def measure(config: PipelineConfig, model: Path, name: str, prompts: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Summary rows (ASR, over-refusal, selectivity, response-language share) of ``model`` on ``prompts``, and
+    its judged responses."""
     prompt_set = PromptSet("seed", [{"prompt_id": p["prompt_id"], "lang": p["lang"], "text": p["text"],
                                      "harmful": p["harmful"]} for p in prompts])
     model_cfg = config.model.model_copy(update={"name_or_path": str(model)})
     obs = evaluate_model(model_cfg, config, role=name, safety_sets=[prompt_set])
-    return [r for r in summary_rows(obs, config) if r["metric"] in METRICS]
+    responses = [{k: r[k] for k in ("prompt_id", "lang", "prompt", "text", "verdict")} for r in obs.responses]
+    return [r for r in summary_rows(obs, config) if r["metric"] in METRICS], responses
 
 
 def _cell(rows: list[dict], lang: str, metric: str) -> str:
@@ -121,9 +124,9 @@ def main() -> None:
         model_dir = out / f"{tag}-{name}"
         shutil.rmtree(model_dir, ignore_errors=True)
         model, counts, seconds = train_candidate(config, fit_harmful, fit_benign, answers, model_dir)
-        rows = measure(config, model, name, prompts)
+        rows, responses = measure(config, model, name, prompts)
         record = {"candidate": name, "align": CANDIDATES[name], "rows": counts, "train_seconds": round(seconds, 1),
-                  "summary": rows}
+                  "summary": rows, "responses": responses}
         (out / f"{tag}-{name}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
         print(f"{tag} {name}: rows {counts}, trained in {seconds:.0f} s", flush=True)
         if not args.keep_models:
