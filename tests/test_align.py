@@ -287,3 +287,19 @@ def test_align_dpo_adds_the_sft_term_and_precomputes_the_reference(default_model
     assert trainer.args.loss_type == ["sigmoid", "sft"] and trainer.args.loss_weights == [1.0, 0.5]
     assert trainer.ref_model is None and "ref_chosen_logps" in trainer.train_dataset.column_names
     assert all(v < 0 for v in trainer.train_dataset["ref_rejected_logps"])
+
+
+@pytest.mark.slow
+def test_dpo_with_every_prompt_too_long_is_a_named_error(default_model_config, tmp_path):
+    """With the reference precomputed, TRL dropping every pair still gives the named error, not torch's."""
+    from mpo_core.errors import InputDataError
+    from mpo_core.models import load_model, load_tokenizer
+    from mpo_core.trainer import build_trainer
+
+    config = config_from_dict({"model": default_model_config.model_dump(),
+                               "train": {"loss": "dpo", "max_length": 8, "max_steps": 1}})
+    rows = [{"target_prompt": "How do I bake bread at home in a simple way?", "target_chosen": "Mix.",
+             "target_rejected": "No."}]
+    with pytest.raises(InputDataError, match="raise train.max_length"):
+        build_trainer(config, load_model(default_model_config), load_tokenizer(default_model_config),
+                      pa.Table.from_pylist(rows), None, tmp_path)
