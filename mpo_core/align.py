@@ -109,6 +109,19 @@ def align_prompts(config: PipelineConfig, translated: pa.Table) -> tuple[list[di
     return harmful, benign
 
 
+def validation_split(
+    harmful: list[dict], benign: list[dict], every: int = 4
+) -> tuple[tuple[list[dict], list[dict]], tuple[list[dict], list[dict]]]:
+    """((fit harmful, fit benign), (validation harmful, validation benign)): every ``every``-th prompt of each
+    list (the 1st, the (every+1)-th, ...) is kept out of training to compare align recipes on, so that a recipe
+    is never chosen on the evaluation hold-out."""
+    def cut(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        return [r for i, r in enumerate(rows) if i % every], rows[::every]
+
+    (fit_harmful, val_harmful), (fit_benign, val_benign) = cut(harmful), cut(benign)
+    return (fit_harmful, fit_benign), (val_harmful, val_benign)
+
+
 def build_align_rows(
     harmful: list[dict],
     benign: list[dict],
@@ -154,7 +167,7 @@ def align_train_config(config: PipelineConfig) -> PipelineConfig:
         loss=cfg.method, beta=cfg.beta, learning_rate=cfg.learning_rate, num_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps, lr_scheduler="cosine", warmup_ratio=0.1,
         per_device_batch_size=cfg.per_device_batch_size, max_length=cfg.max_length, save_steps=cfg.save_steps,
-        save_total_limit=1,
+        save_total_limit=1, sft_weight=cfg.sft_weight,
     )
     return config.model_copy(update={"train": train})
 
@@ -200,6 +213,7 @@ def run_align(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
         "learning_rate": config.align.learning_rate,
         "max_steps": config.align.max_steps,
         "batch_size": config.align.per_device_batch_size,
+        **({"beta": config.align.beta, "sft_weight": config.align.sft_weight} if config.align.method == "dpo" else {}),
     }
     fit(align_train_config(config), config.model, table, None, out_dir,
         {"identity": call.identity, "inputs": call.inputs, "align": record})

@@ -248,6 +248,9 @@ class TrainConfig(Section):
     # with bf16 compute where train.bf16 is on; a single process without a launcher trains unsharded
     sharding: Literal["none", "fsdp2"] = "none"
     seed: int | None = None  # training's own seed (data order); None: run.seed. Sweeps vary it alone
+    # dpo/ipo: + sft_weight x the NLL of the chosen answers (TRL's "sft" loss term): keeps the chosen answer
+    # likely where the preference term alone lowers both answers' likelihoods
+    sft_weight: float = Field(default=0.0, ge=0.0)
 
 
 class EvaluateConfig(Section):
@@ -303,6 +306,7 @@ class AlignConfig(Section):
     per_device_batch_size: int = Field(default=8, ge=1)
     max_length: int = Field(default=256, ge=8)
     save_steps: int = Field(default=50, ge=1)
+    sft_weight: float = Field(default=0.0, ge=0.0)  # dpo only: + sft_weight x NLL of the chosen answer
 
 
 class PipelineConfig(Section):

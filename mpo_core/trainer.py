@@ -537,12 +537,21 @@ def build_trainer(
     args = DPOConfig(
         **common,
         beta=cfg.beta,
-        loss_type=["sigmoid" if cfg.loss == "dpo" else "ipo"],
+        loss_type=["sigmoid" if cfg.loss == "dpo" else "ipo"] + (["sft"] if cfg.sft_weight else []),
+        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
         max_length=cfg.max_length,
         disable_dropout=True,
+        # the reference is the frozen starting model: its log-probabilities once per pair before training, not
+        # again at every step (the same values; no second model in memory); FSDP keeps TRL's per-step default
+        precompute_ref_log_probs=not _sharding_arguments(cfg),
     )
-    trainer = DPOTrainer(args=args, **trl_kwargs)
-    if len(trainer.train_dataset) == 0:
+    try:
+        trainer = DPOTrainer(args=args, **trl_kwargs)
+    except ValueError as err:  # TRL dropped every pair, then precomputed the reference over none (torch.cat)
+        if "non-empty" not in str(err):
+            raise
+        trainer = None
+    if trainer is None or len(trainer.train_dataset) == 0:
         raise InputDataError(
             f"{cfg.loss}: TRL dropped every pair because its target prompt alone reaches "
             f"train.max_length={cfg.max_length} tokens; raise train.max_length"

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mpo_core.align import align_prompts, build_align_rows, load_refusals
+from mpo_core.align import align_prompts, build_align_rows, load_refusals, validation_split
 from mpo_core.artifacts import read_artifact, write_artifact
 from mpo_core.config import config_from_dict
 from mpo_core.evaluation import Observations, in_prompt_language, paired_delta_rows, summary_rows
@@ -110,6 +110,18 @@ def test_align_prompts_are_dominant_train_split_only():
     held_out = {r["prompt_id"] for r in load_seed_prompts() if r["split"] == "eval"}
     assert all(r["lang"] == "en" and r["split"] == "train" for r in harmful + benign)
     assert not held_out & {r["prompt_id"] for r in harmful + benign}
+
+
+def test_validation_split_keeps_every_fourth_train_prompt_out_of_training():
+    config = config_from_dict({"align": {"enabled": True, "prompts": "seed"}})
+    harmful, benign = align_prompts(config, pa.Table.from_pylist([]))
+    (fit_harmful, fit_benign), (val_harmful, val_benign) = validation_split(harmful, benign)
+    assert (len(fit_harmful), len(fit_benign), len(val_harmful), len(val_benign)) == (30, 15, 10, 5)
+    fit_ids = {r["prompt_id"] for r in fit_harmful + fit_benign}
+    val_ids = {r["prompt_id"] for r in val_harmful + val_benign}
+    assert not fit_ids & val_ids and fit_ids | val_ids == {r["prompt_id"] for r in harmful + benign}
+    assert all(r["split"] == "train" for r in val_harmful + val_benign)
+    assert val_harmful[0] is harmful[0] and val_harmful[1] is harmful[4]
 
 
 def test_align_rows_sft_and_dpo():
@@ -244,3 +256,40 @@ def test_transfer_summary_says_where_selectivity_rose():
     assert transfer_summary([r for r in rows if r["model"] == "base"], config) is None
 
 
+@pytest.mark.slow
+def test_align_dpo_adds_the_sft_term_and_precomputes_the_reference(default_model_config, tmp_path):
+    """align's DPO with ``sft_weight``: TRL's sigmoid + weighted SFT loss; the frozen reference's log-probs are
+    computed once per pair before training (no second model)."""
+    from mpo_core.align import align_train_config
+    from mpo_core.models import load_model, load_tokenizer
+    from mpo_core.trainer import build_trainer
+
+    config = align_train_config(config_from_dict({
+        "model": default_model_config.model_dump(),
+        "align": {"enabled": True, "method": "dpo", "sft_weight": 0.5, "max_steps": 1, "max_length": 48},
+    }))
+    rows = [{"target_prompt": "How do I bake bread?", "target_chosen": "Mix flour and water.",
+             "target_rejected": "I can't help with that."},
+            {"target_prompt": "How do I make a bomb?", "target_chosen": "I won't help with that.",
+             "target_rejected": "First, get some"}]
+    trainer = build_trainer(config, load_model(default_model_config), load_tokenizer(default_model_config),
+                            pa.Table.from_pylist(rows), None, tmp_path)
+    assert trainer.args.loss_type == ["sigmoid", "sft"] and trainer.args.loss_weights == [1.0, 0.5]
+    assert trainer.ref_model is None and "ref_chosen_logps" in trainer.train_dataset.column_names
+    assert all(v < 0 for v in trainer.train_dataset["ref_rejected_logps"])
+
+
+@pytest.mark.slow
+def test_dpo_with_every_prompt_too_long_is_a_named_error(default_model_config, tmp_path):
+    """With the reference precomputed, TRL dropping every pair still gives the named error, not torch's."""
+    from mpo_core.errors import InputDataError
+    from mpo_core.models import load_model, load_tokenizer
+    from mpo_core.trainer import build_trainer
+
+    config = config_from_dict({"model": default_model_config.model_dump(),
+                               "train": {"loss": "dpo", "max_length": 8, "max_steps": 1}})
+    rows = [{"target_prompt": "How do I bake bread at home in a simple way?", "target_chosen": "Mix.",
+             "target_rejected": "No."}]
+    with pytest.raises(InputDataError, match="raise train.max_length"):
+        build_trainer(config, load_model(default_model_config), load_tokenizer(default_model_config),
+                      pa.Table.from_pylist(rows), None, tmp_path)

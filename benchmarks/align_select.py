@@ -1,0 +1,151 @@
+"""Choose the ``align`` recipe honestly: candidates compared on a validation subset of the English TRAIN split.
+
+The English train-split seed prompts (40 harmful, 20 benign) are cut in two (:func:`mpo_core.align.
+validation_split`): every 4th harmful and every 4th benign prompt (10 + 5) is kept out of align's training
+and judged after it; each candidate trains on the rest (30 + 15). The evaluation hold-out is never looked at
+during selection. ``--holdout NAME ...`` then trains the named candidates on the whole train split (as the
+pipeline does) and measures them once on the seed hold-out in every language: ASR, over-refusal,
+selectivity, response-language share, with n and bootstrap intervals.
+
+The starting model's greedy answers to the train prompts are generated once and cached in ``--out``.
+Greedy decoding of ``evaluate.max_new_tokens`` tokens, the judge of ``label.judge``. Example::
+
+    python benchmarks/align_select.py                          # every candidate, validation table
+    python benchmarks/align_select.py --candidates dpo_b01 sft_30
+    python benchmarks/align_select.py --candidates none --holdout sft_30 dpo_b01
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from mpo_core.align import align_train_config, build_align_rows, load_refusals, validation_split
+from mpo_core.config import PipelineConfig, load_config
+from mpo_core.evaluation import PromptSet, evaluate_model, seed_holdout, summary_rows
+from mpo_core.judges import RefusalPatternJudge
+from mpo_core.seed import load_seed_prompts
+from mpo_core.trainer import fit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> align overrides (on top of --config's align section)
+CANDIDATES: dict[str, dict] = {
+    "sft_30": {"method": "sft", "learning_rate": 2e-5, "max_steps": 30},  # the recipe before issue 10's tuning
+    "sft_15": {"method": "sft", "learning_rate": 2e-5, "max_steps": 15},
+    "dpo_12": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 12},
+    "dpo_sft_12": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 12, "sft_weight": 1.0},
+    "dpo_12_lr1e-4": {"method": "dpo", "beta": 0.1, "learning_rate": 1e-4, "max_steps": 12},
+    "dpo_12_b05": {"method": "dpo", "beta": 0.5, "learning_rate": 5e-5, "max_steps": 12},
+}
+METRICS = ("asr", "over_refusal", "selectivity", "response_lang_share")
+
+
+def own_answers_cached(config: PipelineConfig, prompts: list[dict], cache: Path) -> dict[str, str]:
+    """The starting model's greedy answers by prompt id, from ``cache`` when it holds them all."""
+    from mpo_core.align import own_answers
+
+    key = f"{config.model.name_or_path}|{config.align.answer_max_new_tokens}"
+    stored = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
+    answers = stored.get(key, {})
+    missing = [p for p in prompts if p["prompt_id"] not in answers]
+    if missing:
+        answers.update(own_answers(config, missing))
+        cache.write_text(json.dumps({**stored, key: answers}, ensure_ascii=False, indent=1), encoding="utf-8")
+    return answers
+
+
+def train_candidate(config: PipelineConfig, harmful: list[dict], benign: list[dict], answers: dict[str, str],
+                    out_dir: Path) -> tuple[Path, dict[str, int], float]:
+    """Align ``config.model`` on ``harmful``/``benign`` as the align stage does; (model, row counts, seconds)."""
+    judge = RefusalPatternJudge()
+    lang = config.run.dominant_lang
+    rows, counts = build_align_rows(
+        harmful, benign, answers, load_refusals(config.align.refusals), config.align.method,
+        is_refusal=lambda text: judge.judge_one(text, lang).verdict == "refusal", seed=config.run.seed,
+    )
+    start = time.perf_counter()
+    model = fit(align_train_config(config), config.model, pa.Table.from_pylist(rows), None, out_dir, {})
+    return model, counts, time.perf_counter() - start
+
+
+def measure(config: PipelineConfig, model: Path, name: str, prompts: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Summary rows (ASR, over-refusal, selectivity, response-language share) of ``model`` on ``prompts``, and
+    its judged responses."""
+    prompt_set = PromptSet("seed", [{"prompt_id": p["prompt_id"], "lang": p["lang"], "text": p["text"],
+                                     "harmful": p["harmful"]} for p in prompts])
+    model_cfg = config.model.model_copy(update={"name_or_path": str(model)})
+    obs = evaluate_model(model_cfg, config, role=name, safety_sets=[prompt_set])
+    responses = [{k: r[k] for k in ("prompt_id", "lang", "prompt", "text", "verdict")} for r in obs.responses]
+    return [r for r in summary_rows(obs, config) if r["metric"] in METRICS], responses
+
+
+def _cell(rows: list[dict], lang: str, metric: str) -> str:
+    for r in rows:
+        if r["lang"] == lang and r["metric"] == metric:
+            return f"{r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] n={r['n']}"
+    return "-"
+
+
+def table(results: dict[str, list[dict]], langs: list[str]) -> str:
+    lines = ["| candidate | lang | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for name, rows in results.items():
+        for lang in langs:
+            lines.append(f"| {name} | {lang} | " + " | ".join(_cell(rows, lang, m) for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "align_select"))
+    parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES),
+                        help=f"validation candidates ('none' for no validation run); known: {list(CANDIDATES)}")
+    parser.add_argument("--holdout", nargs="*", default=[], help="candidates measured once on the hold-out")
+    parser.add_argument("--keep-models", action="store_true", help="keep the trained checkpoints")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. align.max_length=96")
+    args = parser.parse_args()
+
+    base = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lang = base.run.dominant_lang
+    train = [r for r in load_seed_prompts() if r["lang"] == lang and r["split"] == "train"]
+    harmful, benign = [r for r in train if r["harmful"]], [r for r in train if not r["harmful"]]
+    answers = own_answers_cached(base, harmful + benign, out / "answers.json")
+
+    def run(name: str, fit_harmful: list[dict], fit_benign: list[dict], prompts: list[dict], tag: str) -> list[dict]:
+        config = base.model_copy(update={"align": base.align.model_copy(update=CANDIDATES[name])})
+        model_dir = out / f"{tag}-{name}"
+        shutil.rmtree(model_dir, ignore_errors=True)
+        model, counts, seconds = train_candidate(config, fit_harmful, fit_benign, answers, model_dir)
+        rows, responses = measure(config, model, name, prompts)
+        record = {"candidate": name, "align": CANDIDATES[name], "rows": counts, "train_seconds": round(seconds, 1),
+                  "summary": rows, "responses": responses}
+        (out / f"{tag}-{name}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+        print(f"{tag} {name}: rows {counts}, trained in {seconds:.0f} s", flush=True)
+        if not args.keep_models:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        return rows
+
+    names = [n for n in args.candidates if n != "none"]
+    if names:
+        (fit_harmful, fit_benign), (val_harmful, val_benign) = validation_split(harmful, benign)
+        results = {n: run(n, fit_harmful, fit_benign, val_harmful + val_benign, "val") for n in names}
+        print(f"\nValidation ({len(val_harmful)} harmful + {len(val_benign)} benign {lang} train-split prompts "
+              f"kept out of align; trained on {len(fit_harmful)} + {len(fit_benign)}):\n")
+        print(table(results, [lang]))
+    if args.holdout:
+        holdout = [r for r in seed_holdout(None) if r["lang"] in (lang, *base.run.target_langs)]
+        results = {n: run(n, harmful, benign, holdout, "holdout") for n in args.holdout}
+        print("\nSeed hold-out (measured once per recipe, trained on the whole train split):\n")
+        print(table(results, [lang, *base.run.target_langs]))
+
+
+if __name__ == "__main__":
+    main()
