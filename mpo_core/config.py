@@ -152,6 +152,9 @@ class GenerateConfig(Section):
     seed: int = 0
     harmful_only: bool = True  # pairs are built from harmful prompts only; benign ones are for evaluation
     held_out_pairs: bool = False  # also sample the eval-split prompts: their pairs measure RG, never train
+    # after align: k samples per dominant-language prompt from the raw (pre-align) model too; the pair stage
+    # takes a dominant rejected (unsafe) answer from them only where the aligned model never complied
+    raw_dominant_samples: int = Field(default=0, ge=0)
 
 
 class LabelConfig(Section):

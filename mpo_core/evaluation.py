@@ -697,6 +697,18 @@ def transfer_summary(rows: Sequence[dict], config: PipelineConfig) -> str | None
     )
 
 
+def pair_supply_line(filtered: Path, translated: Path) -> str:
+    """Per target language ``train / held-out (raw)`` pair counts of the filtered pairs (held-out: prompts
+    of the ``eval`` split; raw: the dominant rejected answer is the raw model's, see :mod:`mpo_core.pairing`)."""
+    from mpo_core.pairing import pair_supply
+
+    prompts = read_artifact(translated, "prompts").select(["prompt_id", "split"]).to_pylist()
+    held_out = {r["prompt_id"] for r in prompts if r["split"] == "eval"}
+    supply = pair_supply(read_artifact(filtered, "pairs").to_pylist(), held_out)
+    return "; ".join(f"{lang} {c['train']} / {c['held_out']} ({c['raw_rejected']} raw)" for lang, c in supply.items()) \
+        or "none"
+
+
 def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
     """Report lines on how the models came to be: what ``align`` trained on, and MPO's premise (mean RG^d
     and share of pairs with RG^d > 0 per target language) on the pairs the train stage used, else on every
@@ -713,6 +725,9 @@ def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
             + f"; trained on {rows.get('harmful', 0)} harmful prompts -> refusals, {rows.get('benign', 0)} benign "
             f"prompts -> own answers ({rows.get('benign_answer_refused', 0)} benign answers that refused left out)"
         )
+    if "filtered" in inputs and "translated" in inputs:
+        meta["pairs after the filter (train / held-out; training pairs rejecting the raw model's answer)"] = (
+            pair_supply_line(inputs["filtered"], inputs["translated"]))
     premise, where = None, ""
     info_path = Path(inputs["checkpoint"]) / TRAIN_INFO if "checkpoint" in inputs else None
     if info_path is not None and info_path.is_file():

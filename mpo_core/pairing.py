@@ -10,6 +10,11 @@ For every prompt with samples in the dominant language d and every target langua
   its ``*_chosen_fallback`` flag set; with ``pair.fallback_refusal: false`` the pair is skipped instead.
 - No unsafe sample (in d or in t): there is nothing to reject, so the pair is skipped. In t this means the
   model is already safe there for this prompt, which is what MPO aims at.
+- After align the policy may refuse every dominant sample of a prompt: then nothing in d is unsafe to
+  reject. With ``generate.raw_dominant_samples`` the generate stage also sampled the raw (pre-align) model
+  in d; the lowest-scored unsafe raw sample becomes ``dominant_rejected`` (the chosen is still the
+  policy's refusal, the target side still the policy's own samples), and ``source`` ends with
+  ``; dominant_rejected:<raw model>``. The reference scores it with the aligned model, like any pair.
 
 Ties are broken by the lower ``sample_idx``. Every skip is counted by reason in the manifest (``skipped``).
 Every candidate and its score stays in the ``labelled`` artifact; each pair's chosen and rejected scores
@@ -32,6 +37,8 @@ from mpo_core.judges import fallback_refusal
 from mpo_core.label_noise import flip_target_labels
 from mpo_core.stages import stage_call
 from mpo_core.verdicts import is_safe
+
+RAW_REJECTED_MARK = "; dominant_rejected:"  # in ``source``: the dominant rejected answer is the raw model's
 
 
 @dataclass(frozen=True)
@@ -73,17 +80,46 @@ def choose(candidates: list[Candidate], refusal: str | None) -> Choice | str:
     return Choice(refusal, None, True, rejected.text, rejected.score)
 
 
+def policy_models(rows: list[dict], dominant_lang: str) -> set[str]:
+    """The models whose samples are the policy's own: those that wrote the target-language samples (all
+    models where there are none). Dominant samples of any other model are extra samples of the raw model
+    (``generate.raw_dominant_samples``)."""
+    targets = {row["model"] for row in rows if row["lang"] != dominant_lang}
+    return targets or {row["model"] for row in rows}
+
+
+def choose_dominant(policy: list[Candidate], extra: list[Candidate], refusal: str | None) -> tuple[Choice | str, bool]:
+    """:func:`choose` on the policy's dominant samples; where none of them is unsafe (the aligned model
+    refused every time) and ``extra`` (the raw model's) has an unsafe one, its lowest-scored unsafe sample
+    becomes the rejected answer, the chosen still the policy's. Returns the choice and whether the rejected
+    came from ``extra``."""
+    choice = choose(policy, refusal)
+    unsafe_extra = [c for c in extra if not is_safe(c.verdict)]
+    if choice != "no_unsafe_sample" or not unsafe_extra:
+        return choice, False
+    return choose(policy + unsafe_extra, refusal), True
+
+
 def build_pairs(
     rows: list[dict], dominant_lang: str, target_langs: list[str], cfg: PairConfig
 ) -> tuple[list[dict], Counter]:
-    """PAIRS rows from labelled RESPONSES rows, and the count of skipped pairs by reason."""
+    """PAIRS rows from labelled RESPONSES rows, and the count of skipped pairs by reason (and, under
+    ``dominant_rejected_from_raw``, the pairs whose dominant rejected answer is the raw model's)."""
     samples: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
+    extra: dict[str, list[Candidate]] = defaultdict(list)
     prompts: dict[tuple[str, str], str] = {}
     judges: dict[tuple[str, str], str] = {}
     models: dict[str, str] = {}
+    extra_models: dict[str, str] = {}
+    policy = policy_models(rows, dominant_lang)
     for row in rows:
         key = (row["prompt_id"], row["lang"])
-        samples[key].append(Candidate(row["sample_idx"], row["text"], row["verdict"], float(row["score"])))
+        candidate = Candidate(row["sample_idx"], row["text"], row["verdict"], float(row["score"]))
+        if row["model"] not in policy:
+            extra[row["prompt_id"]].append(candidate)
+            extra_models[row["prompt_id"]] = row["model"]
+            continue
+        samples[key].append(candidate)
         prompts[key] = row["prompt"]
         judges[key] = row["judge"]
         models[row["prompt_id"]] = row["model"]
@@ -96,7 +132,11 @@ def build_pairs(
     pairs: list[dict] = []
     skipped: Counter = Counter()
     for prompt_id in sorted({pid for pid, lang in samples if lang == dominant_lang}):
-        dominant = choose(samples[(prompt_id, dominant_lang)], refusal(dominant_lang))
+        dominant, from_raw = choose_dominant(samples[(prompt_id, dominant_lang)], extra[prompt_id],
+                                             refusal(dominant_lang))
+        source = f"generated:{models[prompt_id]}"
+        if from_raw:
+            source += f"{RAW_REJECTED_MARK}{extra_models[prompt_id]}"
         for target_lang in target_langs:
             if (prompt_id, target_lang) not in samples:
                 skipped["no_target_samples"] += 1
@@ -119,7 +159,7 @@ def build_pairs(
                 "target_prompt": prompts[(prompt_id, target_lang)],
                 "target_chosen": target.chosen,
                 "target_rejected": target.rejected,
-                "source": f"generated:{models[prompt_id]}",
+                "source": source,
                 "judge": judges[(prompt_id, target_lang)],
                 "dominant_chosen_score": dominant.chosen_score,
                 "dominant_rejected_score": dominant.rejected_score,
@@ -129,6 +169,23 @@ def build_pairs(
                 "target_chosen_fallback": target.chosen_fallback,
             })
     return pairs, skipped
+
+
+def dominant_rejected_from_raw(pairs: list[dict]) -> dict[str, int]:
+    """Per target language, the pairs whose dominant rejected answer is the raw model's sample."""
+    return dict(sorted(Counter(p["target_lang"] for p in pairs if RAW_REJECTED_MARK in p["source"]).items()))
+
+
+def pair_supply(pairs: list[dict], held_out_ids: set[str]) -> dict[str, dict[str, int]]:
+    """Per target language: ``train`` pairs (prompts outside ``held_out_ids``), ``held_out`` pairs, and
+    ``raw_rejected``: training pairs whose dominant rejected answer is the raw model's."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: {"train": 0, "held_out": 0, "raw_rejected": 0})
+    for p in pairs:
+        counts = out[p["target_lang"]]
+        held_out = p["prompt_id"] in held_out_ids
+        counts["held_out" if held_out else "train"] += 1
+        counts["raw_rejected"] += int(not held_out and RAW_REJECTED_MARK in p["source"])
+    return dict(sorted(out.items()))
 
 
 def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
@@ -163,6 +220,7 @@ def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> 
             "per_target_lang": dict(sorted(Counter(p["target_lang"] for p in pairs).items())),
             "fallback_dominant_chosen": sum(p["dominant_chosen_fallback"] for p in pairs),
             "fallback_target_chosen": sum(p["target_chosen_fallback"] for p in pairs),
+            "dominant_rejected_from_raw": dominant_rejected_from_raw(pairs),
             "label_noise": noise.as_dict(),
         },
     )
