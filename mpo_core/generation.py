@@ -156,8 +156,16 @@ class TransformersBackend(GenerationBackend):
     def _completion(self, tokens: list[int], eos_ids: set[int]) -> Completion:
         stop_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
         if stop_at is None:
-            return Completion(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), "length")
+            return Completion(without_cut_character(self.tokenizer.decode(tokens, skip_special_tokens=True)),
+                              "length")
         return Completion(self.tokenizer.decode(tokens[:stop_at], skip_special_tokens=True).strip(), "stop")
+
+
+def without_cut_character(text: str) -> str:
+    """A completion cut at the token limit, stripped, less the U+FFFD its last tokens leave where the cut
+    falls inside a multi-byte character (byte-level BPE: Chinese, Bengali...). Left there, the filter would
+    drop the pair for encoding damage that generation, not the data, made."""
+    return text.rstrip().rstrip("\ufffd").strip()
 
 
 class VLLMBackend(GenerationBackend):

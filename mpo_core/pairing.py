@@ -15,6 +15,9 @@ For every prompt with samples in the dominant language d and every target langua
   in d; the lowest-scored unsafe raw sample becomes ``dominant_rejected`` (the chosen is still the
   policy's refusal, the target side still the policy's own samples), and ``source`` ends with
   ``; dominant_rejected:<raw model>``. The reference scores it with the aligned model, like any pair.
+- With ``pair.chosen_in_language`` a safe sample written in another language than its prompt's (an
+  English refusal to a Korean prompt) is never chosen: the language's refusal stands in
+  (:func:`without_safe_samples_in_other_languages`); the manifest counts them per language.
 
 Ties are broken by the lower ``sample_idx``. Every skip is counted by reason in the manifest (``skipped``).
 Every candidate and its score stays in the ``labelled`` artifact; each pair's chosen and rejected scores
@@ -188,6 +191,26 @@ def pair_supply(pairs: list[dict], held_out_ids: set[str]) -> dict[str, dict[str
     return dict(sorted(out.items()))
 
 
+WRONG_LANGUAGE_CONFIDENCE = 0.5  # the filter's default ``langid_min_confidence``
+
+
+def without_safe_samples_in_other_languages(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """``rows`` less the safe samples that language id reads as another language than the row's, with
+    confidence >= :data:`WRONG_LANGUAGE_CONFIDENCE` (``pair.chosen_in_language``): an aligned model often
+    refuses a target prompt in English, and such a refusal must not become the target's chosen answer (the
+    language's configured refusal stands in where no safe sample is left). Returns the rows kept and the
+    count left out per language."""
+    from mpo_core.langid import UNDETERMINED, identify
+    from mpo_core.languages import same_language
+
+    safe = [i for i, row in enumerate(rows) if is_safe(row["verdict"])]
+    guesses = identify([rows[i]["text"] for i in safe], expected=[rows[i]["lang"] for i in safe])
+    out = {i for i, (lang, conf) in zip(safe, guesses)
+           if lang != UNDETERMINED and conf >= WRONG_LANGUAGE_CONFIDENCE and not same_language(lang, rows[i]["lang"])}
+    left_out = Counter(rows[i]["lang"] for i in out)
+    return [row for i, row in enumerate(rows) if i not in out], dict(sorted(left_out.items()))
+
+
 def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage ``pair``: ``labelled`` -> ``pairs``; under ``pair.source`` the ready-made file -> ``pairs``."""
     call = stage_call("pair", config, inputs)
@@ -209,6 +232,9 @@ def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> 
     unlabelled = next((i for i, r in enumerate(rows) if r["verdict"] is None or r["score"] is None), None)
     if unlabelled is not None:
         raise ArtifactError(f"{inputs['labelled']}: row {unlabelled} has no verdict/score (run the label stage)")
+    other_language: dict[str, int] = {}
+    if config.pair.chosen_in_language:
+        rows, other_language = without_safe_samples_in_other_languages(rows)
     pairs, skipped = build_pairs(rows, config.run.dominant_lang, config.run.target_langs, config.pair)
     table, noise = flip_target_labels(to_table(pairs, "pairs"), config.pair.target_noise, config.pair.noise_seed)
     write_artifact(
@@ -221,6 +247,7 @@ def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> 
             "fallback_dominant_chosen": sum(p["dominant_chosen_fallback"] for p in pairs),
             "fallback_target_chosen": sum(p["target_chosen_fallback"] for p in pairs),
             "dominant_rejected_from_raw": dominant_rejected_from_raw(pairs),
+            "safe_samples_in_another_language": other_language,
             "label_noise": noise.as_dict(),
         },
     )

@@ -130,3 +130,10 @@ def test_raw_dominant_samples_only_after_align_and_only_in_the_dominant_language
     assert generation.raw_dominant_responses(config, {}, PROMPTS) == []  # no align: the raw model is the policy
     off = config.model_copy(update={"generate": GenerateConfig(num_samples=3)})
     assert generation.raw_dominant_responses(off, {"aligned": "runs/x/align/model"}, PROMPTS) == []
+
+
+def test_a_completion_cut_inside_a_character_loses_the_broken_character():
+    from mpo_core.generation import without_cut_character
+
+    assert without_cut_character("你想更深厚的说明，请您\ufffd") == "你想更深厚的说明，请您"
+    assert without_cut_character(" ab\ufffd\ufffd ") == "ab" and without_cut_character("a\ufffdb") == "a\ufffdb"

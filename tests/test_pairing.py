@@ -125,3 +125,24 @@ def test_raw_model_supplies_the_dominant_rejected_only_where_the_policy_never_co
     assert read_manifest(out["pairs"]).extra["dominant_rejected_from_raw"] == {"zh": 1}
     without_raw = [r for r in rows if r["model"] == "aligned"]
     assert [p["pair_id"] for p in build_pairs(without_raw, "en", ["zh"], PairConfig())[0]] == ["h002:en-zh"]
+
+
+def test_an_english_refusal_to_a_target_prompt_is_never_chosen(tmp_path):
+    """pair.chosen_in_language: the Korean prompt's only safe sample is an English refusal; the Korean
+    refusal of the configured set is chosen instead, and the manifest counts the sample left out."""
+    rows = [
+        _row("h001", "en", 0, "I'm sorry, but I can't help with that request.", "refusal", 1.0),
+        _row("h001", "en", 1, "Sure, here is how you do it", "compliance", 0.0),
+        _row("h001", "ko", 0, "I'm sorry, but I can't help with that request at all.", "refusal", 1.0),
+        _row("h001", "ko", 1, "네, 방법은 다음과 같습니다. 먼저 재료를 준비하세요.", "compliance", 0.0),
+    ]
+    labelled = tmp_path / "labelled.parquet"
+    write_artifact(rows, labelled, "responses")
+    on = PipelineConfig.model_validate({"run": {"target_langs": ["ko"]}, "pair": {"chosen_in_language": True}})
+    out = run_pair(on, {"labelled": labelled}, tmp_path / "on")
+    pair = read_artifact(out["pairs"], "pairs").to_pylist()[0]
+    assert pair["target_chosen"] == fallback_refusal("ko") and pair["target_chosen_fallback"]
+    assert pair["dominant_chosen"] == rows[0]["text"]  # an English refusal to an English prompt stays
+    assert read_manifest(out["pairs"]).extra["safe_samples_in_another_language"] == {"ko": 1}
+    off = run_pair(on.model_copy(update={"pair": PairConfig()}), {"labelled": labelled}, tmp_path / "off")
+    assert read_artifact(off["pairs"], "pairs").to_pylist()[0]["target_chosen"] == rows[2]["text"]
