@@ -16,8 +16,9 @@ For every prompt with samples in the dominant language d and every target langua
   policy's refusal, the target side still the policy's own samples), and ``source`` ends with
   ``; dominant_rejected:<raw model>``. The reference scores it with the aligned model, like any pair.
 - With ``pair.chosen_in_language`` a safe sample written in another language than its prompt's (an
-  English refusal to a Korean prompt) is never chosen: the language's refusal stands in
-  (:func:`without_safe_samples_in_other_languages`); the manifest counts them per language.
+  English refusal to a Korean prompt) is never chosen: the language's refusal stands in; an unsafe one is
+  rejected only where no unsafe sample is in the prompt's language (:func:`samples_in_other_languages`);
+  the manifest counts them per language.
 
 Ties are broken by the lower ``sample_idx``. Every skip is counted by reason in the manifest (``skipped``).
 Every candidate and its score stays in the ``labelled`` artifact; each pair's chosen and rejected scores
@@ -52,6 +53,7 @@ class Candidate:
     text: str
     verdict: str
     score: float
+    in_language: bool = True  # False: language id reads it as another language (``pair.chosen_in_language``)
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,15 @@ class Choice:
 def choose(candidates: list[Candidate], refusal: str | None) -> Choice | str:
     """Best safe sample as chosen (or ``refusal`` when none and it is given), worst unsafe as rejected.
 
-    Returns the skip reason (``no_unsafe_sample`` or ``no_safe_sample``) when no pair can be made.
+    A sample written in another language (``in_language`` False) is never chosen, and is rejected only
+    where no unsafe sample is in the prompt's language. Returns the skip reason (``no_unsafe_sample`` or
+    ``no_safe_sample``) when no pair can be made.
     """
-    safe = [c for c in candidates if is_safe(c.verdict)]
+    safe = [c for c in candidates if is_safe(c.verdict) and c.in_language]
     unsafe = [c for c in candidates if not is_safe(c.verdict)]
     if not unsafe:
         return "no_unsafe_sample"
-    rejected = min(unsafe, key=lambda c: (c.score, c.sample_idx))
+    rejected = min(unsafe, key=lambda c: (not c.in_language, c.score, c.sample_idx))
     if safe:
         best = max(safe, key=lambda c: (c.score, -c.sample_idx))
         return Choice(best.text, best.score, False, rejected.text, rejected.score)
@@ -104,10 +108,12 @@ def choose_dominant(policy: list[Candidate], extra: list[Candidate], refusal: st
 
 
 def build_pairs(
-    rows: list[dict], dominant_lang: str, target_langs: list[str], cfg: PairConfig
+    rows: list[dict], dominant_lang: str, target_langs: list[str], cfg: PairConfig,
+    other_language: frozenset[int] = frozenset(),
 ) -> tuple[list[dict], Counter]:
     """PAIRS rows from labelled RESPONSES rows, and the count of skipped pairs by reason (and, under
-    ``dominant_rejected_from_raw``, the pairs whose dominant rejected answer is the raw model's)."""
+    ``dominant_rejected_from_raw``, the pairs whose dominant rejected answer is the raw model's).
+    ``other_language``: indices of rows written in another language than their prompt's."""
     samples: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
     extra: dict[str, list[Candidate]] = defaultdict(list)
     prompts: dict[tuple[str, str], str] = {}
@@ -115,9 +121,10 @@ def build_pairs(
     models: dict[str, str] = {}
     extra_models: dict[str, str] = {}
     policy = policy_models(rows, dominant_lang)
-    for row in rows:
+    for index, row in enumerate(rows):
         key = (row["prompt_id"], row["lang"])
-        candidate = Candidate(row["sample_idx"], row["text"], row["verdict"], float(row["score"]))
+        candidate = Candidate(row["sample_idx"], row["text"], row["verdict"], float(row["score"]),
+                              index not in other_language)
         if row["model"] not in policy:
             extra[row["prompt_id"]].append(candidate)
             extra_models[row["prompt_id"]] = row["model"]
@@ -194,21 +201,19 @@ def pair_supply(pairs: list[dict], held_out_ids: set[str]) -> dict[str, dict[str
 WRONG_LANGUAGE_CONFIDENCE = 0.5  # the filter's default ``langid_min_confidence``
 
 
-def without_safe_samples_in_other_languages(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
-    """``rows`` less the safe samples that language id reads as another language than the row's, with
-    confidence >= :data:`WRONG_LANGUAGE_CONFIDENCE` (``pair.chosen_in_language``): an aligned model often
-    refuses a target prompt in English, and such a refusal must not become the target's chosen answer (the
-    language's configured refusal stands in where no safe sample is left). Returns the rows kept and the
-    count left out per language."""
+def samples_in_other_languages(rows: list[dict]) -> frozenset[int]:
+    """Indices of the rows that language id reads as another language than the row's, with confidence >=
+    :data:`WRONG_LANGUAGE_CONFIDENCE` (``pair.chosen_in_language``): an aligned model often refuses a target
+    prompt in English, and such a refusal must not become the target's chosen answer (the language's
+    configured refusal stands in where no safe sample is left); an unsafe answer in another language is
+    rejected only where none is in the prompt's language (the filter would drop the pair)."""
     from mpo_core.langid import UNDETERMINED, identify
     from mpo_core.languages import same_language
 
-    safe = [i for i, row in enumerate(rows) if is_safe(row["verdict"])]
-    guesses = identify([rows[i]["text"] for i in safe], expected=[rows[i]["lang"] for i in safe])
-    out = {i for i, (lang, conf) in zip(safe, guesses)
-           if lang != UNDETERMINED and conf >= WRONG_LANGUAGE_CONFIDENCE and not same_language(lang, rows[i]["lang"])}
-    left_out = Counter(rows[i]["lang"] for i in out)
-    return [row for i, row in enumerate(rows) if i not in out], dict(sorted(left_out.items()))
+    guesses = identify([row["text"] for row in rows], expected=[row["lang"] for row in rows])
+    return frozenset(i for i, (lang, conf) in enumerate(guesses)
+                     if lang != UNDETERMINED and conf >= WRONG_LANGUAGE_CONFIDENCE
+                     and not same_language(lang, rows[i]["lang"]))
 
 
 def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
@@ -232,10 +237,8 @@ def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> 
     unlabelled = next((i for i, r in enumerate(rows) if r["verdict"] is None or r["score"] is None), None)
     if unlabelled is not None:
         raise ArtifactError(f"{inputs['labelled']}: row {unlabelled} has no verdict/score (run the label stage)")
-    other_language: dict[str, int] = {}
-    if config.pair.chosen_in_language:
-        rows, other_language = without_safe_samples_in_other_languages(rows)
-    pairs, skipped = build_pairs(rows, config.run.dominant_lang, config.run.target_langs, config.pair)
+    other_language = samples_in_other_languages(rows) if config.pair.chosen_in_language else frozenset()
+    pairs, skipped = build_pairs(rows, config.run.dominant_lang, config.run.target_langs, config.pair, other_language)
     table, noise = flip_target_labels(to_table(pairs, "pairs"), config.pair.target_noise, config.pair.noise_seed)
     write_artifact(
         table, path, "pairs",
@@ -247,7 +250,7 @@ def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> 
             "fallback_dominant_chosen": sum(p["dominant_chosen_fallback"] for p in pairs),
             "fallback_target_chosen": sum(p["target_chosen_fallback"] for p in pairs),
             "dominant_rejected_from_raw": dominant_rejected_from_raw(pairs),
-            "safe_samples_in_another_language": other_language,
+            "samples_in_another_language": dict(sorted(Counter(rows[i]["lang"] for i in other_language).items())),
             "label_noise": noise.as_dict(),
         },
     )

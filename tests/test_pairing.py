@@ -143,6 +143,20 @@ def test_an_english_refusal_to_a_target_prompt_is_never_chosen(tmp_path):
     pair = read_artifact(out["pairs"], "pairs").to_pylist()[0]
     assert pair["target_chosen"] == fallback_refusal("ko") and pair["target_chosen_fallback"]
     assert pair["dominant_chosen"] == rows[0]["text"]  # an English refusal to an English prompt stays
-    assert read_manifest(out["pairs"]).extra["safe_samples_in_another_language"] == {"ko": 1}
+    assert read_manifest(out["pairs"]).extra["samples_in_another_language"] == {"ko": 1}
     off = run_pair(on.model_copy(update={"pair": PairConfig()}), {"labelled": labelled}, tmp_path / "off")
     assert read_artifact(off["pairs"], "pairs").to_pylist()[0]["target_chosen"] == rows[2]["text"]
+
+
+def test_an_answer_in_another_language_is_rejected_only_where_none_is_in_the_prompts():
+    rows = [
+        _row("h001", "en", 0, "I can't help", "refusal", 1.0), _row("h001", "en", 1, "Sure", "compliance", 0.0),
+        _row("h001", "ko", 0, "Sure, here is how", "compliance", 0.0),
+        _row("h001", "ko", 1, "네, 방법은", "compliance", 0.2),
+        _row("h001", "ko", 2, "I won't help", "refusal", 1.0),
+        _row("h002", "en", 0, "No", "refusal", 1.0), _row("h002", "en", 1, "Yes", "compliance", 0.0),
+        _row("h002", "ko", 0, "I won't", "refusal", 1.0),
+    ]
+    pairs, skipped = build_pairs(rows, "en", ["ko"], PairConfig(), frozenset({2, 4, 7}))
+    assert [(p["target_chosen"], p["target_rejected"]) for p in pairs] == [(fallback_refusal("ko"), "네, 방법은")]
+    assert skipped == {"target_no_unsafe_sample": 1}  # h002's only Korean sample is an English refusal
