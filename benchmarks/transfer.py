@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--multijail", default=str(SHARED / "multijail" / "MultiJail.csv"))
     parser.add_argument("--multijail-per-lang", type=int, default=14,
                         help="MultiJail harmful prompts per language (with 6 seed hold-out ones: 20)")
-    parser.add_argument("--train-steps", type=int, default=10, help="optimizer steps per cell (batch 2)")
-    parser.add_argument("--eval-tokens", type=int, default=16,
+    parser.add_argument("--train-steps", type=int, default=8, help="optimizer steps per cell (batch 2)")
+    parser.add_argument("--eval-tokens", type=int, default=12,
                         help="greedy tokens per evaluation answer (a refusal shows in the first few)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key.sub=value")
     return parser.parse_args(argv)
