@@ -27,10 +27,11 @@ from pathlib import Path
 from mpo_core.artifacts import read_artifact, read_manifest
 from mpo_core.config import CONFIGS_DIR, load_config
 from mpo_core.runs import RunFolder
-from mpo_core.sweep import SHARED_RUN, runs_root, sweep_cells
+from mpo_core.sweep import DEFAULT_METHODS, DEFAULT_NOISE, DEFAULT_SEEDS, SHARED_RUN, runs_root, sweep_cells
 from mpo_core.transfer import collect, headline, headline_line, markdown_table, plot_target_asr
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CELLS = sweep_cells(DEFAULT_METHODS, DEFAULT_NOISE, DEFAULT_SEEDS)
 SHARED = ROOT.parent / "shared" / "data"
 
 
@@ -39,17 +40,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default=str(CONFIGS_DIR / "default.yaml"))
     parser.add_argument("--name", default="transfer", help="sweep folder runs/<name>")
     parser.add_argument("--root", default=str(ROOT / "runs"))
-    parser.add_argument("--methods", nargs="+", default=["mpo", "dpo", "simpo", "ipo", "sft"])
-    parser.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2, 0.4])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument("--noise", nargs="+", type=float, default=DEFAULT_NOISE)
+    parser.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS)
     parser.add_argument("--target-langs", default="zh,ko,ar,bn,sw")
     parser.add_argument("--prompts-limit", type=int, default=36,
                         help="seed prompt ids (half harmful): 36 = 12 train + 6 held-out harmful, 6 held-out benign")
     parser.add_argument("--multijail", default=str(SHARED / "multijail" / "MultiJail.csv"))
     parser.add_argument("--multijail-per-lang", type=int, default=14,
                         help="MultiJail harmful prompts per language (with 6 seed hold-out ones: 20)")
-    parser.add_argument("--train-steps", type=int, default=10, help="optimizer steps per cell (batch 2)")
-    parser.add_argument("--eval-tokens", type=int, default=16,
+    parser.add_argument("--train-steps", type=int, default=8, help="optimizer steps per cell (batch 2)")
+    parser.add_argument("--eval-tokens", type=int, default=12,
                         help="greedy tokens per evaluation answer (a refusal shows in the first few)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key.sub=value")
     return parser.parse_args(argv)
@@ -87,6 +88,21 @@ def timing_lines(seconds: dict[str, dict[str, float]]) -> list[str]:
         if values:
             lines.append(f"- {stage}: ran in {len(values)} other runs, mean {sum(values) / len(values):.1f} s")
     return lines
+
+
+def projection_line(seconds: dict[str, dict[str, float]], wall: float, full_cells: int, full_pairs_runs: int) -> str:
+    """The measured cost per cell (train + evaluate) and per pairs run (pair + filter), the rest of the wall
+    time (shared stages, the starting models' evaluation, Prefect), and what ``full_cells`` cells and
+    ``full_pairs_runs`` pairs runs would take at the same load: how the defaults are sized."""
+    cells = [s for run, s in seconds.items() if "train" in s]
+    pairs_runs = [s for run, s in seconds.items() if run.startswith("pairs-")]
+    per_cell = sum(s.get("train", 0.0) + s.get("evaluate", 0.0) for s in cells) / max(len(cells), 1)
+    per_pairs = sum(s.get("pair", 0.0) + s.get("filter", 0.0) for s in pairs_runs) / max(len(pairs_runs), 1)
+    rest = wall - per_cell * len(cells) - per_pairs * len(pairs_runs)
+    full = rest + per_cell * full_cells + per_pairs * full_pairs_runs
+    return (f"- cost: {per_cell:.0f} s per cell (train + evaluate, mean of {len(cells)}), {per_pairs:.0f} s per "
+            f"pairs run, {rest:.0f} s for the rest (shared stages, starting models' evaluation, Prefect); "
+            f"{full_cells} cells and {full_pairs_runs} pairs runs would take about {full / 60:.0f} min at this load")
 
 
 def noise_lines(runs_dir: Path) -> list[str]:
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         *noise_lines(runs_root(sweep_dir)),
         "- seconds per stage where it ran:",
         *timing_lines(stage_seconds(runs_root(sweep_dir))),
+        projection_line(stage_seconds(runs_root(sweep_dir)), wall, len(DEFAULT_CELLS),
+                        len({c.pairs_run for c in DEFAULT_CELLS} - {SHARED_RUN})),
     ]
     path = write_outputs(sweep_dir, results, figures, meta)
     (sweep_dir / "transfer" / "cells.json").write_text(

@@ -18,6 +18,9 @@ from flows.stages import STAGE_FLOWS
 from mpo_core.config import CONFIGS_DIR
 from mpo_core.runs import RunFolder, open_run
 from mpo_core.sweep import (
+    DEFAULT_METHODS,
+    DEFAULT_NOISE,
+    DEFAULT_SEEDS,
     SHARED_RUN,
     link_stages,
     noise_free_stages,
@@ -27,9 +30,6 @@ from mpo_core.sweep import (
     sweep_cells,
 )
 
-DEFAULT_METHODS = ["mpo", "dpo", "simpo", "ipo", "sft"]
-DEFAULT_NOISE = [0.0, 0.2, 0.4]
-DEFAULT_SEEDS = [0, 1]
 CELL_EVAL_ROLES = "evaluate.roles=[trained]"  # the starting models are evaluated once, not per cell
 
 

@@ -152,6 +152,9 @@ class GenerateConfig(Section):
     seed: int = 0
     harmful_only: bool = True  # pairs are built from harmful prompts only; benign ones are for evaluation
     held_out_pairs: bool = False  # also sample the eval-split prompts: their pairs measure RG, never train
+    # after align: k samples per dominant-language prompt from the raw (pre-align) model too; the pair stage
+    # takes a dominant rejected (unsafe) answer from them only where the aligned model never complied
+    raw_dominant_samples: int = Field(default=0, ge=0)
 
 
 class LabelConfig(Section):
@@ -175,6 +178,9 @@ class PairConfig(Section):
     source_format: Literal["auto", "mpo_json", "hh_rlhf"] = "auto"  # for mpo_core.ingest.load_pairs
     target_noise: float = Field(default=0.0, ge=0.0, le=1.0)  # share of target pairs with labels swapped
     noise_seed: int = 0  # which pairs are flipped (mpo_core.label_noise)
+    # a safe sample that language id reads as another language than its prompt's is never chosen (the
+    # language's refusal stands in): MPO must not teach a target language to refuse in English
+    chosen_in_language: bool = False
 
 
 TruncatedField = Literal["dominant_chosen", "dominant_rejected", "target_chosen", "target_rejected"]

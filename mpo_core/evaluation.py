@@ -701,13 +701,62 @@ def transfer_summary(rows: Sequence[dict], config: PipelineConfig) -> str | None
     )
 
 
+TARGET_MEAN_METRICS = ("asr", "over_refusal", "selectivity", "response_lang_share")
+
+
+def target_means_line(rows: Sequence[dict], config: PipelineConfig) -> str | None:
+    """Each model's mean over the target languages of ASR, over-refusal, selectivity and response-language
+    share on the first safety set, and of RG on the pairs data set, in the order raw -> base -> trained
+    (the per-language values and intervals are in the tables). None without a trained model."""
+    roles = [r for r in ("raw", "base", "trained") if any(row["model"] == r for row in rows)]
+    if "trained" not in roles:
+        return None
+    safety = sorted({r["dataset"] for r in rows if r["metric"] == "asr"})
+    parts = []
+    for metric in (*TARGET_MEAN_METRICS, "reward_gap"):
+        values = []
+        for role in roles:
+            picked = [r["value"] for r in rows if r["model"] == role and r["metric"] == metric
+                      and r["lang"] in config.run.target_langs
+                      and (r["dataset"].startswith("pairs:") if metric == "reward_gap" else r["dataset"] in safety[:1])]
+            values.append(f"{np.mean(picked):.3f}" if picked else "–")
+        parts.append(f"{metric} {' -> '.join(values)}")
+    return f"{' -> '.join(roles)}: " + "; ".join(parts)
+
+
+def pair_supply_line(filtered: Path, translated: Path) -> str:
+    """Per target language ``train / held-out (raw)`` pair counts of the filtered pairs (held-out: prompts
+    of the ``eval`` split; raw: the dominant rejected answer is the raw model's, see :mod:`mpo_core.pairing`)."""
+    from mpo_core.pairing import pair_supply
+
+    prompts = read_artifact(translated, "prompts").select(["prompt_id", "split"]).to_pylist()
+    held_out = {r["prompt_id"] for r in prompts if r["split"] == "eval"}
+    supply = pair_supply(read_artifact(filtered, "pairs").to_pylist(), held_out)
+    return "; ".join(f"{lang} {c['train']} / {c['held_out']} ({c['raw_rejected']} raw)" for lang, c in supply.items()) \
+        or "none"
+
+
+def training_curve_line(log_path: Path) -> str | None:
+    """``loss``, ``l1``, ``l2``, the training pairs' mean target and dominant gaps at the first and the last
+    logged step of a training log (None without one): whether training moved what it optimises."""
+    from mpo_core.stage_results import read_training_log, training_curve
+
+    curve = training_curve(read_training_log(log_path))
+    if not curve:
+        return None
+    first, last = curve[0], curve[-1]
+    keys = [k for k in ("loss", "l1", "l2", "target_gap", "dominant_gap") if k in first and k in last]
+    return f"steps {first['step']} -> {last['step']}: " + ", ".join(
+        f"{k} {first[k]:+.3f} -> {last[k]:+.3f}" for k in keys if first[k] is not None and last[k] is not None)
+
+
 def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
     """Report lines on how the models came to be: what ``align`` trained on, and MPO's premise (mean RG^d
     and share of pairs with RG^d > 0 per target language) on the pairs the train stage used, else on every
     pair the reference stage saw."""
     from mpo_core.align import align_record
     from mpo_core.artifacts import read_manifest
-    from mpo_core.trainer import TRAIN_INFO
+    from mpo_core.trainer import TRAIN_INFO, TRAIN_LOG
 
     meta = {}
     if "aligned" in inputs and (record := align_record(inputs["aligned"])):
@@ -717,12 +766,17 @@ def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
             + f"; trained on {rows.get('harmful', 0)} harmful prompts -> refusals, {rows.get('benign', 0)} benign "
             f"prompts -> own answers ({rows.get('benign_answer_refused', 0)} benign answers that refused left out)"
         )
+    if "filtered" in inputs and "translated" in inputs:
+        meta["pairs after the filter (train / held-out; training pairs rejecting the raw model's answer)"] = (
+            pair_supply_line(inputs["filtered"], inputs["translated"]))
     premise, where = None, ""
     info_path = Path(inputs["checkpoint"]) / TRAIN_INFO if "checkpoint" in inputs else None
     if info_path is not None and info_path.is_file():
         premise, where = json.loads(info_path.read_text(encoding="utf-8")).get("premise"), "training pairs"
     if premise is None and "reference" in inputs:
         premise, where = read_manifest(inputs["reference"]).extra.get("premise"), "all pairs"
+    if info_path is not None and (curve := training_curve_line(info_path.parent.parent / TRAIN_LOG)):
+        meta["training curve (first -> last logged step)"] = curve
     if premise:
         meta[f"MPO premise ({where}): share RG^d > 0, mean RG^d"] = "; ".join(
             f"{lang} {s['safe_share']:.2f}, {s['mean_reward_gap']:+.2f} (n={s['n']})" for lang, s in premise.items()
@@ -748,5 +802,7 @@ def run_evaluate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path)
     meta = pipeline_meta(inputs)
     if (summary := transfer_summary(result.rows, config)) is not None:
         meta["transfer"] = summary
+    if (means := target_means_line(result.rows, config)) is not None:
+        meta["target languages, mean"] = means
     paths = write_evaluation(result, config, models, out_dir, **call.provenance, extra_meta=meta)
     return {"eval": paths["eval"], "report": paths["report"]}

@@ -156,8 +156,16 @@ class TransformersBackend(GenerationBackend):
     def _completion(self, tokens: list[int], eos_ids: set[int]) -> Completion:
         stop_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
         if stop_at is None:
-            return Completion(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), "length")
+            return Completion(without_cut_character(self.tokenizer.decode(tokens, skip_special_tokens=True)),
+                              "length")
         return Completion(self.tokenizer.decode(tokens[:stop_at], skip_special_tokens=True).strip(), "stop")
+
+
+def without_cut_character(text: str) -> str:
+    """A completion cut at the token limit, stripped, less the U+FFFD its last tokens leave where the cut
+    falls inside a multi-byte character (byte-level BPE: Chinese, Bengali...). Left there, the filter would
+    drop the pair for encoding damage that generation, not the data, made."""
+    return text.rstrip().rstrip("\ufffd").strip()
 
 
 class VLLMBackend(GenerationBackend):
@@ -287,12 +295,30 @@ def generation_prompts(config: PipelineConfig, translated: list[dict]) -> list[d
     ]
 
 
+def raw_dominant_responses(config: PipelineConfig, inputs: dict[str, Path], prompts: list[dict]) -> list[dict]:
+    """After align (``aligned`` among ``inputs``), ``generate.raw_dominant_samples`` samples per
+    dominant-language prompt from the raw model (``config.model``), their ``model`` column the raw model's
+    name and their ``sample_idx`` after the policy's own (``generate.num_samples`` on), so that
+    (prompt, language, sample) stays a key. The pair stage reads them only for a dominant rejected answer
+    where the aligned model never complied (:func:`mpo_core.pairing.build_pairs`); [] without align."""
+    k = config.generate.raw_dominant_samples
+    if k == 0 or "aligned" not in inputs:
+        return []
+    dominant = [p for p in prompts if p["lang"] == config.run.dominant_lang]
+    rows = generate_responses(config.model, config.generate, dominant, num_samples=k)
+    for row in rows:
+        row["sample_idx"] += config.generate.num_samples
+    return rows
+
+
 def run_generate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Stage ``generate``: ``translated`` PROMPTS -> ``responses`` (k samples per prompt and language)."""
     call = stage_call("generate", config, inputs)
     prompts = generation_prompts(config, read_artifact(inputs["translated"], "prompts").to_pylist())
     started = time.perf_counter()
     rows = generate_responses(starting_model(config, inputs), config.generate, prompts)
+    raw_rows = raw_dominant_responses(config, inputs, prompts)
+    rows += raw_rows
     seconds = time.perf_counter() - started
     path = Path(out_dir) / "responses.parquet"
     write_artifact(
@@ -303,6 +329,7 @@ def run_generate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path)
             "samples": len(rows),
             "seconds": round_seconds(seconds),
             "samples_per_second": round(len(rows) / seconds, 3) if seconds > 0 else None,
+            "raw_dominant_samples": len(raw_rows),
         },
     )
     return {"responses": path}

@@ -35,6 +35,10 @@ from mpo_core.runs import RunFolder, active_stages, ensure_inside
 SHARED_RUN = "shared"
 FIRST_CELL_STAGE = "train"  # the stages before it are common to cells with the same label noise
 NOISE_STAGES = ("pair", "filter")  # what a pairs run computes itself (label noise is a pair setting)
+# the transfer benchmark's grid (issue 10): five losses x clean, 20 % and 40 % noisy target labels x two seeds
+DEFAULT_METHODS = ["mpo", "dpo", "simpo", "ipo", "sft"]
+DEFAULT_NOISE = [0.0, 0.2, 0.4]
+DEFAULT_SEEDS = [0, 1]
 
 
 @dataclass(frozen=True)

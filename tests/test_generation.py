@@ -108,3 +108,32 @@ def test_chat_template_keeps_the_models_own_system_prompt(default_model_config):
     backend = TransformersBackend(default_model_config)
     text = backend.chat_texts([[{"role": "user", "content": "hi"}]])[0]
     assert "SmolLM" in text and text.rstrip().endswith("assistant")
+
+
+def test_raw_dominant_samples_only_after_align_and_only_in_the_dominant_language(monkeypatch):
+    from mpo_core import generation
+
+    class NamedEcho(EchoBackend):
+        def __init__(self, model_cfg):
+            self.model_name = model_cfg.name_or_path
+
+    monkeypatch.setattr(generation, "get_backend", lambda model_cfg, gen_cfg: NamedEcho(model_cfg))
+    config = PipelineConfig.model_validate({
+        "model": {"name_or_path": "raw-model"},
+        "generate": {"num_samples": 3, "raw_dominant_samples": 2},
+        "run": {"target_langs": ["sw"]},
+    })
+    rows = generation.raw_dominant_responses(config, {"aligned": "runs/x/align/model"}, PROMPTS)
+    assert [(r["prompt_id"], r["lang"], r["sample_idx"]) for r in rows] == [
+        ("b001", "en", 3), ("b001", "en", 4), ("b003", "en", 3), ("b003", "en", 4)]
+    assert {r["model"] for r in rows} == {"raw-model"}
+    assert generation.raw_dominant_responses(config, {}, PROMPTS) == []  # no align: the raw model is the policy
+    off = config.model_copy(update={"generate": GenerateConfig(num_samples=3)})
+    assert generation.raw_dominant_responses(off, {"aligned": "runs/x/align/model"}, PROMPTS) == []
+
+
+def test_a_completion_cut_inside_a_character_loses_the_broken_character():
+    from mpo_core.generation import without_cut_character
+
+    assert without_cut_character("你想更深厚的说明，请您\ufffd") == "你想更深厚的说明，请您"
+    assert without_cut_character(" ab\ufffd\ufffd ") == "ab" and without_cut_character("a\ufffdb") == "a\ufffdb"

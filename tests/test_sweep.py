@@ -179,3 +179,23 @@ def test_table_and_last_line():
                     "english_change_mpo=0.000 over_refusal_change_mpo=0.100")
     table = markdown_table(results)
     assert "| mpo | 0% | 0,1 | zh | 0.500 [" in table and "| base | – | – | sw | 0.600 [" in table
+
+
+def test_transfer_benchmark_projects_the_default_grid_from_a_reduced_run():
+    """The benchmark sizes its defaults from what a reduced sweep measured: per cell, per pairs run, rest."""
+    import importlib.util
+
+    from mpo_core.config import CONFIGS_DIR
+
+    spec = importlib.util.spec_from_file_location("transfer_bench", CONFIGS_DIR.parent / "benchmarks" / "transfer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seconds = {"shared": {"align": 200.0, "generate": 100.0},
+               "pairs-noise40-s0": {"pair": 1.0, "filter": 3.0},
+               "mpo-noise00-s0": {"train": 50.0, "evaluate": 70.0},
+               "dpo-noise40-s0": {"train": 40.0, "evaluate": 80.0}}
+    line = bench.projection_line(seconds, wall=600.0, full_cells=30, full_pairs_runs=4)
+    # rest = 600 - 2 x 120 - 1 x 4 = 356; full = 356 + 30 x 120 + 4 x 4 = 3972 s = 66 min
+    assert "120 s per cell" in line and "4 s per pairs run" in line and "356 s for the rest" in line
+    assert line.endswith("30 cells and 4 pairs runs would take about 66 min at this load")
+    assert len(bench.DEFAULT_CELLS) == 30
