@@ -45,6 +45,7 @@ from mpo_core.metrics import (
     pick_options,
     summarize_reward_gaps,
 )
+from mpo_core.premise import held_out_prompt_ids
 from mpo_core.progress import phase, round_seconds
 from mpo_core.stages import stage_call, starting_model
 from mpo_core.verdicts import is_attack_success, is_refusal
@@ -184,10 +185,7 @@ def load_pair_set(
         name = f"pairs:{dataset_name(config.evaluate.pairs)}"
     elif filtered is not None:
         table = filtered
-        held_out = set()
-        if translated is not None:
-            held_out = {r["prompt_id"] for r in translated.select(["prompt_id", "split"]).to_pylist()
-                        if r["split"] == "eval"}
+        held_out = held_out_prompt_ids(translated) if translated is not None else set()
         ids = set(table.column("prompt_id").to_pylist())
         if held_out & ids:
             mask = pa.array([pid in held_out for pid in table.column("prompt_id").to_pylist()])
@@ -729,8 +727,7 @@ def pair_supply_line(filtered: Path, translated: Path) -> str:
     of the ``eval`` split; raw: the dominant rejected answer is the raw model's, see :mod:`mpo_core.pairing`)."""
     from mpo_core.pairing import pair_supply
 
-    prompts = read_artifact(translated, "prompts").select(["prompt_id", "split"]).to_pylist()
-    held_out = {r["prompt_id"] for r in prompts if r["split"] == "eval"}
+    held_out = held_out_prompt_ids(read_artifact(translated, "prompts"))
     supply = pair_supply(read_artifact(filtered, "pairs").to_pylist(), held_out)
     return "; ".join(f"{lang} {c['train']} / {c['held_out']} ({c['raw_rejected']} raw)" for lang, c in supply.items()) \
         or "none"

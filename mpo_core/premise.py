@@ -112,11 +112,16 @@ def split_by_reference_gap(pairs: pa.Table, reference: pa.Table) -> tuple[pa.Tab
     return pairs.filter(keep), dropped
 
 
+def held_out_prompt_ids(prompts: pa.Table) -> set[str]:
+    """The ``prompt_id`` of every held-out (``split == "eval"``) row of a PROMPTS table."""
+    return {r["prompt_id"] for r in prompts.select(["prompt_id", "split"]).to_pylist() if r["split"] == "eval"}
+
+
 def training_split(pairs: pa.Table, prompts: pa.Table | None) -> pa.Table:
     """The pairs of ``train``-split prompts: pairs of held-out (``eval``) prompts measure, never train."""
     if prompts is None:
         return pairs
-    held_out = {r["prompt_id"] for r in prompts.select(["prompt_id", "split"]).to_pylist() if r["split"] == "eval"}
+    held_out = held_out_prompt_ids(prompts)
     if not held_out:
         return pairs
     return pairs.filter(pa.array([pid not in held_out for pid in pairs.column("prompt_id").to_pylist()]))
