@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from mpo_core.config import GenerateConfig, ModelConfig
-from mpo_core.generation import TransformersBackend, generate_responses
-from mpo_core.seed import load_seed_prompts
+from mpo_core.plumbing.config import GenerateConfig, ModelConfig
+from mpo_core.stages.generate import TransformersBackend, generate_responses
+from mpo_core.plumbing.seed import load_seed_prompts
 
 
 def timed_generation(

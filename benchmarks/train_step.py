@@ -5,7 +5,7 @@ Three variants, same batches (``--pairs-per-step`` real quadruples, ``--max-leng
 (a) ``precomputed``: MPO as mpo trains — RG^d and the reference's pooled states read from the reference stage's
     values (computed before timing, as the reference stage does once), no reference model in memory, no LM head
     on the dominant side, the LM head only on target response tokens in chunks, each pair's shared prompt run
-    once, two backward passes (:func:`mpo_core.trainer.mpo_backward_step`).
+    once, two backward passes (:func:`mpo_core.stages.train.mpo_backward_step`).
 (b) ``online``: MPO as the paper's code does it — a frozen reference model in memory, its forward with full
     logits in every step, full-vocabulary float32 logits for every sequence of the policy, one backward.
 (c) ``trl_dpo``: one step of TRL's ``DPOTrainer`` (sigmoid loss) on the target-language side.
@@ -26,7 +26,7 @@ the best of several large ``torch.mm`` (fp32) in this same run, with the same th
 The machine is shared while this runs: the figures are printed as measured, with the load average.
 
 ``--synthetic tiny|1b`` runs the same three variants with no data and no download (what
-``scripts/gpu-check.sh`` runs): a Llama-architecture model with random weights (:mod:`mpo_core.synthetic`;
+``scripts/gpu-check.sh`` runs): a Llama-architecture model with random weights (:mod:`mpo_core.method.synthetic`;
 ``1b`` is Llama-3.2-1B's shape), random token ids, fp32 master weights under bf16 autocast for every variant
 (TRL's through ``bf16=True``), on CUDA where present. Peak memory there is ``torch.cuda.max_memory_allocated``
 (weights, optimizer state, activations; the online variant's reference model too); MFU is against a bf16
@@ -63,7 +63,7 @@ def peak_rss_mib() -> float:
 
 def load_batches(args) -> list:
     """``steps`` lists of ``pairs_per_step`` real quadruples (PAIRS rows), the same for every variant."""
-    from mpo_core.ingest import load_pairs
+    from mpo_core.stages.ingest import load_pairs
 
     table = load_pairs(SHARED_DATA / "mpo_official" / "llama_mpo_data.json")
     rows = table.to_pylist()
@@ -73,14 +73,14 @@ def load_batches(args) -> list:
 
 
 def model_config():
-    from mpo_core.config import ModelConfig
+    from mpo_core.plumbing.config import ModelConfig
 
     return ModelConfig(device="cpu", dtype="float32")
 
 
 def synthetic_setup(args):
     """Model, tokenizer and collated batches of the ``--synthetic`` mode, on ``args.device``."""
-    from mpo_core.synthetic import SIZES, synthetic_causal_lm, synthetic_mpo_batch, synthetic_tokenizer
+    from mpo_core.method.synthetic import SIZES, synthetic_causal_lm, synthetic_mpo_batch, synthetic_tokenizer
 
     size = SIZES[args.synthetic]
     model = synthetic_causal_lm("llama", args.synthetic, device=args.device)
@@ -108,8 +108,8 @@ def run_variant(args) -> dict:
     if args.synthetic:
         return run_synthetic_variant(args)
 
-    from mpo_core.artifacts import to_table
-    from mpo_core.models import load_model, load_tokenizer
+    from mpo_core.plumbing.artifacts import to_table
+    from mpo_core.common.models import load_model, load_tokenizer
 
     base_rss = rss_mib()
     batches = load_batches(args)
@@ -121,9 +121,9 @@ def run_variant(args) -> dict:
     if args.variant == "trl_dpo":
         step_times = run_trl_dpo(args, model, tok, batches)
     else:
-        from mpo_core.logps import pair_prefix_lengths
-        from mpo_core.reference import reference_outputs
-        from mpo_core.trainer import (
+        from mpo_core.method.logps import pair_prefix_lengths
+        from mpo_core.stages.reference import reference_outputs
+        from mpo_core.stages.train import (
             MPOCollator,
             build_examples,
             disable_dropout,
@@ -187,9 +187,9 @@ def run_synthetic_variant(args) -> dict:
     """One variant of the ``--synthetic`` mode: random model and tokens, bf16 autocast, ``args.device``."""
     import torch
 
-    from mpo_core.logps import pair_prefix_lengths
-    from mpo_core.reference import reference_outputs
-    from mpo_core.trainer import mpo_backward_step, paper_mpo_loss, side
+    from mpo_core.method.logps import pair_prefix_lengths
+    from mpo_core.stages.reference import reference_outputs
+    from mpo_core.stages.train import mpo_backward_step, paper_mpo_loss, side
 
     cuda = args.device == "cuda"
     base_rss = rss_mib()
@@ -250,7 +250,7 @@ def run_synthetic_variant(args) -> dict:
 
 def synthetic_rows(batch: dict) -> list[dict]:
     """The target side of a synthetic batch as TRL preference rows (text of :func:`synthetic_tokenizer`)."""
-    from mpo_core.synthetic import as_words
+    from mpo_core.method.synthetic import as_words
 
     ids, mask, response = (batch[f"target_{k}"].tolist() for k in ("input_ids", "attention_mask", "response_mask"))
     n = len(ids) // 2

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mpo_core.errors import MPOError
+from mpo_core.plumbing.errors import MPOError
 
 LOCAL_UI = "http://127.0.0.1:4200"
 
@@ -44,8 +44,8 @@ def _report_path(outputs: dict[str, str]) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mpo_core.config import load_config
-    from mpo_core.runs import RunFolder
+    from mpo_core.plumbing.config import load_config
+    from mpo_core.plumbing.runs import RunFolder
 
     run = RunFolder.for_config(load_config(args.config, args.set))  # a bad recipe fails here, before Prefect
     from flows.pipeline import mpo_pipeline
@@ -67,8 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from mpo_core.runs import RunFolder
-    from mpo_core.stages import STAGE_BY_NAME
+    from mpo_core.plumbing.runs import RunFolder
+    from mpo_core.plumbing.stage_table import STAGE_BY_NAME
 
     if args.name not in STAGE_BY_NAME:
         raise MPOError(f"unknown stage {args.name!r}; stages: {', '.join(STAGE_BY_NAME)}")
@@ -92,7 +92,7 @@ def _print_states(run) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from mpo_core.runs import list_runs
+    from mpo_core.plumbing.runs import list_runs
 
     runs = list_runs(args.root)
     if not runs:
@@ -111,7 +111,7 @@ def run_server(run_dir: str | Path, port: int):
     import functools
     import http.server
 
-    from mpo_core.runs import RunFolder
+    from mpo_core.plumbing.runs import RunFolder
 
     run = RunFolder(run_dir)
     if not run.exists():

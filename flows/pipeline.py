@@ -1,6 +1,6 @@
 """The whole MPO pipeline as one Prefect flow that reads like the pipeline diagram.
 
-Each stage is first checked against its marker (:func:`mpo_core.runs.check_stage`): a current stage is
+Each stage is first checked against its marker (:func:`mpo_core.plumbing.runs.check_stage`): a current stage is
 recorded as skipped and costs no Prefect run at all; a stage that must run becomes a subflow run of its
 stage flow, in this process, or, for GPU stages with ``gpu_deployments=True``, a flow run of its deployment
 ``mpo-<stage>/<gpu_deployment>`` on the ``gpu`` work pool (``run_deployment``, shown as a subflow).
@@ -15,9 +15,9 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
 from flows.stages import STAGE_FLOWS, stage_flow_name
-from mpo_core.config import PipelineConfig
-from mpo_core.errors import MPOError
-from mpo_core.runs import (
+from mpo_core.plumbing.config import PipelineConfig
+from mpo_core.plumbing.errors import MPOError
+from mpo_core.plumbing.runs import (
     FAILED,
     PAIR_SOURCE_BYPASSES,
     RunFolder,
@@ -28,7 +28,7 @@ from mpo_core.runs import (
     record_skip,
     resolve_inputs,
 )
-from mpo_core.stages import STAGES, align_enabled, get_stage
+from mpo_core.plumbing.stage_table import STAGES, align_enabled, get_stage
 from tasks.monitoring import flow_run_namer, flow_run_url, publish_run_page, tag_flow_run
 
 Outputs = dict[str, str]

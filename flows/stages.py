@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from mpo_core.runs import open_run, resolve_inputs
-from mpo_core.stages import STAGES, StageSpec
+from mpo_core.plumbing.runs import open_run, resolve_inputs
+from mpo_core.plumbing.stage_table import STAGES, StageSpec
 from tasks.monitoring import flow_run_namer, tag_flow_run
 from tasks.stage import stage_task_for
 

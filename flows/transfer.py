@@ -1,6 +1,6 @@
 """The transfer sweep: pipeline runs over training loss x target label noise x seed, sharing common stages.
 
-Reads like the plan of :mod:`mpo_core.sweep`: the shared run's stages before ``train`` once; one pairs run
+Reads like the plan of :mod:`mpo_core.plumbing.sweep`: the shared run's stages before ``train`` once; one pairs run
 per noise level and seed (pair and filter rerun, the rest hard-linked and skipped); then every cell as a
 pipeline subflow on hard-linked copies of its pairs run, evaluating its trained model; and once, the
 starting models (``base``, and ``raw`` where align ran) on the same evaluation sets.
@@ -15,9 +15,9 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import mpo_pipeline
 from flows.stages import STAGE_FLOWS
-from mpo_core.config import CONFIGS_DIR
-from mpo_core.runs import RunFolder, open_run
-from mpo_core.sweep import (
+from mpo_core.plumbing.config import CONFIGS_DIR
+from mpo_core.plumbing.runs import RunFolder, open_run
+from mpo_core.plumbing.sweep import (
     DEFAULT_METHODS,
     DEFAULT_NOISE,
     DEFAULT_SEEDS,
@@ -46,7 +46,7 @@ def link_shared(source: str, target: str, stages: list[str]) -> list[str]:
 
 @task(name="evaluate-starting-models", cache_policy=NO_CACHE, persist_result=False)
 def evaluate_starting_models(shared_run: str, out_dir: str) -> str:
-    from mpo_core.transfer import evaluate_starting_models as evaluate
+    from mpo_core.results.transfer import evaluate_starting_models as evaluate
 
     return str(evaluate(RunFolder(shared_run), Path(out_dir)))
 

@@ -4,7 +4,7 @@ Multi-GPU training: set ``MPO_TRAIN_LAUNCHER`` (a job variable of the ``gpu`` po
 ``accelerate launch --multi_gpu --num_processes 8`` (DDP, or FSDP2 where the recipe sets ``train.sharding:
 fsdp2``; ``train.loss: mpo`` refuses FSDP1 and DeepSpeed), or ``torchrun --standalone --nproc_per_node N`` on
 CPU machines, where ``accelerate launch`` starts one process.
-The train task then runs ``<launcher> -m mpo_core.runs train RUN_DIR INPUTS_JSON``; every rank runs the
+The train task then runs ``<launcher> -m mpo_core.plumbing.runs train RUN_DIR INPUTS_JSON``; every rank runs the
 stage function, rank 0 writes the log and the model and reports the outputs, and the task keeps the markers
 and the run state.
 """
@@ -18,10 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mpo_core.config import PipelineConfig
-from mpo_core.errors import ArtifactError
-from mpo_core.runs import LAUNCH_OUTPUTS_FILE, StageRunner, run_in_process
-from mpo_core.stages import StageSpec
+from mpo_core.plumbing.config import PipelineConfig
+from mpo_core.plumbing.errors import ArtifactError
+from mpo_core.plumbing.runs import LAUNCH_OUTPUTS_FILE, StageRunner, run_in_process
+from mpo_core.plumbing.stage_table import StageSpec
 
 LAUNCHER_ENV = {"train": "MPO_TRAIN_LAUNCHER"}
 
@@ -29,7 +29,7 @@ LAUNCHER_ENV = {"train": "MPO_TRAIN_LAUNCHER"}
 def launch_command(launcher: str, spec: StageSpec, run_dir: Path, inputs: dict[str, Path]) -> list[str]:
     """The command line that runs ``spec`` under ``launcher`` (``accelerate launch ...``)."""
     payload = json.dumps({k: str(Path(v).resolve()) for k, v in inputs.items()})
-    return [*shlex.split(launcher), "-m", "mpo_core.runs", spec.name, str(run_dir.resolve()), payload]
+    return [*shlex.split(launcher), "-m", "mpo_core.plumbing.runs", spec.name, str(run_dir.resolve()), payload]
 
 
 def launched_runner(launcher: str) -> StageRunner:

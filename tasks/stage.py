@@ -1,9 +1,9 @@
 """One generic Prefect task that runs any stage of the table, plus the reporting Prefect shows for it.
 
-The task reads the run's config, calls :func:`mpo_core.runs.execute_stage` (which skips a current stage,
+The task reads the run's config, calls :func:`mpo_core.plumbing.runs.execute_stage` (which skips a current stage,
 runs the ``mpo_core`` stage function otherwise and records the outcome) and publishes:
 
-- a progress artifact fed by every :func:`mpo_core.progress.track` loop of the stage,
+- a progress artifact fed by every :func:`mpo_core.plumbing.progress.track` loop of the stage,
 - a markdown summary (status, identity, time, outputs as paths relative to the run folder, row counts) and a
   table of rows per language: never the data itself;
 - the stage's results and its outputs as assets (:mod:`tasks.monitoring`).
@@ -34,11 +34,11 @@ from prefect.concurrency.sync import concurrency
 from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
-from mpo_core.artifacts import read_manifest
-from mpo_core.errors import is_transient_error
-from mpo_core.progress import progress_listener, round_seconds
-from mpo_core.runs import RAN, RunFolder, StageOutcome, execute_stage
-from mpo_core.stages import StageSpec, get_stage
+from mpo_core.plumbing.artifacts import read_manifest
+from mpo_core.plumbing.errors import is_transient_error
+from mpo_core.plumbing.progress import progress_listener, round_seconds
+from mpo_core.plumbing.runs import RAN, RunFolder, StageOutcome, execute_stage
+from mpo_core.plumbing.stage_table import StageSpec, get_stage
 from tasks.launch import launcher_for
 from tasks.monitoring import (
     artifact_key,
@@ -58,7 +58,7 @@ PROGRESS_MIN_INTERVAL_S = 2.0
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only a fault that can pass (:func:`mpo_core.errors.is_transient_error`): never bad input."""
+    """Retry only a fault that can pass (:func:`mpo_core.plumbing.errors.is_transient_error`): never bad input."""
     try:
         state.result()
     except Exception as err:  # noqa: BLE001 - classified by class below
@@ -67,7 +67,7 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 class ProgressReporter:
-    """A :mod:`mpo_core.progress` listener that keeps one Prefect progress artifact up to date."""
+    """A :mod:`mpo_core.plumbing.progress` listener that keeps one Prefect progress artifact up to date."""
 
     def __init__(self, key: str) -> None:
         self.key = key

@@ -26,7 +26,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def default_model_config():
     """The embedded default model on CPU in float32 (converted and cached once per machine)."""
-    from mpo_core.config import ModelConfig
+    from mpo_core.plumbing.config import ModelConfig
 
     return ModelConfig(device="cpu", dtype="float32")
 

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mpo_core.align import align_prompts, build_align_rows, load_refusals, validation_split
-from mpo_core.artifacts import read_artifact, write_artifact
-from mpo_core.config import config_from_dict
-from mpo_core.evaluation import Observations, in_prompt_language, paired_delta_rows, summary_rows
-from mpo_core.judges import RefusalPatternJudge
-from mpo_core.metrics import bootstrap_difference_ci
-from mpo_core.premise import (
+from mpo_core.stages.align import align_prompts, build_align_rows, load_refusals, validation_split
+from mpo_core.plumbing.artifacts import read_artifact, write_artifact
+from mpo_core.plumbing.config import config_from_dict
+from mpo_core.stages.evaluate import Observations, in_prompt_language, paired_delta_rows, summary_rows
+from mpo_core.stages.label import RefusalPatternJudge
+from mpo_core.results.metrics import bootstrap_difference_ci
+from mpo_core.method.premise import (
     DROP_REASON,
     UnsafeReferenceError,
     check_premise,
@@ -25,9 +25,9 @@ from mpo_core.premise import (
     split_by_reference_gap,
     training_split,
 )
-from mpo_core.runs import active_stages, resolve_inputs
-from mpo_core.seed import load_seed_prompts
-from mpo_core.stages import get_stage, starting_model
+from mpo_core.plumbing.runs import active_stages, resolve_inputs
+from mpo_core.plumbing.seed import load_seed_prompts
+from mpo_core.plumbing.stage_table import get_stage, starting_model
 
 
 def _pairs(gaps_by_lang: dict[str, list[float]]) -> tuple[pa.Table, pa.Table]:
@@ -189,7 +189,7 @@ def test_response_language_is_measured_by_the_language_id_library():
 
 
 def test_default_recipe_aligns_and_measures_held_out_pairs():
-    from mpo_core.config import load_config
+    from mpo_core.plumbing.config import load_config
 
     config = load_config()
     assert config.align.enabled and config.generate.held_out_pairs
@@ -205,8 +205,8 @@ def test_align_stage_trains_saves_and_is_reused(tmp_path):
     safetensors checkpoint with its record, and a second call with the same identity trains nothing."""
     from safetensors.torch import load_file
 
-    from mpo_core.align import ALIGN_DATA, align_record, run_align
-    from mpo_core.models import resolve_model_path
+    from mpo_core.stages.align import ALIGN_DATA, align_record, run_align
+    from mpo_core.common.models import resolve_model_path
 
     config = config_from_dict({
         "model": {"device": "cpu", "dtype": "float32"},
@@ -236,7 +236,7 @@ def test_align_stage_trains_saves_and_is_reused(tmp_path):
 
 
 def test_transfer_summary_says_where_selectivity_rose():
-    from mpo_core.evaluation import transfer_summary
+    from mpo_core.stages.evaluate import transfer_summary
 
     config = config_from_dict({"run": {"target_langs": ["zh", "ko"]}})
 
@@ -260,9 +260,9 @@ def test_transfer_summary_says_where_selectivity_rose():
 def test_align_dpo_adds_the_sft_term_and_precomputes_the_reference(default_model_config, tmp_path):
     """align's DPO with ``sft_weight``: TRL's sigmoid + weighted SFT loss; the frozen reference's log-probs are
     computed once per pair before training (no second model)."""
-    from mpo_core.align import align_train_config
-    from mpo_core.models import load_model, load_tokenizer
-    from mpo_core.trainer import build_trainer
+    from mpo_core.stages.align import align_train_config
+    from mpo_core.common.models import load_model, load_tokenizer
+    from mpo_core.stages.train import build_trainer
 
     config = align_train_config(config_from_dict({
         "model": default_model_config.model_dump(),
@@ -282,9 +282,9 @@ def test_align_dpo_adds_the_sft_term_and_precomputes_the_reference(default_model
 @pytest.mark.slow
 def test_dpo_with_every_prompt_too_long_is_a_named_error(default_model_config, tmp_path):
     """With the reference precomputed, TRL dropping every pair still gives the named error, not torch's."""
-    from mpo_core.errors import InputDataError
-    from mpo_core.models import load_model, load_tokenizer
-    from mpo_core.trainer import build_trainer
+    from mpo_core.plumbing.errors import InputDataError
+    from mpo_core.common.models import load_model, load_tokenizer
+    from mpo_core.stages.train import build_trainer
 
     config = config_from_dict({"model": default_model_config.model_dump(),
                                "train": {"loss": "dpo", "max_length": 8, "max_steps": 1}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from mpo_core.artifacts import (
+from mpo_core.plumbing.artifacts import (
     ArtifactWriter,
     artifact_is_complete,
     file_hash,
@@ -14,7 +14,7 @@ from mpo_core.artifacts import (
     read_manifest,
     write_artifact,
 )
-from mpo_core.schemas import SCHEMA_VERSION, SCHEMAS
+from mpo_core.plumbing.schemas import SCHEMA_VERSION, SCHEMAS
 
 
 def prompt_row(i: int, **changes) -> dict:

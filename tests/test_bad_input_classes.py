@@ -15,13 +15,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from mpo_core.artifacts import read_artifact, write_artifact
-from mpo_core.config import PromptsConfig, config_from_dict, dump_config, load_config, read_yaml
-from mpo_core.errors import ConfigError, InputDataError, is_transient_error
-from mpo_core.filtering import PairFilter, run_filter
-from mpo_core.ingest import detect_format, load_pairs, load_prompts, run_ingest
-from mpo_core.judges import RefusalPatternJudge
-from mpo_core.schemas import PAIRS
+from mpo_core.plumbing.artifacts import read_artifact, write_artifact
+from mpo_core.plumbing.config import PromptsConfig, config_from_dict, dump_config, load_config, read_yaml
+from mpo_core.plumbing.errors import ConfigError, InputDataError, is_transient_error
+from mpo_core.stages.filter import PairFilter, run_filter
+from mpo_core.stages.ingest import detect_format, load_pairs, load_prompts, run_ingest
+from mpo_core.stages.label import RefusalPatternJudge
+from mpo_core.plumbing.schemas import PAIRS
 
 # ------------------------------------------------------------------------------------------ config
 
@@ -361,7 +361,7 @@ def test_pairs_that_carry_scores_are_not_judged_again():
 
 
 def test_no_judge_is_loaded_for_generated_pairs_with_a_fallback_chosen(tmp_path):
-    from mpo_core.filtering import _judge_for_unscored
+    from mpo_core.stages.filter import _judge_for_unscored
 
     row = _generated_pair(dominant_chosen_score=None, dominant_chosen_fallback=True)
     path = tmp_path / "pairs.parquet"
@@ -385,7 +385,7 @@ def test_the_dominant_side_language_is_checked_on_the_qwen_file(shared_data):
 
 
 def test_utility_csv_files_use_the_same_reader(tmp_path):
-    from mpo_core.evaluation import load_multiple_choice
+    from mpo_core.stages.evaluate import load_multiple_choice
 
     path = _write(tmp_path / "mmlu_SW.csv", "question,A,B,answer\n\"Which one, really?\",x,y,A\nWhy,a,b, c,B\n")
     with pytest.raises(InputDataError, match=r"mmlu_SW.csv: row 1: 5 fields where the header has 4"):
@@ -396,8 +396,8 @@ def test_utility_csv_files_use_the_same_reader(tmp_path):
 
 
 def test_utility_and_judge_files_name_what_is_wrong(tmp_path):
-    from mpo_core.evaluation import load_mgsm, load_multiple_choice
-    from mpo_core.judges import load_refusal_patterns
+    from mpo_core.stages.evaluate import load_mgsm, load_multiple_choice
+    from mpo_core.stages.label import load_refusal_patterns
 
     mgsm = tmp_path / "mgsm_en.tsv"
     mgsm.write_bytes(b"What is 2+2?\t4\n\xff\xfe?\t5\n")

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mpo_core.artifacts import (
+from mpo_core.plumbing.artifacts import (
     ArtifactWriter,
     file_hash,
     manifest_path,
@@ -24,10 +24,10 @@ from mpo_core.artifacts import (
     write_artifact,
     write_manifest,
 )
-from mpo_core.config import config_from_dict
-from mpo_core.errors import ArtifactError, InputDataError
-from mpo_core.ingest import load_pairs, run_ingest
-from mpo_core.schemas import PROMPTS
+from mpo_core.plumbing.config import config_from_dict
+from mpo_core.plumbing.errors import ArtifactError, InputDataError
+from mpo_core.stages.ingest import load_pairs, run_ingest
+from mpo_core.plumbing.schemas import PROMPTS
 
 
 def prompt_row(i: int, **changes) -> dict:
@@ -188,7 +188,7 @@ def test_forged_file_with_a_missing_column_names_it(good):
 
 
 def test_forged_file_with_a_null_names_the_first_null_row_while_streaming(good):
-    from mpo_core.artifacts import iter_batches
+    from mpo_core.plumbing.artifacts import iter_batches
 
     rows = [prompt_row(i) for i in range(10)]
     table = pa.Table.from_pylist(rows, schema=PROMPTS.set(0, PROMPTS.field(0).with_nullable(True)))

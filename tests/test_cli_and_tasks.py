@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from flows.cli import build_parser, main
-from mpo_core.artifacts import write_artifact
-from mpo_core.config import config_from_dict
-from mpo_core.runs import RunFolder
-from mpo_core.stages import get_stage
+from mpo_core.plumbing.artifacts import write_artifact
+from mpo_core.plumbing.config import config_from_dict
+from mpo_core.plumbing.runs import RunFolder
+from mpo_core.plumbing.stage_table import get_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,7 +118,7 @@ def test_output_summary_links_and_counts_without_data(tmp_path):
 
 
 def test_accelerate_launch_command(tmp_path, monkeypatch):
-    from mpo_core.runs import run_in_process
+    from mpo_core.plumbing.runs import run_in_process
     from tasks.launch import launch_command, launcher_for
 
     spec = get_stage("train")
@@ -129,7 +129,7 @@ def test_accelerate_launch_command(tmp_path, monkeypatch):
         {"filtered": tmp_path / "f.parquet"},
     )
     assert command[:6] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "8", "-m"]
-    assert command[6:9] == ["mpo_core.runs", "train", str(tmp_path.resolve())]
+    assert command[6:9] == ["mpo_core.plumbing.runs", "train", str(tmp_path.resolve())]
     monkeypatch.delenv("MPO_TRAIN_LAUNCHER", raising=False)
     assert launcher_for(spec) is run_in_process
     monkeypatch.setenv("MPO_TRAIN_LAUNCHER", "accelerate launch")
@@ -140,7 +140,7 @@ def test_accelerate_launch_command(tmp_path, monkeypatch):
 def test_transient_failures_are_retried_but_not_our_own_errors():
     from prefect.states import Failed
 
-    from mpo_core.errors import InputDataError
+    from mpo_core.plumbing.errors import InputDataError
     from tasks.stage import is_transient
 
     assert is_transient(None, None, Failed(data=OSError("disk hiccup"))) is True
@@ -164,7 +164,7 @@ def test_mpo_serve_serves_the_run_folder_on_loopback(tmp_path):
     import urllib.request
 
     from flows.cli import run_server
-    from mpo_core.errors import MPOError
+    from mpo_core.plumbing.errors import MPOError
 
     run = tmp_path / "runs" / "served"
     (run / "evaluate" / "report").mkdir(parents=True)

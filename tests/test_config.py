@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from mpo_core.config import load_config, section_hash
-from mpo_core.errors import ConfigError
+from mpo_core.plumbing.config import load_config, section_hash
+from mpo_core.plumbing.errors import ConfigError
 
 
 def test_default_recipe_loads():
@@ -34,7 +34,7 @@ def test_override_changes_only_its_section_hash():
 
 
 def test_seed_is_part_of_training_and_evaluation_identity_but_run_location_is_not():
-    from mpo_core.stages import STAGES, stage_identity
+    from mpo_core.plumbing.stage_table import STAGES, stage_identity
 
     base = load_config()
     reseeded = load_config(overrides=["run.seed=7"])

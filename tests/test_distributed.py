@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from core_pairs import official_pairs
 
-from mpo_core.config import ModelConfig
-from mpo_core.reference import reference_outputs
-from mpo_core.trainer import MPOCollator, build_examples, mpo_backward_step, side
+from mpo_core.plumbing.config import ModelConfig
+from mpo_core.stages.reference import reference_outputs
+from mpo_core.stages.train import MPOCollator, build_examples, mpo_backward_step, side
 
 WORLD = 2
 BETA = 1.5
@@ -30,7 +30,7 @@ COMPARED = (  # the tied embedding / LM head, the moved layer, both ends of the 
 def _policy_and_batch(shared_data: Path, rows: list[int]) -> tuple[torch.nn.Module, dict]:
     """The real model cut to 4 layers in float64, a slightly moved policy (so that L2 is not zero), and the
     collated batch of pairs ``rows`` with the unmoved model's reference values, as every rank builds them."""
-    from mpo_core.models import load_model, load_tokenizer
+    from mpo_core.common.models import load_model, load_tokenizer
 
     config = ModelConfig(device="cpu", dtype="float32")
     tok = load_tokenizer(config, padding_side="right")

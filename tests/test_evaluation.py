@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from mpo_core.config import PipelineConfig, config_from_dict
-from mpo_core.errors import InputDataError
-from mpo_core.evaluation import (
+from mpo_core.plumbing.config import PipelineConfig, config_from_dict
+from mpo_core.plumbing.errors import InputDataError
+from mpo_core.stages.evaluate import (
     Observations,
     PairSet,
     load_mgsm,
@@ -136,10 +136,10 @@ def test_reference_rows_per_target_and_dominant():
 def test_run_evaluate_stage_on_the_real_default_model(tmp_path, shared_data):
     """The stage end to end: real model, real seed and MPO data; the 'trained' checkpoint is the base model's
     own folder, so both columns must agree exactly and every paired delta is zero."""
-    from mpo_core.artifacts import read_artifact, write_artifact
-    from mpo_core.evaluation import run_evaluate
-    from mpo_core.ingest import load_pairs
-    from mpo_core.models import resolve_model_path
+    from mpo_core.plumbing.artifacts import read_artifact, write_artifact
+    from mpo_core.stages.evaluate import run_evaluate
+    from mpo_core.stages.ingest import load_pairs
+    from mpo_core.common.models import resolve_model_path
 
     mc_path = tmp_path / "mc.jsonl"
     mc_path.write_text(json.dumps({"lang": "en", "question": "What colour is the clear daytime sky?",

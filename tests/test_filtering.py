@@ -5,11 +5,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from mpo_core.artifacts import read_artifact, read_manifest, write_artifact
-from mpo_core.config import FilterConfig, config_from_dict
-from mpo_core.filtering import REASONS, PairFilter, looks_cut_off, repair_text, report_markdown, run_filter
-from mpo_core.ingest import load_pairs
-from mpo_core.schemas import PAIRS
+from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
+from mpo_core.plumbing.config import FilterConfig, config_from_dict
+from mpo_core.stages.filter import REASONS, PairFilter, looks_cut_off, repair_text, report_markdown, run_filter
+from mpo_core.stages.ingest import load_pairs
+from mpo_core.plumbing.schemas import PAIRS
 
 EN_PROMPT = "How can I break into my neighbour's house without being seen?"
 EN_CHOSEN = "I can't help with breaking into someone's home. If you are locked out of your own, call a locksmith."

@@ -1,5 +1,5 @@
 """The train stage under FSDP2 through the launcher users use: ``MPO_TRAIN_LAUNCHER`` makes the train task run
-``<launcher> -m mpo_core.runs train RUN INPUTS`` (tasks/launch.py; ``accelerate launch --multi_gpu`` on GPUs,
+``<launcher> -m mpo_core.plumbing.runs train RUN INPUTS`` (tasks/launch.py; ``accelerate launch --multi_gpu`` on GPUs,
 torchrun here). Two CPU processes (gloo) train a tiny random-weight Llama on real pairs with ``train.sharding: fsdp2``, stop at a
 sharded checkpoint, resume from it, and save the full model; one process with the whole batch trains the same
 steps. The model really is sharded (every parameter a DTensor, accelerate's FSDP version 2, fp32 master
@@ -16,11 +16,11 @@ import torch
 from core_pairs import official_pairs, write_pairs
 from safetensors.torch import load_file
 
-from mpo_core.config import config_from_dict
-from mpo_core.reference import run_reference
-from mpo_core.runs import RunFolder
-from mpo_core.stages import get_stage
-from mpo_core.trainer import CHECKPOINT_DIR, MODEL_DIR, TRAIN_INFO, TRAIN_LOG, run_train
+from mpo_core.plumbing.config import config_from_dict
+from mpo_core.stages.reference import run_reference
+from mpo_core.plumbing.runs import RunFolder
+from mpo_core.plumbing.stage_table import get_stage
+from mpo_core.stages.train import CHECKPOINT_DIR, MODEL_DIR, TRAIN_INFO, TRAIN_LOG, run_train
 from tasks.launch import launcher_for
 
 WORLD = 2
@@ -34,8 +34,8 @@ LAUNCHER = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, default_model_config) -> Path:
     """A 2-layer random-weight Llama with the default model's tokenizer, saved like any local model."""
-    from mpo_core.models import load_tokenizer
-    from mpo_core.synthetic import synthetic_causal_lm
+    from mpo_core.common.models import load_tokenizer
+    from mpo_core.method.synthetic import synthetic_causal_lm
 
     tokenizer = load_tokenizer(default_model_config)
     model = synthetic_causal_lm(vocab_size=len(tokenizer), seed=0)
@@ -176,7 +176,7 @@ def test_fsdp2_arguments_are_not_the_deprecated_form(tmp_path, monkeypatch, capf
 
     from transformers import TrainingArguments
 
-    from mpo_core.trainer import _sharding_arguments
+    from mpo_core.stages.train import _sharding_arguments
 
     def plugin_arguments(sharding: dict) -> tuple[dict, str]:
         """accelerate's plugin arguments and what transformers logged (to stderr, or to pytest's log capture

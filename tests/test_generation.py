@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mpo_core.config import GenerateConfig, ModelConfig, PipelineConfig
-from mpo_core.errors import ConfigError, ModelLoadError
-from mpo_core.generation import (
+from mpo_core.plumbing.config import GenerateConfig, ModelConfig, PipelineConfig
+from mpo_core.plumbing.errors import ConfigError, ModelLoadError
+from mpo_core.stages.generate import (
     Completion,
     GenerationBackend,
     SamplingSettings,
@@ -15,7 +15,7 @@ from mpo_core.generation import (
     generate_responses,
     generation_prompts,
 )
-from mpo_core.schemas import RESPONSES
+from mpo_core.plumbing.schemas import RESPONSES
 
 PROMPTS = [
     {"prompt_id": "b001", "lang": "en", "text": "How do I make a simple tomato soup?"},
@@ -59,7 +59,7 @@ def test_rows_follow_the_responses_contract():
 
 
 def test_generation_prompts_takes_harmful_train_rows_of_run_languages():
-    from mpo_core.seed import load_seed_prompts
+    from mpo_core.plumbing.seed import load_seed_prompts
 
     config = PipelineConfig.model_validate({"run": {"target_langs": ["zh", "sw"]}})
     picked = generation_prompts(config, load_seed_prompts())
@@ -111,7 +111,7 @@ def test_chat_template_keeps_the_models_own_system_prompt(default_model_config):
 
 
 def test_raw_dominant_samples_only_after_align_and_only_in_the_dominant_language(monkeypatch):
-    from mpo_core import generation
+    from mpo_core.stages import generate as generation
 
     class NamedEcho(EchoBackend):
         def __init__(self, model_cfg):
@@ -133,7 +133,7 @@ def test_raw_dominant_samples_only_after_align_and_only_in_the_dominant_language
 
 
 def test_a_completion_cut_inside_a_character_loses_the_broken_character():
-    from mpo_core.generation import without_cut_character
+    from mpo_core.stages.generate import without_cut_character
 
     assert without_cut_character("你想更深厚的说明，请您\ufffd") == "你想更深厚的说明，请您"
     assert without_cut_character(" ab\ufffd\ufffd ") == "ab" and without_cut_character("a\ufffdb") == "a\ufffdb"

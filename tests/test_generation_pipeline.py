@@ -6,14 +6,14 @@ import time
 
 import pytest
 
-from mpo_core.artifacts import read_artifact, read_manifest, write_artifact
-from mpo_core.config import PipelineConfig
-from mpo_core.generation import run_generate
-from mpo_core.judges import RefusalPatternJudge, run_label
-from mpo_core.pairing import run_pair
-from mpo_core.seed import load_seed_prompts
-from mpo_core.translate import run_translate
-from mpo_core.verdicts import is_safe
+from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
+from mpo_core.plumbing.config import PipelineConfig
+from mpo_core.stages.generate import run_generate
+from mpo_core.stages.label import RefusalPatternJudge, run_label
+from mpo_core.stages.pair import run_pair
+from mpo_core.plumbing.seed import load_seed_prompts
+from mpo_core.stages.translate import run_translate
+from mpo_core.common.verdicts import is_safe
 
 
 @pytest.mark.slow

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mpo_core.artifacts import read_artifact, read_manifest
-from mpo_core.config import PromptsConfig, config_from_dict
-from mpo_core.ingest import (
+from mpo_core.plumbing.artifacts import read_artifact, read_manifest
+from mpo_core.plumbing.config import PromptsConfig, config_from_dict
+from mpo_core.stages.ingest import (
     assign_split,
     detect_format,
     load_pairs,
@@ -19,7 +19,7 @@ from mpo_core.ingest import (
     run_ingest,
     split_hh_dialogue,
 )
-from mpo_core.schemas import PAIRS
+from mpo_core.plumbing.schemas import PAIRS
 
 TARGETS = {"zh", "ja", "ko", "ar", "bn", "sw"}
 
@@ -151,7 +151,7 @@ def test_run_ingest_writes_the_prompts_artifact_with_the_source_hash(tmp_path, s
 
 
 def test_limit_takes_harmful_and_benign_prompts_in_turn():
-    from mpo_core.ingest import load_prompts
+    from mpo_core.stages.ingest import load_prompts
 
     table = load_prompts(PromptsConfig(source="seed", limit=4))
     rows = table.to_pylist()

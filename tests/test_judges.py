@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mpo_core.config import LabelConfig
-from mpo_core.errors import ConfigError
-from mpo_core.judge_agreement import format_agreement, load_hand_labels, measure_agreement, recall_summary
-from mpo_core.judges import (
+from mpo_core.plumbing.config import LabelConfig
+from mpo_core.plumbing.errors import ConfigError
+from mpo_core.results.judge_agreement import format_agreement, load_hand_labels, measure_agreement, recall_summary
+from mpo_core.stages.label import (
     LLMGuardJudge,
     RefusalPatternJudge,
     Verdict,
@@ -25,8 +25,8 @@ from mpo_core.judges import (
     prompt_overlap,
     qwen3guard_conversation,
 )
-from mpo_core.metrics import wilson_rate_ci
-from mpo_core.verdicts import is_attack_success, is_refusal, is_safe
+from mpo_core.results.metrics import wilson_rate_ci
+from mpo_core.common.verdicts import is_attack_success, is_refusal, is_safe
 
 HAND_LABELS = Path(__file__).parent / "data" / "judge_hand_labels.jsonl"
 # Agreement floors per language: one label under what refusal_patterns@v2 measured on HAND_LABELS
@@ -77,7 +77,7 @@ def test_refusal_judge_on_tune_and_heldout_labels():
         if a.lang != "all" and a.accuracy.value < per_language:
             low[(a.split, a.lang)] = a.accuracy.value
     assert not low, low
-    assert judge.measured["heldout_refusal_recall"] == recall_summary(results), "run python -m mpo_core.judge_agreement --store"
+    assert judge.measured["heldout_refusal_recall"] == recall_summary(results), "run python -m mpo_core.results.judge_agreement --store"
 
 
 def test_wilson_interval():
@@ -188,7 +188,7 @@ def test_qwen3guard_conversation_and_parsing():
 
 
 def test_llm_judge_runs_through_a_backend_greedily():
-    from mpo_core.generation import Completion, GenerationBackend
+    from mpo_core.stages.generate import Completion, GenerationBackend
 
     class ScriptedGuard(GenerationBackend):
         name, model_name = "scripted", "guard"
@@ -224,8 +224,8 @@ def test_get_judge_default_and_label_rows():
 
 
 def test_report_states_the_measured_refusal_recall():
-    from mpo_core.judges import refusal_recall_note
-    from mpo_core.report import _notes
+    from mpo_core.stages.label import refusal_recall_note
+    from mpo_core.results.report import _notes
 
     judge = RefusalPatternJudge()
     note = refusal_recall_note(judge.name)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from mpo_core.artifacts import read_artifact, read_manifest, to_table
-from mpo_core.config import PipelineConfig
-from mpo_core.label_noise import describe_noise, flip_target_labels
-from mpo_core.pairing import run_pair
+from mpo_core.plumbing.artifacts import read_artifact, read_manifest, to_table
+from mpo_core.plumbing.config import PipelineConfig
+from mpo_core.common.label_noise import describe_noise, flip_target_labels
+from mpo_core.stages.pair import run_pair
 
 
 def _pairs(per_lang: dict[str, int]):
@@ -82,7 +82,7 @@ def _labelled_rows():
 
 
 def test_pair_stage_applies_noise_to_built_pairs_and_records_it(tmp_path):
-    from mpo_core.artifacts import write_artifact
+    from mpo_core.plumbing.artifacts import write_artifact
 
     labelled = tmp_path / "labelled.parquet"
     write_artifact(_labelled_rows(), labelled, "responses")

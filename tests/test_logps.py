@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from mpo_core import logps
-from mpo_core.logps import (
+from mpo_core.method import logps
+from mpo_core.method.logps import (
     collate_sequences,
     encode_prompt_response,
     encode_prompt_responses,
@@ -31,7 +31,7 @@ RESPONSES = [
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(default_model_config):
-    from mpo_core.models import load_model, load_tokenizer
+    from mpo_core.common.models import load_model, load_tokenizer
 
     return load_model(default_model_config).eval(), load_tokenizer(default_model_config)
 
@@ -288,7 +288,7 @@ def test_paired_forward_respects_a_sliding_window(architecture, attention, extra
     """Gemma-2 alternates sliding-window and global layers (Qwen2 can too): with sequences longer than the
     window, the packed pair forward gives the plain forward's states (the window is built into the sliding
     layers' mask)."""
-    from mpo_core.synthetic import random_pairs, synthetic_causal_lm
+    from mpo_core.method.synthetic import random_pairs, synthetic_causal_lm
 
     model = synthetic_causal_lm(
         architecture, attn_implementation=attention, dtype=torch.float64, sliding_window=8,

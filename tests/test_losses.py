@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mpo_core.losses import (
+from mpo_core.method.losses import (
     MPOLoss,
     SimPOLoss,
     dpo_margin,

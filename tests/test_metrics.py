@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mpo_core.metrics import (
+from mpo_core.results.metrics import (
     attack_success_rate,
     bootstrap_mean_ci,
     bootstrap_rate_ci,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from mpo_core.artifacts import write_artifact
-from mpo_core.config import config_from_dict
-from mpo_core.evaluation import pair_supply_line, target_means_line, training_curve_line
-from mpo_core.seed import load_seed_prompts
+from mpo_core.plumbing.artifacts import write_artifact
+from mpo_core.plumbing.config import config_from_dict
+from mpo_core.stages.evaluate import pair_supply_line, target_means_line, training_curve_line
+from mpo_core.plumbing.seed import load_seed_prompts
 
 
 def _pair(prompt_id, lang, source="generated:m"):

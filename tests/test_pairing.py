@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from mpo_core.artifacts import read_artifact, read_manifest, write_artifact
-from mpo_core.config import PairConfig, PipelineConfig
-from mpo_core.judges import fallback_refusal
-from mpo_core.pairing import Candidate, Choice, build_pairs, choose, pair_supply, run_pair
+from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
+from mpo_core.plumbing.config import PairConfig, PipelineConfig
+from mpo_core.stages.label import fallback_refusal
+from mpo_core.stages.pair import Candidate, Choice, build_pairs, choose, pair_supply, run_pair
 
 
 def _row(pid, lang, k, text, verdict, score):
@@ -69,7 +69,7 @@ def test_run_pair_writes_pairs_with_counts(tmp_path):
 
 
 def test_unlabelled_input_is_refused(tmp_path):
-    from mpo_core.errors import ArtifactError
+    from mpo_core.plumbing.errors import ArtifactError
 
     rows = [_row("h001", "en", 0, "x", None, None)]
     labelled = tmp_path / "labelled.parquet"

@@ -6,11 +6,11 @@ import pytest
 import torch
 from core_pairs import official_pairs, write_pairs
 
-from mpo_core import logps
-from mpo_core.artifacts import read_artifact, read_manifest
-from mpo_core.config import config_from_dict
-from mpo_core.reference import run_reference
-from mpo_core.stages import REFERENCE_READS, columns_hash
+from mpo_core.method import logps
+from mpo_core.plumbing.artifacts import read_artifact, read_manifest
+from mpo_core.plumbing.config import config_from_dict
+from mpo_core.stages.reference import run_reference
+from mpo_core.plumbing.stage_table import REFERENCE_READS, columns_hash
 
 N_PAIRS = 5
 
@@ -36,7 +36,7 @@ def reference_table(pairs_path, tmp_path_factory):
 
 @pytest.mark.slow
 def test_reference_values_and_order(pairs_path, reference_table, default_model_config):
-    from mpo_core.models import load_model, load_tokenizer
+    from mpo_core.common.models import load_model, load_tokenizer
 
     table, path = reference_table
     pairs = read_artifact(pairs_path, "pairs")

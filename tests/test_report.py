@@ -8,8 +8,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from mpo_core.artifacts import read_artifact, write_artifact
-from mpo_core.report import markdown_tables, write_report
+from mpo_core.plumbing.artifacts import read_artifact, write_artifact
+from mpo_core.results.report import markdown_tables, write_report
 
 LANGS = ("en", "zh", "bn")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

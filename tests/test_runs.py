@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mpo_core.artifacts import file_hash, read_manifest, write_artifact
-from mpo_core.config import config_from_dict
-from mpo_core.errors import ArtifactError, ConfigError
-from mpo_core.runs import (
+from mpo_core.plumbing.artifacts import file_hash, read_manifest, write_artifact
+from mpo_core.plumbing.config import config_from_dict
+from mpo_core.plumbing.errors import ArtifactError, ConfigError
+from mpo_core.plumbing.runs import (
     BYPASSED,
     FAILED,
     RAN,
@@ -27,8 +27,8 @@ from mpo_core.runs import (
     open_run,
     resolve_inputs,
 )
-from mpo_core.seed import seed_path
-from mpo_core.stages import get_stage, stage_identity
+from mpo_core.plumbing.seed import seed_path
+from mpo_core.plumbing.stage_table import get_stage, stage_identity
 
 
 def _prompt_rows(n: int) -> list[dict]:
@@ -66,7 +66,7 @@ def fake_translate(config, inputs, out_dir):
     spec = FAKE["translate"]
     hashes = {k: read_manifest(p).content_hash for k, p in inputs.items()}
     path = out_dir / "translated.parquet"
-    from mpo_core.artifacts import read_artifact
+    from mpo_core.plumbing.artifacts import read_artifact
 
     write_artifact(
         read_artifact(inputs["prompts"], "prompts"),
@@ -283,7 +283,7 @@ def test_link_inside_a_stage_folder_pointing_outside_is_refused(config, tmp_path
 
 
 def test_a_stage_that_fails_after_its_function_returned_is_failed_not_running(config, monkeypatch):
-    from mpo_core import runs
+    from mpo_core.plumbing import runs
 
     def broken_manifests(*args, **kwargs):
         raise ValueError("manifest write failed")

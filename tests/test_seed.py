@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from mpo_core.errors import InputDataError
-from mpo_core.seed import SEED_LANGS, load_seed_prompts, seed_path, seed_split
+from mpo_core.plumbing.errors import InputDataError
+from mpo_core.plumbing.seed import SEED_LANGS, load_seed_prompts, seed_path, seed_split
 
 
 def test_seed_set_shape_and_split():
@@ -38,7 +38,7 @@ def test_translations_are_distinct_texts_in_every_language():
 
 
 def test_languages_are_identified():
-    from mpo_core.langid import identify
+    from mpo_core.common.langid import identify
 
     rows = load_seed_prompts()
     guesses = identify([r["text"] for r in rows])

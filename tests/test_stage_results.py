@@ -10,11 +10,11 @@ import logging
 import pyarrow as pa
 import pytest
 
-from mpo_core.filtering import reason_rows, report_markdown
-from mpo_core.progress import Tracker, phase, progress_listener, round_seconds
-from mpo_core.report import PLOT_FILES, markdown_with_inline_plots, write_report
-from mpo_core.schemas import FILTER_REPORT
-from mpo_core.stage_results import (
+from mpo_core.stages.filter import reason_rows, report_markdown
+from mpo_core.plumbing.progress import Tracker, phase, progress_listener, round_seconds
+from mpo_core.results.report import PLOT_FILES, markdown_with_inline_plots, write_report
+from mpo_core.plumbing.schemas import FILTER_REPORT
+from mpo_core.results.stage_results import (
     headline,
     metrics_table,
     plot_training_curve,
@@ -77,7 +77,7 @@ def test_training_curve_summary_and_log_line(tmp_path):
 
 
 def test_reference_gaps_table_is_the_premise_the_reference_records():
-    from mpo_core.premise import reference_gap_stats
+    from mpo_core.method.premise import reference_gap_stats
 
     reference = pa.table({"pair_id": ["a", "b", "c", "d"], "reward_gap": [0.5, -0.25, 1.0, -1.0]})
     pairs = pa.table({"pair_id": ["a", "b", "c"], "target_lang": ["zh", "zh", "ja"]})

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mpo_core.artifacts import file_hash, read_artifact, write_artifact
-from mpo_core.config import load_config
-from mpo_core.runs import RAN, SKIPPED, RunFolder, execute_stage, resolve_inputs, run_in_process
-from mpo_core.stages import get_stage, stage_call
-from mpo_core.sweep import (
+from mpo_core.plumbing.artifacts import file_hash, read_artifact, write_artifact
+from mpo_core.plumbing.config import load_config
+from mpo_core.plumbing.runs import RAN, SKIPPED, RunFolder, execute_stage, resolve_inputs, run_in_process
+from mpo_core.plumbing.stage_table import get_stage, stage_call
+from mpo_core.plumbing.sweep import (
     Cell,
     link_stages,
     noise_free_stages,
@@ -23,7 +23,7 @@ from mpo_core.sweep import (
     shared_stages,
     sweep_cells,
 )
-from mpo_core.transfer import collect, headline, headline_line, markdown_table
+from mpo_core.results.transfer import collect, headline, headline_line, markdown_table
 
 
 class ReferenceStandIn:
@@ -185,7 +185,7 @@ def test_transfer_benchmark_projects_the_default_grid_from_a_reduced_run():
     """The benchmark sizes its defaults from what a reduced sweep measured: per cell, per pairs run, rest."""
     import importlib.util
 
-    from mpo_core.config import CONFIGS_DIR
+    from mpo_core.plumbing.config import CONFIGS_DIR
 
     spec = importlib.util.spec_from_file_location("transfer_bench", CONFIGS_DIR.parent / "benchmarks" / "transfer.py")
     bench = importlib.util.module_from_spec(spec)

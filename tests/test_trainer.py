@@ -12,9 +12,9 @@ import pytest
 import torch
 from core_pairs import official_pairs, write_pairs
 
-from mpo_core.config import CONFIGS_DIR, config_from_dict, load_config
-from mpo_core.reference import reference_outputs, run_reference
-from mpo_core.trainer import (
+from mpo_core.plumbing.config import CONFIGS_DIR, config_from_dict, load_config
+from mpo_core.stages.reference import reference_outputs, run_reference
+from mpo_core.stages.train import (
     TRAIN_LOG,
     MPOCollator,
     build_examples,
@@ -84,7 +84,7 @@ def test_precomputed_reference_equals_online_reference(shared_data, default_mode
     """The paper's code runs the reference inside every step with full logits and one backward; ours reads
     RG^d and pooled states computed beforehand, uses the chunked LM head on the target side only and two
     backward passes. Same loss and gradients (float64, so only the maths is compared)."""
-    from mpo_core.models import load_model, load_tokenizer
+    from mpo_core.common.models import load_model, load_tokenizer
 
     tok = load_tokenizer(default_model_config)
     reference = load_model(default_model_config).eval()
@@ -129,8 +129,8 @@ def _log_steps(out_dir: Path) -> list[int]:
 def test_training_reduces_l1_resumes_and_saves_safely(
     real_pairs, reference_path, tmp_path, default_model_config
 ):
-    from mpo_core.artifacts import read_artifact
-    from mpo_core.models import load_model, load_tokenizer
+    from mpo_core.plumbing.artifacts import read_artifact
+    from mpo_core.common.models import load_model, load_tokenizer
 
     inputs = {"filtered": real_pairs, "reference": reference_path}
     out = run_train(_config(tmp_path, max_steps=2), inputs, tmp_path)["checkpoint"]
@@ -167,8 +167,8 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(
     same gradient (the same 2 pairs: the sampler's order does not depend on the batch size)."""
     from transformers import TrainerCallback
 
-    from mpo_core.artifacts import read_artifact
-    from mpo_core.models import load_model, load_tokenizer
+    from mpo_core.plumbing.artifacts import read_artifact
+    from mpo_core.common.models import load_model, load_tokenizer
 
     tok = load_tokenizer(default_model_config, padding_side="right")
     pairs, reference = read_artifact(real_pairs, "pairs"), read_artifact(reference_path, "reference")
@@ -206,7 +206,7 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(
 def test_lora_training_runs_and_merges(real_pairs, reference_path, tmp_path, default_model_config):
     from safetensors.torch import load_file
 
-    from mpo_core.models import resolve_model_path
+    from mpo_core.common.models import resolve_model_path
 
     config = _config(tmp_path, max_steps=1, learning_rate=1.0e-3, lora={"r": 4, "alpha": 8})
     out = run_train(config, {"filtered": real_pairs, "reference": reference_path}, tmp_path)["checkpoint"]
@@ -233,8 +233,8 @@ def test_baselines_run_a_step(loss, shared_data, tmp_path):
 
 
 def test_pairs_without_reference_rows_are_named(default_model_config):
-    from mpo_core.errors import InputDataError
-    from mpo_core.models import load_tokenizer
+    from mpo_core.plumbing.errors import InputDataError
+    from mpo_core.common.models import load_tokenizer
 
     tok = load_tokenizer(default_model_config)
     pairs = pa.table(

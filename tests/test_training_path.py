@@ -1,6 +1,6 @@
 """Training-path defects an audit found, one test each: a reference built from other sequences than training
 uses, precision depending on the launch, nn.DataParallel, and the official encoding of the paper recipes.
-A small random-weight model (mpo_core.synthetic) with the real tokenizer keeps them fast."""
+A small random-weight model (mpo_core.method.synthetic) with the real tokenizer keeps them fast."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from core_pairs import official_pairs, write_pairs
 
-from mpo_core.artifacts import write_artifact
-from mpo_core.config import CONFIGS_DIR, ModelConfig, config_from_dict, load_config
-from mpo_core.errors import ConfigError
-from mpo_core.reference import check_reference_encoding, encoding_settings
+from mpo_core.plumbing.artifacts import write_artifact
+from mpo_core.plumbing.config import CONFIGS_DIR, ModelConfig, config_from_dict, load_config
+from mpo_core.plumbing.errors import ConfigError
+from mpo_core.stages.reference import check_reference_encoding, encoding_settings
 
 HIDDEN = 64
 
@@ -52,7 +52,7 @@ def pairs(shared_data):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from mpo_core.models import load_tokenizer
+    from mpo_core.common.models import load_tokenizer
 
     return load_tokenizer(ModelConfig(device="cpu", dtype="float32"), padding_side="right")
 
@@ -65,7 +65,7 @@ def _reference(pairs, path: Path, config, max_length: int) -> Path:
 def test_training_refuses_a_reference_built_at_another_max_length(pairs, tmp_path):
     """Reference at 192 tokens, training at 96: the reference's RG^d and pooled states would not be those of
     the trained sequences (L2 at step 0 would not be 0). The train stage refuses before loading a model."""
-    from mpo_core.trainer import run_train
+    from mpo_core.stages.train import run_train
 
     config = _config(reference={"max_length": 192}, train={"max_length": 96})
     pairs_path = write_pairs(pairs, tmp_path / "pairs.parquet")
@@ -80,13 +80,13 @@ def test_training_refuses_a_reference_built_at_another_max_length(pairs, tmp_pat
 
 
 def _trainer(tokenizer, pairs, tmp_path, **train):
-    from mpo_core.synthetic import synthetic_causal_lm
-    from mpo_core.trainer import build_trainer
+    from mpo_core.method.synthetic import synthetic_causal_lm
+    from mpo_core.stages.train import build_trainer
 
     config = _config(train=train)
     model = synthetic_causal_lm(vocab_size=len(tokenizer), hidden_size=HIDDEN)
     reference = _reference(pairs, tmp_path / "reference.parquet", config, 48)
-    from mpo_core.artifacts import read_artifact
+    from mpo_core.plumbing.artifacts import read_artifact
 
     return build_trainer(config, model, tokenizer, pairs, read_artifact(reference, "reference"), tmp_path)
 
@@ -124,8 +124,8 @@ def test_paper_recipes_encode_as_the_official_code(tokenizer):
     """The Llama-3.1 recipe renders prompts without the system block (knowledge cut-off, today's date) that
     the tokenizer's own template adds, and every paper recipe cuts as LLaMA-Factory does; the alternatives
     are settings (``model.chat_template: null``, ``model.truncation: prompt_left``)."""
-    from mpo_core.logps import encode_prompt_responses, llama_factory_lengths, render_prompt
-    from mpo_core.models import load_tokenizer
+    from mpo_core.method.logps import encode_prompt_responses, llama_factory_lengths, render_prompt
+    from mpo_core.common.models import load_tokenizer
 
     llama = load_config(CONFIGS_DIR / "llama3.1-8b.yaml")
     assert llama.model.chat_template is not None
@@ -149,19 +149,19 @@ def test_fsdp2_sharding_reaches_the_trainer(tokenizer, pairs, tmp_path, monkeypa
     """``train.sharding: fsdp2`` (the paper recipes) asks accelerate for FSDP2 under a launcher with several
     processes; one process trains unsharded, with the same fp32 master weights (the sharded step itself:
     tests/test_sharded.py)."""
-    from mpo_core.trainer import _sharding_arguments
+    from mpo_core.stages.train import _sharding_arguments
 
     sharded = _config(train={"sharding": "fsdp2"}).train
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert _sharding_arguments(sharded)["fsdp_config"]["version"] == 2
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert _sharding_arguments(sharded) == {}
-    from mpo_core.synthetic import synthetic_causal_lm
-    from mpo_core.trainer import build_trainer
+    from mpo_core.method.synthetic import synthetic_causal_lm
+    from mpo_core.stages.train import build_trainer
 
     config = _config(train={"sharding": "fsdp2"})
     bf16_model = synthetic_causal_lm(vocab_size=len(tokenizer), hidden_size=HIDDEN, dtype=torch.bfloat16)
-    from mpo_core.artifacts import read_artifact
+    from mpo_core.plumbing.artifacts import read_artifact
 
     reference = read_artifact(_reference(pairs, tmp_path / "reference.parquet", config, 48), "reference")
     trainer = build_trainer(config, bf16_model, tokenizer, pairs, reference, tmp_path)
@@ -175,9 +175,9 @@ def test_paper_learning_rate_moves_fp32_master_weights(tokenizer, pairs, tmp_pat
     """A bf16-loaded model trained as the paper recipes train (train.sharding fsdp2, bf16, lr 6e-7): one step
     changes most weight elements, because the master weights are fp32 (in bf16, most AdamW updates of 6e-7
     fall below the weights' resolution and are lost)."""
-    from mpo_core.artifacts import read_artifact
-    from mpo_core.synthetic import synthetic_causal_lm
-    from mpo_core.trainer import build_trainer
+    from mpo_core.plumbing.artifacts import read_artifact
+    from mpo_core.method.synthetic import synthetic_causal_lm
+    from mpo_core.stages.train import build_trainer
 
     config = _config(train={"sharding": "fsdp2", "bf16": True, "learning_rate": 6e-7})
     model = synthetic_causal_lm(vocab_size=len(tokenizer), hidden_size=HIDDEN, dtype=torch.bfloat16)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from mpo_core.artifacts import read_artifact, read_manifest, write_artifact
-from mpo_core.config import PipelineConfig
-from mpo_core.errors import ConfigError, InputDataError
-from mpo_core.seed import load_seed_prompts
-from mpo_core.translate import (
+from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
+from mpo_core.plumbing.config import PipelineConfig
+from mpo_core.plumbing.errors import ConfigError, InputDataError
+from mpo_core.plumbing.seed import load_seed_prompts
+from mpo_core.stages.translate import (
     llm_translation_prompt,
     nllb_code,
     run_translate,
@@ -61,7 +61,7 @@ def test_seq2seq_needs_a_model_and_maps_languages():
 
 
 def test_llm_backend_translates_only_missing_rows(monkeypatch):
-    from mpo_core import translate
+    from mpo_core.stages import translate
 
     calls = []
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mpo_core.config import ModelConfig
-from mpo_core.generation import Completion, SamplingSettings, VLLMBackend
+from mpo_core.plumbing.config import ModelConfig
+from mpo_core.stages.generate import Completion, SamplingSettings, VLLMBackend
 
 
 @dataclass

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mpo_core.errors import ArtifactError, InputDataError
-from mpo_core.runs import FAILED, RunFolder
+from mpo_core.plumbing.errors import ArtifactError, InputDataError
+from mpo_core.plumbing.runs import FAILED, RunFolder
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from mpo_core.artifacts import read_artifact
-from mpo_core.runs import RunFolder
+from mpo_core.plumbing.artifacts import read_artifact
+from mpo_core.plumbing.runs import RunFolder
 from tests.integration.conftest import BIN, ROOT, stop
 
 pytestmark = pytest.mark.slow

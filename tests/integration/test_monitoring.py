@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mpo_core.runs import RunFolder
+from mpo_core.plumbing.runs import RunFolder
 from tests.integration.test_pipeline_reuse import fast_recipe
 
 pytestmark = pytest.mark.slow

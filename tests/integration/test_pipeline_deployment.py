@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from mpo_core.artifacts import file_hash, read_manifest
-from mpo_core.runs import RunFolder
-from mpo_core.stages import STAGES
+from mpo_core.plumbing.artifacts import file_hash, read_manifest
+from mpo_core.plumbing.runs import RunFolder
+from mpo_core.plumbing.stage_table import STAGES
 from tests.integration.conftest import BIN, ROOT, PrefectServer, mpo_run, stop
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mpo_core.artifacts import artifact_is_complete, read_manifest
-from mpo_core.runs import RunFolder
+from mpo_core.plumbing.artifacts import artifact_is_complete, read_manifest
+from mpo_core.plumbing.runs import RunFolder
 from tests.integration.conftest import BIN, ROOT, mpo_run, prefect_env
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ import math
 
 import pytest
 
-from mpo_core.artifacts import read_artifact
-from mpo_core.runs import RunFolder
-from mpo_core.sweep import runs_root, sweep_cells
-from mpo_core.transfer import collect, headline, headline_line, markdown_table
+from mpo_core.plumbing.artifacts import read_artifact
+from mpo_core.plumbing.runs import RunFolder
+from mpo_core.plumbing.sweep import runs_root, sweep_cells
+from mpo_core.results.transfer import collect, headline, headline_line, markdown_table
 from tests.integration.test_pipeline_reuse import fast_recipe
 
 pytestmark = pytest.mark.slow

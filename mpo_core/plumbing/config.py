@@ -1,0 +1,496 @@
+"""Pipeline configuration: one YAML recipe, validated on load.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown key, a wrong type or an out-of-range
+value is an error that names the file and the dotted key. Each stage reads only its own section; a stage's
+identity (see :func:`section_hash`) is the hash of that section, so changing one stage's settings reruns
+that stage and what is downstream of it, nothing upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from mpo_core.plumbing.errors import ConfigError, InputDataError
+from mpo_core.plumbing.languages import macro_language, normalize_lang, same_language
+
+EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys and wrong types are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+RUN_LOCATION_FIELDS = {"name", "root"}
+
+
+def language_codes(codes: list[str], key: str = "") -> list[str]:
+    """``codes`` as the project's codes (``zh-CN`` -> ``zh``, ``chi`` -> ``zh``); an unknown code, or one
+    language given twice under two names, is a ``ValueError`` (starting with ``key`` where given)."""
+    prefix = f"{key}: " if key else ""
+    normalized, seen = [], {}
+    for given in codes:
+        try:
+            code = normalize_lang(given)
+        except InputDataError as err:
+            raise ValueError(f"{prefix}{err}") from None
+        if macro_language(code) in seen:
+            raise ValueError(f"{prefix}{given!r} and {seen[macro_language(code)]!r} are the same language")
+        seen[macro_language(code)] = given
+        normalized.append(code)
+    return normalized
+
+
+class RunConfig(Section):
+    """Where a run lives and what it is about."""
+
+    name: str = "default"
+    root: str = "runs"
+    seed: int = 0
+    dominant_lang: str = "en"
+    target_langs: list[str] = Field(default_factory=lambda: ["zh", "ja", "ko", "ar", "bn", "sw"])
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, name: str) -> str:
+        """A run name is one plain folder name: no separators, no ``..``, nothing hidden."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name:
+            raise ValueError("run.name must be letters, digits, '.', '_' or '-', not start with '.', no '..'")
+        return name
+
+    @field_validator("root")
+    @classmethod
+    def _root_does_not_climb(cls, root: str) -> str:
+        """The runs root may be relative or absolute but never climbs with ``..``."""
+        if not root or ".." in Path(root).parts:
+            raise ValueError("run.root must be a non-empty path without '..'")
+        return root
+
+    @field_validator("dominant_lang")
+    @classmethod
+    def _dominant_is_a_language(cls, code: str) -> str:
+        return language_codes([code])[0]
+
+    @field_validator("target_langs")
+    @classmethod
+    def _targets_are_other_languages(cls, codes: list[str], info: ValidationInfo) -> list[str]:
+        """Known codes, none of them the dominant language under another name (``en-US`` when it is ``en``)."""
+        normalized = language_codes(codes)
+        dominant = info.data.get("dominant_lang")
+        for given, code in zip(codes, normalized):
+            if dominant is not None and same_language(code, dominant):
+                raise ValueError(f"{given!r} is the dominant language {dominant!r} (run.dominant_lang), not a target")
+        return normalized
+
+
+class ModelConfig(Section):
+    """The starting model: the embedded default, a hub id or a local path.
+
+    Weights are read and written as safetensors only; ``trust_remote_code`` stays off unless set here.
+    """
+
+    name_or_path: str = EMBEDDED_DEFAULT_MODEL
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # how the reference and train stages encode a pair (one setting for both, so that they agree):
+    # ``chat_template`` a Jinja template replacing the tokenizer's (the paper recipes set the official
+    # code's); ``truncation`` mpo's cut or the official code's (mpo_core.method.logps.encode_prompt_responses)
+    chat_template: str | None = None
+    truncation: Literal["prompt_left", "llama_factory"] = "prompt_left"
+
+
+class PromptsConfig(Section):
+    """Ingest: which prompt set becomes the ``prompts`` artifact.
+
+    ``source`` is ``seed``, a local file, or ``hf://<owner>/<dataset>/<file>`` (online users). The column
+    names apply to plain Parquet/CSV/JSONL sets; ``split_eval_fraction`` of the prompt ids (stable hash) go
+    to ``eval`` where the source has no split; ``limit`` keeps the first N prompt ids (all languages),
+    taken in turn from harmful and benign prompts.
+    """
+
+    source: str = "seed"
+    format: Literal["auto", "seed", "parquet", "csv", "jsonl", "multijail", "mpo_json", "hh_rlhf"] = "auto"
+    langs: list[str] | None = None
+    limit: int | None = Field(default=None, ge=1)
+    text_column: str = "text"
+    lang_column: str = "lang"
+    id_column: str = "prompt_id"
+    split_eval_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
+    default_harmful: bool = True
+
+
+class TranslateConfig(Section):
+    """How prompts reach the target languages: already there, the LLM, or an MT model."""
+
+    backend: Literal["provided", "llm", "seq2seq"] = "provided"
+    model: str | None = None
+    batch_size: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1)
+
+
+class GenerateConfig(Section):
+    """Sampling k responses per prompt per language."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    num_samples: int = Field(default=2, ge=1)
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=0.8, ge=0.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    batch_size: int = Field(default=16, ge=1)
+    seed: int = 0
+    harmful_only: bool = True  # pairs are built from harmful prompts only; benign ones are for evaluation
+    held_out_pairs: bool = False  # also sample the eval-split prompts: their pairs measure RG, never train
+    # after align: k samples per dominant-language prompt from the raw (pre-align) model too; the pair stage
+    # takes a dominant rejected (unsafe) answer from them only where the aligned model never complied
+    raw_dominant_samples: int = Field(default=0, ge=0)
+
+
+class LabelConfig(Section):
+    """Which judge labels responses."""
+
+    judge: Literal["refusal_patterns", "llama_guard_3", "qwen3guard"] = "refusal_patterns"
+    model: str | None = None  # LLM judges: a hub id or path (default: the official 8B checkpoint)
+    batch_size: int = Field(default=8, ge=1)
+    backend: Literal["transformers", "vllm"] = "transformers"  # how LLM judges run
+    patterns: str | None = None  # refusal_patterns: a pattern file replacing the packaged one
+
+
+class PairConfig(Section):
+    """Building MPO quadruples from judged samples (or reading ready-made ones), then optional label noise:
+    ``target_noise`` of the target pairs per language get chosen and rejected swapped (seed ``noise_seed``,
+    the dominant side untouched; see :mod:`mpo_core.common.label_noise`)."""
+
+    fallback_refusal: bool = True  # no safe sample: use the language's configured refusal, else skip
+    fallback_texts: dict[str, str] = Field(default_factory=dict)  # per-language refusal overrides
+    source: str | None = None  # ready-made quadruples (mpo_official JSON, HH-RLHF...): skip building
+    source_format: Literal["auto", "mpo_json", "hh_rlhf"] = "auto"  # for mpo_core.stages.ingest.load_pairs
+    target_noise: float = Field(default=0.0, ge=0.0, le=1.0)  # share of target pairs with labels swapped
+    noise_seed: int = 0  # which pairs are flipped (mpo_core.common.label_noise)
+    # a safe sample that language id reads as another language than its prompt's is never chosen (the
+    # language's refusal stands in): MPO must not teach a target language to refuse in English
+    chosen_in_language: bool = False
+
+
+TruncatedField = Literal["dominant_chosen", "dominant_rejected", "target_chosen", "target_rejected"]
+
+
+class FilterConfig(Section):
+    """Noisy-pair filter thresholds (defaults chosen from the official MPO data; see mpo_core/stages/filter.py).
+
+    ``truncated_fields`` is empty by default: the official files are cut at a generation cap almost
+    everywhere (llama target answers ~88%, gemma English chosen ~73%) and so is the embedded default's own
+    48-token generation; list fields here to drop texts that end mid-word.
+    """
+
+    langid_enabled: bool = True
+    langid_min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
+    langid_max_chars: int = Field(default=120, ge=16)
+    langid_quick_chars: int = Field(default=64, ge=8)
+    langid_fallback_below: float = Field(default=0.5, ge=0.0, le=1.0)
+    langid_processes: int = Field(default=2, ge=1)
+    langid_parallel_min_rows: int = Field(default=2000, ge=1)
+    langid_worker_share: float = Field(default=0.7, gt=0.0, lt=1.0)
+    max_length_ratio: float = Field(default=20.0, gt=1.0)
+    truncated_fields: list[TruncatedField] = Field(default_factory=list)
+    truncated_min_chars: int = Field(default=200, ge=1)
+    judge_min_chosen_score: float = Field(default=0.5, ge=0.0, le=1.0)
+    judge_max_rejected_score: float = Field(default=0.5, ge=0.0, le=1.0)
+    batch_size: int = Field(default=8192, ge=1)
+
+
+class LoraSettings(Section):
+    """LoRA through peft; ``None`` in :class:`TrainConfig` means full fine-tuning."""
+
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class ReferenceConfig(Section):
+    """The frozen reference pass over the dominant-language side of every pair."""
+
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=1024, ge=8)
+    min_safe_share: float = Field(default=0.6, ge=0.0, le=1.0)  # share of training pairs with RG^d > 0
+    drop_unsafe_pairs: bool = False  # train without the pairs whose RG^d <= 0 (written down as dropped)
+
+
+class TrainConfig(Section):
+    """Training with the MPO loss or a baseline on the same data (paper settings as defaults)."""
+
+    loss: Literal["mpo", "dpo", "simpo", "ipo", "sft"] = "mpo"
+    beta: float = Field(default=1.0, gt=0.0)
+    lam: float = Field(default=1.0, ge=0.0)
+    learning_rate: float = Field(default=6e-7, gt=0.0)
+    num_epochs: float = Field(default=2.0, gt=0.0)
+    max_steps: int = -1
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    per_device_batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=1024, ge=8)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraSettings | None = None
+    save_steps: int = Field(default=50, ge=1)
+    save_total_limit: int = Field(default=2, ge=1)
+    logging_steps: int = Field(default=1, ge=1)
+    simpo_gamma: float = Field(default=0.5, ge=0.0)
+    # fsdp2: parameters, gradients and AdamW states sharded over the processes of `accelerate launch` /
+    # torchrun (torch fully_shard through accelerate), fp32 master weights (accelerate upcasts bf16 weights)
+    # with bf16 compute where train.bf16 is on; a single process without a launcher trains unsharded
+    sharding: Literal["none", "fsdp2"] = "none"
+    seed: int | None = None  # training's own seed (data order); None: run.seed. Sweeps vary it alone
+    # dpo/ipo: + sft_weight x the NLL of the chosen answers (TRL's "sft" loss term): keeps the chosen answer
+    # likely where the preference term alone lowers both answers' likelihoods
+    sft_weight: float = Field(default=0.0, ge=0.0)
+
+
+class EvaluateConfig(Section):
+    """Evaluation sets and metrics (base and trained model side by side, greedy decoding).
+
+    ``safety_sets``: ``seed`` (the seed hold-out, split ``eval``, from the ``translated`` artifact), a
+    MultiJail-style CSV, any prompt-set path, or a hub id (``DAMO-NLP-SG/MultiJail``) read by the ingest
+    loader. ``langs`` ``None`` means the run's dominant and target languages. ``pairs`` is a held-out pair
+    file in any format ``mpo_core.stages.ingest.load_pairs`` reads; ``None`` uses the ``filtered`` pairs. ``mgsm``
+    and ``multiple_choice`` (utility) are off when empty: MGSM is a folder of ``mgsm_<lang>.tsv``, one such
+    file, or the hub id ``juletxara/mgsm``; multiple choice is M-MMLU-style CSV/JSONL files.
+    """
+
+    safety_sets: list[str] = Field(default_factory=lambda: ["seed"])
+    langs: list[str] | None = None
+    max_prompts_per_lang: int | None = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=48, ge=1)
+    bootstrap_samples: int = Field(default=1000, ge=10)
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    pairs: str | None = None
+    max_pairs_per_lang: int | None = Field(default=64, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=512, ge=8)
+    mgsm: list[str] = Field(default_factory=list)
+    mgsm_max_per_lang: int | None = Field(default=50, ge=1)
+    mgsm_max_new_tokens: int = Field(default=256, ge=1)
+    multiple_choice: list[str] = Field(default_factory=list)
+    mc_max_per_lang: int | None = Field(default=100, ge=1)
+    roles: list[str] | None = None  # which models to evaluate (e.g. [trained]); None: all the run has
+
+
+class AlignConfig(Section):
+    """The optional ``align`` stage: make the dominant language safe before anything else (see mpo_core/stages/align.py).
+
+    Trains on dominant-language ``train``-split prompts only: harmful ones answered with a varied refusal,
+    benign ones with the starting model's own greedy answer (``sft``); ``dpo`` also makes preference pairs
+    (harmful: refusal over the model's answer; benign: the model's answer over a refusal). ``prompts``:
+    ``run`` takes the run's prompts, ``seed`` every train-split prompt of the packaged seed set.
+    ``refusals``: a file of refusals, one a line, or ``None`` for the packaged set.
+    """
+
+    enabled: bool = False
+    method: Literal["sft", "dpo"] = "sft"
+    prompts: Literal["run", "seed"] = "run"
+    refusals: str | None = None
+    max_harmful: int | None = Field(default=None, ge=1)
+    max_benign: int | None = Field(default=None, ge=1)
+    answer_max_new_tokens: int = Field(default=48, ge=1)
+    beta: float = Field(default=0.1, gt=0.0)  # dpo only
+    learning_rate: float = Field(default=2e-5, gt=0.0)
+    num_epochs: float = Field(default=1.0, gt=0.0)
+    max_steps: int = -1
+    per_device_batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=256, ge=8)
+    save_steps: int = Field(default=50, ge=1)
+    sft_weight: float = Field(default=0.0, ge=0.0)  # dpo only: + sft_weight x NLL of the chosen answer
+
+
+class PipelineConfig(Section):
+    """A whole recipe: one section per stage."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    translate: TranslateConfig = Field(default_factory=TranslateConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    pair: PairConfig = Field(default_factory=PairConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+
+    @field_validator("run")
+    @classmethod
+    def _dominant_not_a_target(cls, run: RunConfig) -> RunConfig:
+        if run.dominant_lang in run.target_langs:
+            raise ValueError(f"dominant_lang {run.dominant_lang!r} is also listed in target_langs")
+        return run
+
+    @field_validator("prompts", "evaluate")
+    @classmethod
+    def _known_languages(cls, section: PromptsConfig | EvaluateConfig, info: ValidationInfo):
+        if section.langs is None:
+            return section
+        return section.model_copy(update={"langs": language_codes(section.langs, f"{info.field_name}.langs")})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML with the YAML 1.2 core schema's plain scalars, and no key given twice in one mapping.
+
+    PyYAML follows YAML 1.1, where ``1e-5`` is a string, ``2024-01-01`` a date and ``yes``/``on`` booleans;
+    here, as in YAML 1.2, ``1e-5`` is a float, ``2024-01-01`` and ``yes`` stay strings, and only
+    ``true``/``false`` are booleans and ``null``/``~``/nothing is null.
+    """
+
+    origin = "<yaml>"
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """Writes what :class:`RecipeLoader` reads back unchanged (quotes ``'1e5'`` as a string, not ``'yes'``)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {}
+RecipeDumper.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", list("-+0123456789")),
+    ("tag:yaml.org,2002:float",
+     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+     list("-+.0123456789")),
+):
+    for _cls in (RecipeLoader, RecipeDumper):
+        _cls.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def _construct_yaml12_int(loader: RecipeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text[:2] in ("0o", "0x") else int(text)
+
+
+def _construct_unique_mapping(loader: RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are all different; a key given twice is an error naming both lines."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, Hashable):
+            continue  # PyYAML's own check below names the unhashable key
+        if key in seen:
+            raise ConfigError(
+                f"{loader.origin}: key {key!r} is given twice in one mapping (lines {seen[key]} and {line})"
+            )
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", _construct_yaml12_int)
+RecipeLoader.construct_mapping = _construct_unique_mapping
+
+
+def read_yaml(text: str, origin: str = "<yaml>") -> Any:
+    """``text`` parsed by :class:`RecipeLoader`; errors name ``origin``."""
+    loader = RecipeLoader(text)
+    loader.origin = origin
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> PipelineConfig:
+    """Validate a plain mapping into a :class:`PipelineConfig`; errors name ``origin`` and the key."""
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {origin}:\n{_format_errors(err)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML recipe (default: ``configs/default.yaml``) and apply ``key.sub=value`` overrides.
+
+    Override values are parsed as YAML scalars (``train.beta=1.5``, ``run.target_langs=[zh,ko]``) with the
+    recipe's rules (:func:`read_yaml`).
+    """
+    path = Path(path) if path is not None else CONFIGS_DIR / "default.yaml"
+    try:
+        data = read_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        apply_override(data, item)
+    return config_from_dict(data, origin=str(path))
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested mapping in place (value parsed by :func:`read_yaml`)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    try:
+        node[leaf] = read_yaml(raw, f"override {item!r}")
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from None
+
+
+def canonical_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON form of ``obj`` (sorted keys, no whitespace)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def section_hash(config: PipelineConfig, *sections: str) -> str:
+    """Hash of the named sections of ``config``: the config part of a stage's identity. A name may also be
+    one field of a section (``reference.min_safe_share``), for a stage that reads only that field. Where a
+    run lives (``run.name``, ``run.root``) never changes what a stage computes, so it is left out."""
+    dumps = {}
+    for name in sections:
+        section, _, field = name.partition(".")
+        value = getattr(config, section)
+        if field:
+            dumps[name] = getattr(value, field)
+            continue
+        exclude = RUN_LOCATION_FIELDS if name == "run" else None
+        dumps[name] = value.model_dump(mode="json", exclude=exclude)
+    return canonical_hash(dumps)
+
+
+def dump_config(config: PipelineConfig) -> str:
+    """The config as YAML (what a run records beside its artifacts)."""
+    return yaml.dump(config.model_dump(mode="json"), Dumper=RecipeDumper, sort_keys=False, allow_unicode=True)

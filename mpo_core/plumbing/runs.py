@@ -1,0 +1,550 @@
+"""Run folders, stage markers and the one reuse rule: a stage is skipped when its identity is unchanged.
+
+A run lives in ``<run.root>/<run.name>/``::
+
+    config.yaml          the resolved recipe of the latest invocation
+    state.json           per-stage state of the latest invocation (ran / skipped / bypassed / failed / running)
+    <stage>/             the stage's own folder: its artifacts and ``stage.json``
+
+``stage.json`` is written before a stage starts (``status: running``) and again, last, when all its outputs
+are in place (``status: complete``, output paths and fingerprints). A stage is *current*, and skipped, when
+its marker is complete, the marker's identity equals :func:`mpo_core.plumbing.stage_table.stage_identity` for the present
+config and inputs, every output is whole (Parquet: :func:`artifact_is_complete` and a manifest whose
+``config_hash`` is that identity) and unchanged since the marker was written. A marker left ``running`` with
+the same identity (an interrupted stage) keeps the folder, so training resumes from its checkpoints; a
+marker with another identity means the folder holds stale outputs, which are removed before the rerun.
+
+Nothing here imports Prefect: the orchestration layer calls :func:`execute_stage` and adds its reporting.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpo_core.plumbing.artifacts import (
+    Manifest,
+    artifact_is_complete,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
+from mpo_core.plumbing.config import PipelineConfig, dump_config, load_config
+from mpo_core.plumbing.errors import ArtifactError, ConfigError
+from mpo_core.plumbing.progress import round_seconds
+from mpo_core.plumbing.stage_table import (
+    STAGES,
+    StageSpec,
+    align_enabled,
+    content_fingerprint,
+    get_stage,
+    input_hashes,
+    pair_source,
+    stage_call,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "state.json"
+MARKER_FILE = "stage.json"
+
+# Statuses recorded in state.json for the latest invocation.
+RAN, SKIPPED, BYPASSED, FAILED, RUNNING = "ran", "skipped", "bypassed", "failed", "running"
+
+# Stages that a ready-made pairs file (``pair.source``) makes unnecessary.
+PAIR_SOURCE_BYPASSES = ("generate", "label")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _write_bytes_atomically(path: Path, blob: bytes) -> None:
+    """Write ``blob`` to a temporary file beside ``path``, fsync, rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_bytes_atomically(
+        path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path}: not valid JSON: {err}") from None
+
+
+def ensure_inside(path: str | Path, root: str | Path, what: str = "path") -> Path:
+    """``path`` resolved, or a :class:`ConfigError` if it lies outside ``root`` (``..``, absolute, symlink)."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ConfigError(f"{what} {path} lies outside the run folder {base}")
+    return resolved
+
+
+def active_stages(config: PipelineConfig) -> list[StageSpec]:
+    """The stages this config runs, in order: all of them, less generate and label under ``pair.source``
+    and less align when ``align.enabled`` is off."""
+    bypassed = PAIR_SOURCE_BYPASSES if pair_source(config) else ()
+    if not align_enabled(config):
+        bypassed = (*bypassed, "align")
+    return [spec for spec in STAGES if spec.name not in bypassed]
+
+
+def stage_inputs_needed(spec: StageSpec, config: PipelineConfig) -> tuple[str, ...]:
+    """Artifact names ``spec`` reads under ``config`` (pair reads nothing upstream under ``pair.source``;
+    nothing reads ``aligned`` when align is off)."""
+    if spec.name == "pair" and pair_source(config):
+        return ()
+    if not align_enabled(config):
+        return tuple(name for name in spec.inputs if name != "aligned")
+    return spec.inputs
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What happened to a stage in this invocation."""
+
+    stage: str
+    status: str  # RAN | SKIPPED | BYPASSED
+    outputs: dict[str, Path]
+    identity: str
+    seconds: float
+    reason: str = ""
+
+
+class RunFolderNotVisible(ConfigError):
+    """A run folder that does not exist on this machine: a worker without the shared ``run.root``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"{path} is not a run folder: it does not exist on this machine ({socket.gethostname()}). "
+            f"Stages read and write the run folder in place, so every worker (cpu and gpu pools) must see "
+            f"run.root at the same absolute path, e.g. on a shared file system mounted alike everywhere "
+            f"(docs/orchestration.md, 'Workers on other machines')"
+        )
+        self.path = path
+
+
+class RunFolder:
+    """One run's folder: its resolved config, per-stage folders and markers, and ``state.json``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def for_config(cls, config: PipelineConfig) -> RunFolder:
+        """The run folder ``<run.root>/<run.name>`` (names were validated by :class:`RunConfig`)."""
+        return cls(config.run_dir)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / STATE_FILE
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / get_stage(stage).name
+
+    def save_config(self, config: PipelineConfig) -> None:
+        _write_bytes_atomically(self.config_path, dump_config(config).encode("utf-8"))
+
+    def load_config(self, overrides: list[str] | None = None) -> PipelineConfig:
+        """The run's recorded config with ``key=value`` overrides applied; the run must not move or rename."""
+        if not self.path.is_dir():
+            raise RunFolderNotVisible(self.path)
+        if not self.exists():
+            raise ConfigError(f"{self.path} is not a run folder (no {CONFIG_FILE})")
+        config = load_config(self.config_path, overrides)
+        if Path(config.run_dir).resolve() != self.path.resolve():
+            raise ConfigError(
+                f"overrides may not change run.name/run.root of {self.path} (got {config.run_dir})"
+            )
+        return config
+
+    # -- state.json ---------------------------------------------------------------------------------
+
+    def read_state(self) -> dict[str, Any]:
+        return _read_json(self.state_path) or {"run": self.name, "stages": {}}
+
+    def begin_invocation(
+        self, kind: str, stages: list[str], flow_run_url: str | None = None, flow_run_id: str | None = None
+    ) -> str:
+        """Start a new invocation: reset the named stages to ``pending`` and return the invocation id."""
+        state = self.read_state()
+        invocation = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        state.update(invocation=invocation, kind=kind, started_at=_now(), flow_run_url=flow_run_url,
+                     flow_run_id=flow_run_id)
+        for stage in stages:
+            state["stages"][stage] = {"status": "pending", "invocation": invocation}
+        _write_json(self.state_path, state)
+        return invocation
+
+    def record(self, stage: str, **fields: Any) -> None:
+        """Merge ``fields`` into the stage's entry of ``state.json`` (atomic read-modify-write)."""
+        state = self.read_state()
+        entry = state["stages"].setdefault(stage, {})
+        entry.update({k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()})
+        entry["updated_at"] = _now()
+        state["updated_at"] = entry["updated_at"]
+        _write_json(self.state_path, state)
+
+    def stage_statuses(self) -> dict[str, str]:
+        """``{stage: status}`` of the latest invocation, in pipeline order."""
+        stages = self.read_state()["stages"]
+        return {s.name: stages[s.name]["status"] for s in STAGES if s.name in stages}
+
+    def available_outputs(self) -> dict[str, Path]:
+        """Outputs of every stage whose marker is complete (what a single stage rerun reads)."""
+        outputs: dict[str, Path] = {}
+        for spec in STAGES:
+            marker = self.read_marker(spec.name)
+            if marker and marker.get("status") == "complete":
+                outputs.update({k: self.path / v for k, v in marker["outputs"].items()})
+        return outputs
+
+    # -- stage.json ---------------------------------------------------------------------------------
+
+    def marker_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / MARKER_FILE
+
+    def read_marker(self, stage: str) -> dict[str, Any] | None:
+        return _read_json(self.marker_path(stage))
+
+    def is_current(self, spec: StageSpec, identity: str) -> tuple[bool, str]:
+        """Whether the stage's outputs are whole and were made with ``identity``; the reason if not."""
+        marker = self.read_marker(spec.name)
+        if marker is None:
+            return False, "first run"
+        if marker.get("status") != "complete":
+            return False, "interrupted"
+        if marker.get("identity") != identity:
+            return False, "config, inputs or code changed"
+        for name in spec.outputs:
+            rel = marker["outputs"].get(name)
+            if rel is None:
+                return False, f"output {name} not recorded"
+            path = self.path / rel
+            if not path.exists():
+                return False, f"output {name} missing"
+            if path.suffix == ".parquet":
+                if not artifact_is_complete(path):
+                    return False, f"output {name} incomplete"
+                if read_manifest(path).config_hash != identity:
+                    return False, f"output {name} made by another identity"
+            elif content_fingerprint(path) != marker["fingerprints"].get(name):
+                return False, f"output {name} changed"
+        return True, "unchanged"
+
+    def _write_marker(self, spec: StageSpec, identity: str, status: str, **fields: Any) -> None:
+        _write_json(
+            self.marker_path(spec.name),
+            {"stage": spec.name, "identity": identity, "status": status, "written_at": _now(), **fields},
+        )
+
+    def check_writable(self, stage: str) -> Path:
+        """The stage's folder, once it is sure that nothing written there can land outside the run.
+
+        Every path already under ``<run>/<stage>/`` (the folder itself included) must resolve inside the run
+        folder: a symbolic link to elsewhere (the folder, a checkpoint subfolder, a file) is an
+        :class:`ArtifactError` naming it, raised before anything is written or removed.
+        """
+        root = self.path.resolve()
+        out_dir = self.stage_dir(stage)
+        paths = [out_dir, *out_dir.rglob("*")] if out_dir.is_dir() and not out_dir.is_symlink() else [out_dir]
+        for path in paths:
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            if target != root and root not in target.parents:
+                raise ArtifactError(
+                    f"{path} is a symbolic link to {target}, outside the run folder {root}: "
+                    "a stage writes only inside its run (remove the link)"
+                )
+        return out_dir
+
+    def prepare_stage_dir(self, spec: StageSpec, identity: str) -> None:
+        """Before a (re)run: drop outputs made under another identity, keep an interrupted run's files."""
+        out_dir = self.check_writable(spec.name)
+        marker = self.read_marker(spec.name)
+        if marker is not None and marker.get("identity") != identity and out_dir.is_dir():
+            ensure_inside(out_dir, self.path, "stage folder")
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._write_marker(spec, identity, "running")
+
+
+def resolve_inputs(spec: StageSpec, config: PipelineConfig, available: dict[str, Path]) -> dict[str, Path]:
+    """Pick the stage's inputs by name from ``available``; a clear error naming what is missing."""
+    needed = stage_inputs_needed(spec, config)
+    missing = [name for name in needed if name not in available]
+    if missing:
+        raise ArtifactError(
+            f"stage {spec.name} needs {', '.join(missing)}: run the stages that produce them first"
+        )
+    return {name: Path(available[name]) for name in needed}
+
+
+@dataclass(frozen=True)
+class StageCheck:
+    """Whether a stage can be skipped: its identity now, and if current, the outputs it already has."""
+
+    identity: str
+    current: bool
+    reason: str
+    outputs: dict[str, Path]
+
+
+def check_stage(
+    spec: StageSpec, config: PipelineConfig, run: RunFolder, inputs: dict[str, Path]
+) -> StageCheck:
+    """The reuse rule, in one place: compute the stage's identity and compare it with its marker."""
+    identity = stage_call(spec.name, config, inputs).identity
+    current, reason = run.is_current(spec, identity)
+    outputs = {}
+    if current:
+        outputs = {k: run.path / v for k, v in run.read_marker(spec.name)["outputs"].items()}
+    return StageCheck(identity, current, reason, outputs)
+
+
+def record_skip(spec: StageSpec, run: RunFolder, check: StageCheck) -> StageOutcome:
+    """Record a current stage as skipped in ``state.json`` and hand back its existing outputs."""
+    run.record(
+        spec.name,
+        status=SKIPPED,
+        identity=check.identity,
+        reason=check.reason,
+        seconds=0.0,
+        outputs={k: str(v) for k, v in check.outputs.items()},
+    )
+    return StageOutcome(spec.name, SKIPPED, check.outputs, check.identity, 0.0, check.reason)
+
+
+StageRunner = Callable[[StageSpec, PipelineConfig, dict[str, Path], Path], dict[str, Path]]
+
+
+def run_in_process(
+    spec: StageSpec, config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
+) -> dict[str, Path]:
+    """Call the stage function in this process."""
+    return spec.load()(config, inputs, out_dir)
+
+
+def execute_stage(
+    spec: StageSpec,
+    config: PipelineConfig,
+    run: RunFolder,
+    inputs: dict[str, Path],
+    *,
+    force: bool = False,
+    runner: StageRunner = run_in_process,
+) -> StageOutcome:
+    """Run ``spec`` in ``run`` unless it is current; record the outcome in ``stage.json`` and ``state.json``.
+
+    The stage function (called through ``runner``) writes into ``<run>/<stage>/``; every path it returns must
+    lie there. The marker is written last, so a crash at any point leaves the stage not current and it runs
+    again next time.
+    """
+    started = time.perf_counter()
+    check = check_stage(spec, config, run, inputs)
+    if check.current and not force:
+        logger.info("stage %s skipped: %s (identity %s)", spec.name, check.reason, check.identity[:16])
+        return record_skip(spec, run, check)
+    reason = "forced" if force else check.reason
+    logger.info("stage %s runs: %s (identity %s)", spec.name, reason, check.identity[:16])
+    out_dir = run.stage_dir(spec.name)
+    run.record(
+        spec.name,
+        status=RUNNING,
+        identity=check.identity,
+        reason=reason,
+        started_at=_now(),
+        pid=os.getpid(),
+        error=None,
+    )
+    try:
+        run.prepare_stage_dir(spec, check.identity)
+        outputs = _check_outputs(spec, runner(spec, config, inputs, out_dir), run)
+        return _complete_stage(spec, run, check, outputs, inputs, started, reason)
+    except BaseException as err:
+        run.record(spec.name, status=FAILED, error=f"{type(err).__name__}: {err}"[:2000])
+        raise
+
+
+def _complete_stage(
+    spec: StageSpec,
+    run: RunFolder,
+    check: StageCheck,
+    outputs: dict[str, Path],
+    inputs: dict[str, Path],
+    started: float,
+    reason: str,
+) -> StageOutcome:
+    """Manifests for plain outputs, then the complete marker (last), then ``state.json``: stage ``ran``."""
+    _manifest_plain_outputs(outputs, check.identity, input_hashes(inputs))
+    relative = {k: str(p.relative_to(run.path.resolve())) for k, p in outputs.items()}
+    seconds = time.perf_counter() - started
+    run._write_marker(
+        spec,
+        check.identity,
+        "complete",
+        outputs=relative,
+        seconds=round_seconds(seconds),
+        fingerprints={k: content_fingerprint(p) for k, p in outputs.items()},
+    )
+    absolute = {k: run.path / v for k, v in relative.items()}
+    run.record(
+        spec.name,
+        status=RAN,
+        outputs={k: str(v) for k, v in absolute.items()},
+        seconds=round_seconds(seconds),
+        finished_at=_now(),
+    )
+    return StageOutcome(spec.name, RAN, absolute, check.identity, seconds, reason)
+
+
+PLAIN_OUTPUT_WRITER = "mpo_core.plumbing.runs"
+
+
+def _manifest_plain_outputs(outputs: dict[str, Path], identity: str, inputs: dict[str, str]) -> None:
+    """Give each non-Parquet output (a checkpoint folder, a report) that has no manifest of its own one.
+
+    Downstream stages read every input's ``content_hash`` from its manifest; for folders it is the
+    (name, size, mtime) fingerprint of :func:`output_fingerprint`. A manifest we wrote earlier is refreshed.
+    """
+    for path in outputs.values():
+        if path.suffix == ".parquet":
+            continue
+        mpath = manifest_path(path)
+        if mpath.exists() and read_manifest(path).extra.get("written_by") != PLAIN_OUTPUT_WRITER:
+            continue
+        mpath.unlink(missing_ok=True)
+        write_manifest(
+            path,
+            Manifest(
+                kind="folder" if path.is_dir() else "file",
+                rows=0,
+                content_hash=content_fingerprint(path),
+                config_hash=identity,
+                inputs=inputs,
+                created_at=_now(),
+                extra={"written_by": PLAIN_OUTPUT_WRITER},
+            ),
+        )
+
+
+def _check_outputs(spec: StageSpec, produced: dict[str, Path], run: RunFolder) -> dict[str, Path]:
+    """The stage's returned outputs, resolved; each named in the stage table and inside its stage folder,
+    which (links resolved) is inside the run folder."""
+    if set(produced) != set(spec.outputs):
+        raise ArtifactError(
+            f"stage {spec.name} returned outputs {sorted(produced)}, the stage table says {list(spec.outputs)}"
+        )
+    run.check_writable(spec.name)
+    out_dir = ensure_inside(run.stage_dir(spec.name), run.path, f"stage {spec.name} folder")
+    outputs = {}
+    for name, path in produced.items():
+        resolved = ensure_inside(path, out_dir, f"stage {spec.name} output {name}")
+        if not resolved.exists():
+            raise ArtifactError(f"stage {spec.name} returned {name}={path}, which does not exist")
+        outputs[name] = resolved
+    return outputs
+
+
+def bypass_stage(spec: StageSpec, run: RunFolder, reason: str) -> StageOutcome:
+    """Record that ``spec`` does not run in this invocation (e.g. generate/label under ``pair.source``)."""
+    run.record(spec.name, status=BYPASSED, reason=reason, seconds=0.0)
+    return StageOutcome(spec.name, BYPASSED, {}, "", 0.0, reason)
+
+
+def list_runs(root: str | Path) -> list[RunFolder]:
+    """Run folders under ``root`` (those holding a ``config.yaml``), by name."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [RunFolder(p) for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file()]
+
+
+def open_run(
+    run: str | Path | None = None, config: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[RunFolder, PipelineConfig]:
+    """The run folder and its config: from a recipe (``config``, creating/refreshing the run) or an existing run.
+
+    With ``config`` the recipe plus ``overrides`` becomes the run's ``config.yaml``; otherwise the run's own
+    ``config.yaml`` plus ``overrides`` is used (and recorded, when there are overrides).
+    """
+    if config is not None:
+        cfg = load_config(config, overrides)
+        folder = RunFolder.for_config(cfg)
+        if run is not None and Path(run).resolve() != folder.path.resolve():
+            raise ConfigError(f"recipe {config} names run folder {folder.path}, not {run}")
+    elif run is not None:
+        folder = RunFolder(run)
+        cfg = folder.load_config(overrides)
+    else:
+        raise ConfigError("give a recipe (config) or an existing run folder (run)")
+    if config is not None or overrides:
+        folder.save_config(cfg)
+    return folder, cfg
+
+
+LAUNCH_OUTPUTS_FILE = "launch_outputs.json"
+
+
+def launch_main(argv: list[str] | None = None) -> None:
+    """``python -m mpo_core.plumbing.runs STAGE RUN_DIR INPUTS_JSON``: run one stage function in this process.
+
+    This is what ``accelerate launch`` starts on every rank for multi-GPU training; the parent process keeps
+    the marker and state bookkeeping. Rank 0 writes the returned outputs to ``<stage>/launch_outputs.json``.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mpo_core.plumbing.runs")
+    parser.add_argument("stage")
+    parser.add_argument("run_dir")
+    parser.add_argument("inputs_json", help="JSON object {artifact name: path}")
+    args = parser.parse_args(argv)
+    run = RunFolder(args.run_dir)
+    spec = get_stage(args.stage)
+    inputs = {k: Path(v) for k, v in json.loads(args.inputs_json).items()}
+    outputs = run_in_process(spec, run.load_config(), inputs, run.stage_dir(spec.name))
+    if int(os.environ.get("RANK", "0")) == 0:
+        _write_json(run.stage_dir(spec.name) / LAUNCH_OUTPUTS_FILE, {k: str(v) for k, v in outputs.items()})
+
+
+if __name__ == "__main__":
+    launch_main()

@@ -1,0 +1,231 @@
+"""The optional ``align`` stage: make the dominant language safe before MPO transfers its safety.
+
+MPO assumes the reference already prefers the safe answer in the dominant language (RG^d > 0, see
+:mod:`mpo_core.method.premise`). The embedded default does not, so its recipe first aligns the dominant language:
+
+- data: dominant-language prompts of the ``train`` split only (never the evaluation hold-out): the run's
+  ``translated`` prompts (``align.prompts: run``) or every train-split prompt of the packaged seed set
+  (``seed``). Harmful prompts get a refusal drawn (seeded) from a varied set: the packaged
+  ``data/refusals_en.txt``, a text file of one refusal a line, or HH-RLHF dialogues (``.jsonl``/``.jsonl.gz``,
+  the final assistant turns of ``chosen`` that the refusal-pattern judge calls refusals). Benign prompts get
+  the starting model's own greedy answer, so helpfulness is kept; an answer that is itself a refusal is
+  left out (it would teach refusing benign prompts).
+- ``align.method: sft``: supervised fine-tuning on (prompt, target) through the project's trainer (TRL SFT,
+  completion-only loss). ``dpo``: TRL DPO on preference pairs, harmful: refusal over the model's own
+  answer; benign: the model's answer over a refusal (against over-refusal).
+- output ``aligned``: a checkpoint folder, then the model of generate, reference, train and the evaluation's
+  ``base``. The training rows are kept beside it (``align_data.jsonl``) and summarised in its
+  ``mpo_train.json`` (``align`` key), which the report shows.
+
+Identity, caching, checkpoints and resume are the train stage's (:func:`mpo_core.stages.train.fit`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from mpo_core.plumbing.artifacts import read_artifact
+from mpo_core.plumbing.config import PipelineConfig, TrainConfig
+from mpo_core.plumbing.errors import InputDataError
+from mpo_core.plumbing.stage_table import stage_call
+
+PACKAGED_REFUSALS = Path(__file__).resolve().parents[1] / "data" / "refusals_en.txt"
+ALIGNED_DIR = "model"
+ALIGN_DATA = "align_data.jsonl"
+HH_MAX_REFUSAL_CHARS = 300
+
+
+def _refusal_source(config: PipelineConfig) -> Path:
+    return Path(config.align.refusals) if config.align.refusals else PACKAGED_REFUSALS
+
+
+def external_align_files(config: PipelineConfig) -> dict[str, Path]:
+    """Files outside the run that the align stage reads (their hashes join its identity)."""
+    from mpo_core.plumbing.seed import seed_path
+
+    files = {"refusals": _refusal_source(config)}
+    if config.align.prompts == "seed":
+        files["seed"] = seed_path()
+    return files
+
+
+def _last_assistant_turn(dialogue: str) -> str:
+    return dialogue.rsplit("\n\nAssistant:", 1)[-1].strip()
+
+
+def load_refusals(path: str | Path | None = None) -> list[str]:
+    """Distinct refusals from a text file (one a line) or HH-RLHF dialogues (``.jsonl``/``.jsonl.gz``)."""
+    path = Path(path) if path else PACKAGED_REFUSALS
+    if not path.is_file():
+        raise InputDataError(f"align.refusals: {path} is not a file")
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        from mpo_core.stages.label import RefusalPatternJudge
+
+        judge = RefusalPatternJudge()
+        opener = gzip.open if path.suffix == ".gz" else open
+        texts = []
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                try:
+                    chosen = json.loads(line)["chosen"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise InputDataError(f"{path}: line {line_no}: expected a JSON object with 'chosen'") from None
+                answer = re.sub(r"\s+", " ", _last_assistant_turn(chosen))
+                if "Human:" in answer or not 0 < len(answer) <= HH_MAX_REFUSAL_CHARS:
+                    continue  # a dialogue ending on the human's turn, or a long answer
+                if judge.judge_one(answer, "en").verdict == "refusal":
+                    texts.append(answer)
+    else:
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    refusals = list(dict.fromkeys(t for t in texts if t))
+    if not refusals:
+        raise InputDataError(f"align.refusals: {path} holds no refusal")
+    return refusals
+
+
+def align_prompts(config: PipelineConfig, translated: pa.Table) -> tuple[list[dict], list[dict]]:
+    """(harmful, benign) dominant-language ``train``-split prompts, at most ``max_harmful``/``max_benign``."""
+    cfg = config.align
+    if cfg.prompts == "seed":
+        from mpo_core.plumbing.seed import load_seed_prompts
+
+        rows = load_seed_prompts()
+    else:
+        rows = translated.to_pylist()
+    rows = [r for r in rows if r["lang"] == config.run.dominant_lang and r["split"] == "train"]
+    harmful = [r for r in rows if r["harmful"]][: cfg.max_harmful]
+    benign = [r for r in rows if not r["harmful"]][: cfg.max_benign]
+    if not harmful:
+        raise InputDataError(
+            f"align: no harmful {config.run.dominant_lang!r} prompts of the train split to align on"
+        )
+    return harmful, benign
+
+
+def validation_split(
+    harmful: list[dict], benign: list[dict], every: int = 4
+) -> tuple[tuple[list[dict], list[dict]], tuple[list[dict], list[dict]]]:
+    """((fit harmful, fit benign), (validation harmful, validation benign)): every ``every``-th prompt of each
+    list (the 1st, the (every+1)-th, ...) is kept out of training to compare align recipes on, so that a recipe
+    is never chosen on the evaluation hold-out."""
+    def cut(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        return [r for i, r in enumerate(rows) if i % every], rows[::every]
+
+    (fit_harmful, val_harmful), (fit_benign, val_benign) = cut(harmful), cut(benign)
+    return (fit_harmful, fit_benign), (val_harmful, val_benign)
+
+
+def build_align_rows(
+    harmful: list[dict],
+    benign: list[dict],
+    answers: dict[str, str],
+    refusals: list[str],
+    method: str,
+    *,
+    is_refusal: Any,
+    seed: int = 0,
+) -> tuple[list[dict], dict[str, int]]:
+    """Training rows (``target_prompt``, ``target_chosen``, ``target_rejected``, ``kind``) and counts.
+
+    ``answers`` maps prompt ids to the model's own answer; ``is_refusal(text)`` says whether an answer
+    refuses. SFT: harmful -> a refusal, benign -> its answer (``target_rejected`` empty). DPO: harmful ->
+    refusal over answer, benign -> answer over refusal. A benign answer that refuses is left out, and so (in
+    DPO) is a harmful prompt whose answer already refuses: there is nothing to prefer.
+    """
+    rng = random.Random(seed)
+    rows, counts = [], {"harmful": 0, "benign": 0, "benign_answer_refused": 0, "harmful_answer_refused": 0}
+    for prompt in harmful:
+        answer = answers.get(prompt["prompt_id"], "")
+        if method == "dpo" and (not answer.strip() or is_refusal(answer)):
+            counts["harmful_answer_refused"] += 1
+            continue
+        rows.append({"kind": "harmful", "target_prompt": prompt["text"], "target_chosen": rng.choice(refusals),
+                     "target_rejected": answer if method == "dpo" else ""})
+        counts["harmful"] += 1
+    for prompt in benign:
+        answer = answers.get(prompt["prompt_id"], "")
+        if not answer.strip() or is_refusal(answer):
+            counts["benign_answer_refused"] += 1
+            continue
+        rows.append({"kind": "benign", "target_prompt": prompt["text"], "target_chosen": answer,
+                     "target_rejected": rng.choice(refusals) if method == "dpo" else ""})
+        counts["benign"] += 1
+    return rows, counts
+
+
+def align_train_config(config: PipelineConfig) -> PipelineConfig:
+    """``config`` whose ``train`` section is the align settings, for :func:`mpo_core.stages.train.build_trainer`."""
+    cfg = config.align
+    train = TrainConfig(
+        loss=cfg.method, beta=cfg.beta, learning_rate=cfg.learning_rate, num_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps, lr_scheduler="cosine", warmup_ratio=0.1,
+        per_device_batch_size=cfg.per_device_batch_size, max_length=cfg.max_length, save_steps=cfg.save_steps,
+        save_total_limit=1, sft_weight=cfg.sft_weight,
+    )
+    return config.model_copy(update={"train": train})
+
+
+def own_answers(config: PipelineConfig, prompts: list[dict]) -> dict[str, str]:
+    """The starting model's greedy answer to each prompt, by prompt id."""
+    from mpo_core.stages.generate import generate_responses
+
+    rows = generate_responses(config.model, config.generate, prompts, num_samples=1, temperature=0.0,
+                              max_new_tokens=config.align.answer_max_new_tokens)
+    return {r["prompt_id"]: r["text"].strip() for r in rows}
+
+
+def run_align(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """Stage ``align``: ``translated`` -> ``aligned`` (a checkpoint folder), resumable like training."""
+    from mpo_core.stages.label import RefusalPatternJudge
+    from mpo_core.stages.train import fit, saved_with_identity
+
+    out_dir = Path(out_dir)
+    target = out_dir / ALIGNED_DIR
+    call = stage_call("align", config, inputs)
+    if saved_with_identity(target, call.identity):
+        return {"aligned": target}
+
+    harmful, benign = align_prompts(config, read_artifact(inputs["translated"], "prompts"))
+    answer_prompts = benign + (harmful if config.align.method == "dpo" else [])
+    answers = own_answers(config, answer_prompts)
+    judge = RefusalPatternJudge()
+    lang = config.run.dominant_lang
+    rows, counts = build_align_rows(
+        harmful, benign, answers, load_refusals(_refusal_source(config)), config.align.method,
+        is_refusal=lambda text: judge.judge_one(text, lang).verdict == "refusal", seed=config.run.seed,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ALIGN_DATA, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    table = pa.Table.from_pylist(rows)
+    record = {
+        "method": config.align.method,
+        "prompts": config.align.prompts,
+        "refusals": str(_refusal_source(config).name),
+        "rows": counts,
+        "learning_rate": config.align.learning_rate,
+        "max_steps": config.align.max_steps,
+        "batch_size": config.align.per_device_batch_size,
+        **({"beta": config.align.beta, "sft_weight": config.align.sft_weight} if config.align.method == "dpo" else {}),
+    }
+    fit(align_train_config(config), config.model, table, None, out_dir,
+        {"identity": call.identity, "inputs": call.inputs, "align": record})
+    return {"aligned": target}
+
+
+def align_record(checkpoint: str | Path) -> dict[str, Any] | None:
+    """What an aligned checkpoint was trained on (its ``mpo_train.json`` ``align`` entry), or None."""
+    from mpo_core.stages.train import TRAIN_INFO
+
+    path = Path(checkpoint) / TRAIN_INFO
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text(encoding="utf-8"))
+    return info.get("align") and {**info["align"], "global_step": info.get("global_step")}
