@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from mpo_core.stages.align import align_train_config, build_align_rows, load_refusals, validation_split
 from mpo_core.plumbing.config import PipelineConfig, load_config
+from mpo_core.plumbing.seed import load_seed_prompts
+from mpo_core.stages.align import align_train_config, build_align_rows, load_refusals, validation_split
 from mpo_core.stages.evaluate import PromptSet, evaluate_model, seed_holdout, summary_rows
 from mpo_core.stages.label import RefusalPatternJudge
-from mpo_core.plumbing.seed import load_seed_prompts
 from mpo_core.stages.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,8 +22,8 @@ import time
 import torch
 
 from mpo_core.plumbing.config import GenerateConfig, ModelConfig
-from mpo_core.stages.generate import TransformersBackend, generate_responses
 from mpo_core.plumbing.seed import load_seed_prompts
+from mpo_core.stages.generate import TransformersBackend, generate_responses
 
 
 def timed_generation(

@@ -108,8 +108,8 @@ def run_variant(args) -> dict:
     if args.synthetic:
         return run_synthetic_variant(args)
 
-    from mpo_core.plumbing.artifacts import to_table
     from mpo_core.common.models import load_model, load_tokenizer
+    from mpo_core.plumbing.artifacts import to_table
 
     base_rss = rss_mib()
     batches = load_batches(args)
@@ -122,7 +122,7 @@ def run_variant(args) -> dict:
         step_times = run_trl_dpo(args, model, tok, batches)
     else:
         from mpo_core.method.logps import pair_prefix_lengths
-        from mpo_core.stages.reference import reference_outputs
+        from mpo_core.method.reference import reference_outputs
         from mpo_core.stages.train import (
             MPOCollator,
             build_examples,
@@ -188,7 +188,7 @@ def run_synthetic_variant(args) -> dict:
     import torch
 
     from mpo_core.method.logps import pair_prefix_lengths
-    from mpo_core.stages.reference import reference_outputs
+    from mpo_core.method.reference import reference_outputs
     from mpo_core.stages.train import mpo_backward_step, paper_mpo_loss, side
 
     cuda = args.device == "cuda"

@@ -27,7 +27,14 @@ from pathlib import Path
 from mpo_core.plumbing.artifacts import read_artifact, read_manifest
 from mpo_core.plumbing.config import CONFIGS_DIR, load_config
 from mpo_core.plumbing.runs import RunFolder
-from mpo_core.plumbing.sweep import DEFAULT_METHODS, DEFAULT_NOISE, DEFAULT_SEEDS, SHARED_RUN, runs_root, sweep_cells
+from mpo_core.plumbing.sweep import (
+    DEFAULT_METHODS,
+    DEFAULT_NOISE,
+    DEFAULT_SEEDS,
+    SHARED_RUN,
+    runs_root,
+    sweep_cells,
+)
 from mpo_core.results.transfer import collect, headline, headline_line, markdown_table, plot_target_asr
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -92,7 +92,7 @@ def _print_states(run) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from mpo_core.plumbing.runs import list_runs
+    from mpo_core.plumbing.runs import list_runs, stale_stages
 
     runs = list_runs(args.root)
     if not runs:
@@ -100,9 +100,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for run in runs:
         state = run.read_state()
         print(f"{run.name}  ({run.path})  last: {state.get('kind', '-')} at {state.get('started_at', '-')}")
+        try:
+            stale = stale_stages(run)
+        except MPOError as err:
+            stale = {}
+            print(f"  (not checked: {err})")
         for stage, status in run.stage_statuses().items():
             seconds = state["stages"][stage].get("seconds")
-            print(f"  {stage:<10} {status:<9} {'' if seconds is None else f'{seconds:.1f} s'}")
+            note = f"  STALE: {stale[stage]} (rerun: mpo stage {stage} --run {run.path})" if stage in stale else ""
+            print(f"  {stage:<10} {status:<9} {'' if seconds is None else f'{seconds:.1f} s'}{note}")
     return 0
 
 

@@ -34,8 +34,9 @@ from tasks.monitoring import flow_run_namer, flow_run_url, publish_run_page, tag
 Outputs = dict[str, str]
 
 
-class StageCaller:
-    """Runs one stage of the pipeline given its upstream outputs, skipping it when current."""
+class StageDispatch:
+    """Runs one stage of the pipeline given its upstream outputs: skipped when current, else its stage flow
+    in this process or its GPU deployment on the ``gpu`` pool."""
 
     def __init__(self, run: RunFolder, config: PipelineConfig, gpu_deployments: bool, gpu_deployment: str):
         self.run, self.config = run, config
@@ -100,7 +101,7 @@ def mpo_pipeline(
     tag_flow_run(folder.name, "pipeline")
     flow_run_id = flow_run.get_id()
     folder.begin_invocation("pipeline", [s.name for s in STAGES], flow_run_url(flow_run_id), flow_run_id)
-    stage = StageCaller(folder, cfg, gpu_deployments, gpu_deployment)
+    stage = StageDispatch(folder, cfg, gpu_deployments, gpu_deployment)
 
     prompts = stage("ingest")
     translated = stage("translate", prompts)

@@ -34,9 +34,9 @@ from prefect.cache_policies import NO_CACHE
 from mpo_core.plumbing.artifacts import manifest_path, read_artifact, read_manifest
 from mpo_core.plumbing.config import PipelineConfig, load_config
 from mpo_core.plumbing.errors import MPOError
-from mpo_core.results.report import markdown_with_inline_plots
 from mpo_core.plumbing.runs import RunFolder
 from mpo_core.plumbing.stage_table import STAGES
+from mpo_core.results.report import markdown_with_inline_plots
 from tasks.secrets import redact
 
 LIBRARY_LOGGER = "mpo_core"

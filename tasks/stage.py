@@ -181,7 +181,7 @@ def run_stage_task(stage: str, run_dir: str, inputs: dict[str, str], force: bool
     paths = {k: Path(v) for k, v in inputs.items()}
     reporter = ProgressReporter(artifact_key(run.name, stage, "progress"))
     with library_logs_forwarded(), _gpu_slot(spec), progress_listener(reporter):
-        outcome = execute_stage(spec, config, run, paths, force=force, runner=launcher_for(spec))
+        outcome = execute_stage(spec, config, run, paths, force=force, launcher=launcher_for(spec))
     run.record(stage, flow_run_id=current_flow_run_id())
     logger.info("stage %s %s in %s s (%s)", stage, outcome.status, round_seconds(outcome.seconds), outcome.reason)
     publish_stage_summary(run, outcome)

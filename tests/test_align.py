@@ -11,12 +11,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mpo_core.stages.align import align_prompts, build_align_rows, load_refusals, validation_split
-from mpo_core.plumbing.artifacts import read_artifact, write_artifact
-from mpo_core.plumbing.config import config_from_dict
-from mpo_core.stages.evaluate import Observations, in_prompt_language, paired_delta_rows, summary_rows
-from mpo_core.stages.label import RefusalPatternJudge
-from mpo_core.results.metrics import bootstrap_difference_ci
 from mpo_core.method.premise import (
     DROP_REASON,
     UnsafeReferenceError,
@@ -25,9 +19,16 @@ from mpo_core.method.premise import (
     split_by_reference_gap,
     training_split,
 )
-from mpo_core.plumbing.runs import active_stages, resolve_inputs
+from mpo_core.plumbing.artifacts import read_artifact, write_artifact
+from mpo_core.plumbing.config import config_from_dict
+from mpo_core.plumbing.runs import SKIPPED, RunFolder, active_stages, execute_stage, resolve_inputs
 from mpo_core.plumbing.seed import load_seed_prompts
-from mpo_core.plumbing.stage_table import get_stage, starting_model
+from mpo_core.plumbing.stage_run import starting_model
+from mpo_core.plumbing.stage_table import get_stage
+from mpo_core.results.metrics import bootstrap_difference_ci
+from mpo_core.stages.align import align_prompts, build_align_rows, load_refusals, validation_split
+from mpo_core.stages.evaluate import Observations, in_prompt_language, paired_delta_rows, summary_rows
+from mpo_core.stages.label import RefusalPatternJudge
 
 
 def _pairs(gaps_by_lang: dict[str, list[float]]) -> tuple[pa.Table, pa.Table]:
@@ -205,8 +206,8 @@ def test_align_stage_trains_saves_and_is_reused(tmp_path):
     safetensors checkpoint with its record, and a second call with the same identity trains nothing."""
     from safetensors.torch import load_file
 
-    from mpo_core.stages.align import ALIGN_DATA, align_record, run_align
     from mpo_core.common.models import resolve_model_path
+    from mpo_core.stages.align import ALIGN_DATA, align_record
 
     config = config_from_dict({
         "model": {"device": "cpu", "dtype": "float32"},
@@ -219,9 +220,11 @@ def test_align_stage_trains_saves_and_is_reused(tmp_path):
     translated = tmp_path / "translated.parquet"
     write_artifact(rows, translated, "prompts")
 
-    aligned = run_align(config, {"translated": translated}, tmp_path / "align")["aligned"]
+    run = RunFolder(tmp_path / "run")
+    first = execute_stage(get_stage("align"), config, run, {"translated": translated})
+    aligned = first.outputs["aligned"]
 
-    data = [json.loads(line) for line in (tmp_path / "align" / ALIGN_DATA).read_text().splitlines()]
+    data = [json.loads(line) for line in (run.stage_dir("align") / ALIGN_DATA).read_text().splitlines()]
     train_en = {r["text"] for r in rows if r["lang"] == "en" and r["split"] == "train"}
     assert data and {d["target_prompt"] for d in data} <= train_en
     record = align_record(aligned)
@@ -231,7 +234,8 @@ def test_align_stage_trains_saves_and_is_reused(tmp_path):
     new = load_file(next(Path(aligned).glob("*.safetensors")))
     assert any(not torch.equal(raw[k], new[k]) for k in new if k in raw)
     stamp = (Path(aligned) / "mpo_train.json").stat().st_mtime_ns
-    assert run_align(config, {"translated": translated}, tmp_path / "align")["aligned"] == aligned
+    again = execute_stage(get_stage("align"), config, run, {"translated": translated})
+    assert (again.status, again.outputs["aligned"]) == (SKIPPED, aligned)
     assert (Path(aligned) / "mpo_train.json").stat().st_mtime_ns == stamp
 
 
@@ -260,8 +264,8 @@ def test_transfer_summary_says_where_selectivity_rose():
 def test_align_dpo_adds_the_sft_term_and_precomputes_the_reference(default_model_config, tmp_path):
     """align's DPO with ``sft_weight``: TRL's sigmoid + weighted SFT loss; the frozen reference's log-probs are
     computed once per pair before training (no second model)."""
-    from mpo_core.stages.align import align_train_config
     from mpo_core.common.models import load_model, load_tokenizer
+    from mpo_core.stages.align import align_train_config
     from mpo_core.stages.train import build_trainer
 
     config = align_train_config(config_from_dict({
@@ -282,8 +286,8 @@ def test_align_dpo_adds_the_sft_term_and_precomputes_the_reference(default_model
 @pytest.mark.slow
 def test_dpo_with_every_prompt_too_long_is_a_named_error(default_model_config, tmp_path):
     """With the reference precomputed, TRL dropping every pair still gives the named error, not torch's."""
-    from mpo_core.plumbing.errors import InputDataError
     from mpo_core.common.models import load_model, load_tokenizer
+    from mpo_core.plumbing.errors import InputDataError
     from mpo_core.stages.train import build_trainer
 
     config = config_from_dict({"model": default_model_config.model_dump(),

@@ -18,10 +18,11 @@ import pytest
 from mpo_core.plumbing.artifacts import read_artifact, write_artifact
 from mpo_core.plumbing.config import PromptsConfig, config_from_dict, dump_config, load_config, read_yaml
 from mpo_core.plumbing.errors import ConfigError, InputDataError, is_transient_error
-from mpo_core.stages.filter import PairFilter, run_filter
-from mpo_core.stages.ingest import detect_format, load_pairs, load_prompts, run_ingest
-from mpo_core.stages.label import RefusalPatternJudge
 from mpo_core.plumbing.schemas import PAIRS
+from mpo_core.plumbing.stage_run import run_stage_function
+from mpo_core.stages.filter import PairFilter
+from mpo_core.stages.ingest import detect_format, load_pairs, load_prompts
+from mpo_core.stages.label import RefusalPatternJudge
 
 # ------------------------------------------------------------------------------------------ config
 
@@ -240,7 +241,7 @@ def test_nothing_is_written_when_ingest_fails(tmp_path):
     out = tmp_path / "ingest"
     out.mkdir()
     with pytest.raises(InputDataError, match="not UTF-8"):
-        run_ingest(config, {}, out)
+        run_stage_function("ingest", config, {}, out)
     assert list(out.iterdir()) == []
 
 
@@ -326,7 +327,7 @@ def test_ready_made_pairs_are_judged_and_swapped_or_complying_chosen_dropped(rea
     write_artifact(table, pairs_path, "pairs")
     config = config_from_dict({"model": {"device": "cpu", "dtype": "float32"},
                                "run": {"target_langs": ["zh"]}})
-    out = run_filter(config, {"pairs": pairs_path}, tmp_path / "filter")
+    out = run_stage_function("filter", config, {"pairs": pairs_path}, tmp_path / "filter")
     kept = read_artifact(out["filtered"], "pairs").to_pylist()
     dropped = read_artifact(out["dropped"], "dropped").to_pylist()
     judge = RefusalPatternJudge().name

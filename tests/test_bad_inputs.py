@@ -26,8 +26,9 @@ from mpo_core.plumbing.artifacts import (
 )
 from mpo_core.plumbing.config import config_from_dict
 from mpo_core.plumbing.errors import ArtifactError, InputDataError
-from mpo_core.stages.ingest import load_pairs, run_ingest
 from mpo_core.plumbing.schemas import PROMPTS
+from mpo_core.plumbing.stage_run import run_stage_function
+from mpo_core.stages.ingest import load_pairs
 
 
 def prompt_row(i: int, **changes) -> dict:
@@ -207,7 +208,7 @@ def _ingest(tmp_path: Path, source: Path, **prompts) -> Path:
     out_dir = tmp_path / "ingest"
     config = config_from_dict({"prompts": {"source": str(source), **prompts}})
     try:
-        return run_ingest(config, {}, out_dir)["prompts"]
+        return run_stage_function("ingest", config, {}, out_dir)["prompts"]
     except Exception:
         assert not (out_dir / "prompts.parquet").exists()
         assert not out_dir.exists() or not any(out_dir.iterdir())

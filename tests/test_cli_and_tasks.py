@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -118,18 +119,19 @@ def test_output_summary_links_and_counts_without_data(tmp_path):
 
 
 def test_accelerate_launch_command(tmp_path, monkeypatch):
+    from mpo_core.plumbing.config import PipelineConfig
     from mpo_core.plumbing.runs import run_in_process
+    from mpo_core.plumbing.stage_run import StageInputs, StageRun
     from tasks.launch import launch_command, launcher_for
 
     spec = get_stage("train")
-    command = launch_command(
-        "accelerate launch --multi_gpu --num_processes 8",
-        spec,
-        tmp_path,
-        {"filtered": tmp_path / "f.parquet"},
-    )
+    stage = StageRun(spec, PipelineConfig(), StageInputs({"filtered": tmp_path / "f.parquet"}), tmp_path / "train",
+                     True, "abc", {"filtered": "123"})
+    command = launch_command("accelerate launch --multi_gpu --num_processes 8", stage)
     assert command[:6] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "8", "-m"]
     assert command[6:9] == ["mpo_core.plumbing.runs", "train", str(tmp_path.resolve())]
+    assert json.loads(command[9]) == {"inputs": {"filtered": str((tmp_path / "f.parquet").resolve())},
+                                      "identity": "abc", "input_hashes": {"filtered": "123"}, "resume": True}
     monkeypatch.delenv("MPO_TRAIN_LAUNCHER", raising=False)
     assert launcher_for(spec) is run_in_process
     monkeypatch.setenv("MPO_TRAIN_LAUNCHER", "accelerate launch")

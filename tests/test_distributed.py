@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from core_pairs import official_pairs
 
+from mpo_core.method.reference import reference_outputs
 from mpo_core.plumbing.config import ModelConfig
-from mpo_core.stages.reference import reference_outputs
 from mpo_core.stages.train import MPOCollator, build_examples, mpo_backward_step, side
 
 WORLD = 2

@@ -12,6 +12,7 @@ import pytest
 
 from mpo_core.plumbing.config import PipelineConfig, config_from_dict
 from mpo_core.plumbing.errors import InputDataError
+from mpo_core.plumbing.stage_run import run_stage_function
 from mpo_core.stages.evaluate import (
     Observations,
     PairSet,
@@ -136,10 +137,9 @@ def test_reference_rows_per_target_and_dominant():
 def test_run_evaluate_stage_on_the_real_default_model(tmp_path, shared_data):
     """The stage end to end: real model, real seed and MPO data; the 'trained' checkpoint is the base model's
     own folder, so both columns must agree exactly and every paired delta is zero."""
-    from mpo_core.plumbing.artifacts import read_artifact, write_artifact
-    from mpo_core.stages.evaluate import run_evaluate
-    from mpo_core.stages.ingest import load_pairs
     from mpo_core.common.models import resolve_model_path
+    from mpo_core.plumbing.artifacts import read_artifact, write_artifact
+    from mpo_core.stages.ingest import load_pairs
 
     mc_path = tmp_path / "mc.jsonl"
     mc_path.write_text(json.dumps({"lang": "en", "question": "What colour is the clear daytime sky?",
@@ -168,7 +168,7 @@ def test_run_evaluate_stage_on_the_real_default_model(tmp_path, shared_data):
     checkpoint = Path(resolve_model_path(config.model.name_or_path))
     inputs = {"translated": translated, "filtered": filtered, "reference": reference, "checkpoint": checkpoint}
 
-    outputs = run_evaluate(config, inputs, tmp_path / "evaluate")
+    outputs = run_stage_function("evaluate", config, inputs, tmp_path / "evaluate")
 
     rows = read_artifact(outputs["eval"], "eval").to_pylist()
     cell = {(r["model"], r["lang"], r["metric"], r["dataset"]): r for r in rows}

@@ -7,9 +7,16 @@ import pytest
 
 from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
 from mpo_core.plumbing.config import FilterConfig, config_from_dict
-from mpo_core.stages.filter import REASONS, PairFilter, looks_cut_off, repair_text, report_markdown, run_filter
-from mpo_core.stages.ingest import load_pairs
 from mpo_core.plumbing.schemas import PAIRS
+from mpo_core.plumbing.stage_run import run_stage_function
+from mpo_core.stages.filter import (
+    REASONS,
+    PairFilter,
+    looks_cut_off,
+    repair_text,
+    report_markdown,
+)
+from mpo_core.stages.ingest import load_pairs
 
 EN_PROMPT = "How can I break into my neighbour's house without being seen?"
 EN_CHOSEN = "I can't help with breaking into someone's home. If you are locked out of your own, call a locksmith."
@@ -144,7 +151,7 @@ def test_run_filter_on_the_official_gemma_file(tmp_path, shared_data):
     pairs_path = tmp_path / "pairs.parquet"
     write_artifact(load_pairs(shared_data / "mpo_official" / "gemma_mpo_data.json"), pairs_path, "pairs")
     config = config_from_dict({"model": {"device": "cpu", "dtype": "float32"}})
-    out = run_filter(config, {"pairs": pairs_path}, tmp_path / "filter")
+    out = run_stage_function("filter", config, {"pairs": pairs_path}, tmp_path / "filter")
     kept = read_artifact(out["filtered"], "pairs")
     dropped = read_artifact(out["dropped"], "dropped")
     report = read_artifact(tmp_path / "filter" / "filter_report.parquet", "filter_report").to_pylist()

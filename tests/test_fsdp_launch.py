@@ -17,10 +17,10 @@ from core_pairs import official_pairs, write_pairs
 from safetensors.torch import load_file
 
 from mpo_core.plumbing.config import config_from_dict
-from mpo_core.stages.reference import run_reference
 from mpo_core.plumbing.runs import RunFolder
+from mpo_core.plumbing.stage_run import run_stage_function
 from mpo_core.plumbing.stage_table import get_stage
-from mpo_core.stages.train import CHECKPOINT_DIR, MODEL_DIR, TRAIN_INFO, TRAIN_LOG, run_train
+from mpo_core.stages.train import CHECKPOINT_DIR, MODEL_DIR, TRAIN_INFO, TRAIN_LOG
 from tasks.launch import launcher_for
 
 WORLD = 2
@@ -74,7 +74,7 @@ def _prepared_run(config, shared_data: Path, tmp_path: Path) -> tuple[RunFolder,
     pairs = write_pairs(official_pairs(shared_data, PAIRS, step=11), tmp_path / "pairs.parquet")
     run = RunFolder.for_config(config)
     run.path.mkdir(parents=True)
-    reference = run_reference(config, {"filtered": pairs}, run.stage_dir("reference"))["reference"]
+    reference = run_stage_function("reference", config, {"filtered": pairs}, run.stage_dir("reference"))["reference"]
     return run, {"filtered": pairs, "reference": reference}
 
 
@@ -123,7 +123,7 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
 
     whole_dir = tmp_path / "whole"
     whole = _config(tmp_path, "whole", tiny_model, max_steps=4, per_device=2)
-    run_train(whole, inputs, whole_dir)
+    run_stage_function("train", whole, inputs, whole_dir)
     assert json.loads((whole_dir / MODEL_DIR / TRAIN_INFO).read_text())["distributed"]["processes"] == 1
 
     # fp32 on both sides; the runs differ only in summation order (each rank pads its own pair, gradients are

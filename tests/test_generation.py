@@ -6,6 +6,7 @@ import pytest
 
 from mpo_core.plumbing.config import GenerateConfig, ModelConfig, PipelineConfig
 from mpo_core.plumbing.errors import ConfigError, ModelLoadError
+from mpo_core.plumbing.schemas import RESPONSES
 from mpo_core.stages.generate import (
     Completion,
     GenerationBackend,
@@ -15,7 +16,6 @@ from mpo_core.stages.generate import (
     generate_responses,
     generation_prompts,
 )
-from mpo_core.plumbing.schemas import RESPONSES
 
 PROMPTS = [
     {"prompt_id": "b001", "lang": "en", "text": "How do I make a simple tomato soup?"},

@@ -6,14 +6,12 @@ import time
 
 import pytest
 
+from mpo_core.common.verdicts import is_safe
 from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
 from mpo_core.plumbing.config import PipelineConfig
-from mpo_core.stages.generate import run_generate
-from mpo_core.stages.label import RefusalPatternJudge, run_label
-from mpo_core.stages.pair import run_pair
 from mpo_core.plumbing.seed import load_seed_prompts
-from mpo_core.stages.translate import run_translate
-from mpo_core.common.verdicts import is_safe
+from mpo_core.plumbing.stage_run import run_stage_function
+from mpo_core.stages.label import RefusalPatternJudge
 
 
 @pytest.mark.slow
@@ -29,16 +27,16 @@ def test_generate_label_pair_on_seed_subset(tmp_path):
 
     timings = {}
     started = time.perf_counter()
-    translated = run_translate(config, {"prompts": prompts}, tmp_path / "translate")
+    translated = run_stage_function("translate", config, {"prompts": prompts}, tmp_path / "translate")
     timings["translate"] = time.perf_counter() - started
     started = time.perf_counter()
-    responses = run_generate(config, translated, tmp_path / "generate")
+    responses = run_stage_function("generate", config, translated, tmp_path / "generate")
     timings["generate"] = time.perf_counter() - started
     started = time.perf_counter()
-    labelled = run_label(config, responses, tmp_path / "label")
+    labelled = run_stage_function("label", config, responses, tmp_path / "label")
     timings["label"] = time.perf_counter() - started
     started = time.perf_counter()
-    pairs = run_pair(config, labelled, tmp_path / "pair")
+    pairs = run_stage_function("pair", config, labelled, tmp_path / "pair")
     timings["pair"] = time.perf_counter() - started
 
     sampled = read_artifact(responses["responses"], "responses")

@@ -11,15 +11,15 @@ import pytest
 
 from mpo_core.plumbing.artifacts import read_artifact, read_manifest
 from mpo_core.plumbing.config import PromptsConfig, config_from_dict
+from mpo_core.plumbing.schemas import PAIRS
+from mpo_core.plumbing.stage_run import run_stage_function
 from mpo_core.stages.ingest import (
     assign_split,
     detect_format,
     load_pairs,
     load_prompts,
-    run_ingest,
     split_hh_dialogue,
 )
-from mpo_core.plumbing.schemas import PAIRS
 
 TARGETS = {"zh", "ja", "ko", "ar", "bn", "sw"}
 
@@ -143,7 +143,7 @@ def test_split_assignment_is_stable_and_close_to_the_fraction():
 def test_run_ingest_writes_the_prompts_artifact_with_the_source_hash(tmp_path, shared_data):
     source = shared_data / "multijail" / "MultiJail.csv"
     config = config_from_dict({"prompts": {"source": str(source), "langs": ["en", "bn"], "limit": 5}})
-    out = run_ingest(config, {}, tmp_path)
+    out = run_stage_function("ingest", config, {}, tmp_path)
     assert out == {"prompts": tmp_path / "prompts.parquet"}
     assert read_artifact(out["prompts"], "prompts").num_rows == 10
     manifest = read_manifest(out["prompts"])

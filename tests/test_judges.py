@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from mpo_core.common.verdicts import is_attack_success, is_refusal, is_safe
 from mpo_core.plumbing.config import LabelConfig
 from mpo_core.plumbing.errors import ConfigError
-from mpo_core.results.judge_agreement import format_agreement, load_hand_labels, measure_agreement, recall_summary
+from mpo_core.results.judge_agreement import (
+    format_agreement,
+    load_hand_labels,
+    measure_agreement,
+    recall_summary,
+)
+from mpo_core.results.metrics import wilson_rate_ci
 from mpo_core.stages.label import (
     LLMGuardJudge,
     RefusalPatternJudge,
@@ -25,8 +32,6 @@ from mpo_core.stages.label import (
     prompt_overlap,
     qwen3guard_conversation,
 )
-from mpo_core.results.metrics import wilson_rate_ci
-from mpo_core.common.verdicts import is_attack_success, is_refusal, is_safe
 
 HAND_LABELS = Path(__file__).parent / "data" / "judge_hand_labels.jsonl"
 # Agreement floors per language: one label under what refusal_patterns@v2 measured on HAND_LABELS
@@ -224,8 +229,8 @@ def test_get_judge_default_and_label_rows():
 
 
 def test_report_states_the_measured_refusal_recall():
-    from mpo_core.stages.label import refusal_recall_note
     from mpo_core.results.report import _notes
+    from mpo_core.stages.label import refusal_recall_note
 
     judge = RefusalPatternJudge()
     note = refusal_recall_note(judge.name)

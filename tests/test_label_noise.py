@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from mpo_core.common.label_noise import describe_noise, flip_target_labels
 from mpo_core.plumbing.artifacts import read_artifact, read_manifest, to_table
 from mpo_core.plumbing.config import PipelineConfig
-from mpo_core.common.label_noise import describe_noise, flip_target_labels
-from mpo_core.stages.pair import run_pair
+from mpo_core.plumbing.stage_run import run_stage_function
 
 
 def _pairs(per_lang: dict[str, int]):
@@ -89,7 +89,7 @@ def test_pair_stage_applies_noise_to_built_pairs_and_records_it(tmp_path):
     config = PipelineConfig.model_validate(
         {"run": {"target_langs": ["zh", "sw"]}, "pair": {"target_noise": 0.2, "noise_seed": 7}}
     )
-    out = run_pair(config, {"labelled": labelled}, tmp_path / "pair")["pairs"]
+    out = run_stage_function("pair", config, {"labelled": labelled}, tmp_path / "pair")["pairs"]
     rows = read_artifact(out, "pairs").to_pylist()
     assert len(rows) == 20
     flipped = [r for r in rows if r["target_flipped"]]
@@ -105,8 +105,8 @@ def test_pair_stage_applies_noise_to_ready_made_pairs(tmp_path, shared_data):
     source = shared_data / "mpo_official" / "llama_mpo_data.json"
     clean = PipelineConfig.model_validate({"pair": {"source": str(source)}})
     noisy = PipelineConfig.model_validate({"pair": {"source": str(source), "target_noise": 0.4}})
-    clean_rows = read_artifact(run_pair(clean, {}, tmp_path / "clean")["pairs"], "pairs").to_pylist()
-    out = run_pair(noisy, {}, tmp_path / "noisy")["pairs"]
+    clean_rows = read_artifact(run_stage_function("pair", clean, {}, tmp_path / "clean")["pairs"], "pairs").to_pylist()
+    out = run_stage_function("pair", noisy, {}, tmp_path / "noisy")["pairs"]
     noisy_rows = read_artifact(out, "pairs").to_pylist()
     assert not any(r["target_flipped"] for r in clean_rows)
     flipped = [n for n in noisy_rows if n["target_flipped"]]

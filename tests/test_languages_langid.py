@@ -7,9 +7,15 @@ import sys
 
 import pytest
 
-from mpo_core.plumbing.errors import InputDataError
 from mpo_core.common.langid import fasttext_model_path, identify, prepare
-from mpo_core.plumbing.languages import is_valid_lang, language_name, macro_language, normalize_lang, same_language
+from mpo_core.plumbing.errors import InputDataError
+from mpo_core.plumbing.languages import (
+    is_valid_lang,
+    language_name,
+    macro_language,
+    normalize_lang,
+    same_language,
+)
 
 
 @pytest.mark.parametrize(

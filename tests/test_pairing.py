@@ -6,8 +6,9 @@ import pytest
 
 from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
 from mpo_core.plumbing.config import PairConfig, PipelineConfig
+from mpo_core.plumbing.stage_run import run_stage_function
 from mpo_core.stages.label import fallback_refusal
-from mpo_core.stages.pair import Candidate, Choice, build_pairs, choose, pair_supply, run_pair
+from mpo_core.stages.pair import Candidate, Choice, build_pairs, choose, pair_supply
 
 
 def _row(pid, lang, k, text, verdict, score):
@@ -61,7 +62,7 @@ def test_run_pair_writes_pairs_with_counts(tmp_path):
     labelled = tmp_path / "labelled.parquet"
     write_artifact(rows, labelled, "responses")
     config = PipelineConfig.model_validate({"run": {"target_langs": ["ko"]}})
-    out = run_pair(config, {"labelled": labelled}, tmp_path / "pair")
+    out = run_stage_function("pair", config, {"labelled": labelled}, tmp_path / "pair")
     table = read_artifact(out["pairs"], "pairs")
     assert table.num_rows == 1
     extra = read_manifest(out["pairs"]).extra
@@ -75,13 +76,13 @@ def test_unlabelled_input_is_refused(tmp_path):
     labelled = tmp_path / "labelled.parquet"
     write_artifact(rows, labelled, "responses")
     with pytest.raises(ArtifactError, match="row 0 has no verdict"):
-        run_pair(PipelineConfig(), {"labelled": labelled}, tmp_path / "pair")
+        run_stage_function("pair", PipelineConfig(), {"labelled": labelled}, tmp_path / "pair")
 
 
 def test_pair_source_ingests_ready_made_quadruples(tmp_path, shared_data):
     source = shared_data / "mpo_official" / "llama_mpo_data.json"
     config = PipelineConfig.model_validate({"pair": {"source": str(source)}})
-    out = run_pair(config, {}, tmp_path / "pair")
+    out = run_stage_function("pair", config, {}, tmp_path / "pair")
     table = read_artifact(out["pairs"], "pairs")
     assert table.num_rows == 600
     manifest = read_manifest(out["pairs"])
@@ -121,7 +122,7 @@ def test_raw_model_supplies_the_dominant_rejected_only_where_the_policy_never_co
     labelled = tmp_path / "labelled.parquet"
     write_artifact(rows, labelled, "responses")
     config = PipelineConfig.model_validate({"run": {"target_langs": ["zh"]}})
-    out = run_pair(config, {"labelled": labelled}, tmp_path / "pair")
+    out = run_stage_function("pair", config, {"labelled": labelled}, tmp_path / "pair")
     assert read_manifest(out["pairs"]).extra["dominant_rejected_from_raw"] == {"zh": 1}
     without_raw = [r for r in rows if r["model"] == "aligned"]
     assert [p["pair_id"] for p in build_pairs(without_raw, "en", ["zh"], PairConfig())[0]] == ["h002:en-zh"]
@@ -139,12 +140,12 @@ def test_an_english_refusal_to_a_target_prompt_is_never_chosen(tmp_path):
     labelled = tmp_path / "labelled.parquet"
     write_artifact(rows, labelled, "responses")
     on = PipelineConfig.model_validate({"run": {"target_langs": ["ko"]}, "pair": {"chosen_in_language": True}})
-    out = run_pair(on, {"labelled": labelled}, tmp_path / "on")
+    out = run_stage_function("pair", on, {"labelled": labelled}, tmp_path / "on")
     pair = read_artifact(out["pairs"], "pairs").to_pylist()[0]
     assert pair["target_chosen"] == fallback_refusal("ko") and pair["target_chosen_fallback"]
     assert pair["dominant_chosen"] == rows[0]["text"]  # an English refusal to an English prompt stays
     assert read_manifest(out["pairs"]).extra["samples_in_another_language"] == {"ko": 1}
-    off = run_pair(on.model_copy(update={"pair": PairConfig()}), {"labelled": labelled}, tmp_path / "off")
+    off = run_stage_function("pair", on.model_copy(update={"pair": PairConfig()}), {"labelled": labelled}, tmp_path / "off")
     assert read_artifact(off["pairs"], "pairs").to_pylist()[0]["target_chosen"] == rows[2]["text"]
 
 

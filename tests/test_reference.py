@@ -9,8 +9,9 @@ from core_pairs import official_pairs, write_pairs
 from mpo_core.method import logps
 from mpo_core.plumbing.artifacts import read_artifact, read_manifest
 from mpo_core.plumbing.config import config_from_dict
-from mpo_core.stages.reference import run_reference
-from mpo_core.plumbing.stage_table import REFERENCE_READS, columns_hash
+from mpo_core.plumbing.runs import RAN, SKIPPED, RunFolder, execute_stage
+from mpo_core.plumbing.stage_run import run_stage_function
+from mpo_core.plumbing.stage_table import REFERENCE_READS, columns_hash, get_stage
 
 N_PAIRS = 5
 
@@ -30,7 +31,7 @@ def pairs_path(shared_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_table(pairs_path, tmp_path_factory):
-    out = run_reference(_config(), {"filtered": pairs_path}, tmp_path_factory.mktemp("ref_out"))
+    out = run_stage_function("reference", _config(), {"filtered": pairs_path}, tmp_path_factory.mktemp("ref_out"))
     return read_artifact(out["reference"], "reference"), out["reference"]
 
 
@@ -46,7 +47,7 @@ def test_reference_values_and_order(pairs_path, reference_table, default_model_c
     # the reference reads only the dominant-side columns: its identity and provenance hash those (label noise
     # on the target side leaves it current)
     assert manifest.inputs == {"filtered": columns_hash(pairs_path, REFERENCE_READS)}
-    assert not list(path.parent.glob("shards-*")), "shards are removed once the artifact is written"
+    assert not (path.parent / "shards").exists(), "shards are removed once the artifact is written"
     model, tok = load_model(default_model_config).eval(), load_tokenizer(default_model_config)
     chosen, rejected = logps.pair_avg_logps(  # one prompt cut per pair, as the trainer encodes it
         model,
@@ -70,8 +71,12 @@ def test_reference_values_and_order(pairs_path, reference_table, default_model_c
 
 
 @pytest.mark.slow
-def test_reference_resumes_after_interruption(pairs_path, reference_table, tmp_path, monkeypatch):
-    real = logps.sequence_outputs
+def test_reference_resumes_after_interruption_and_force_recomputes(pairs_path, reference_table, tmp_path, monkeypatch):
+    """Through the runner: a killed reference stage resumes from its finished batches; an unchanged one is
+    skipped; ``force`` starts from an empty folder and recomputes every batch."""
+    from mpo_core.method import reference as method_reference
+
+    real = method_reference.sequence_outputs
     calls = {"n": 0, "crash_at": 2}
 
     def counting_with_crash(*args, **kwargs):
@@ -80,16 +85,19 @@ def test_reference_resumes_after_interruption(pairs_path, reference_table, tmp_p
             raise KeyboardInterrupt("simulated kill")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(logps, "sequence_outputs", counting_with_crash)
+    monkeypatch.setattr(method_reference, "sequence_outputs", counting_with_crash)
+    run, spec, inputs = RunFolder(tmp_path / "run"), get_stage("reference"), {"filtered": pairs_path}
+    out_dir = run.stage_dir("reference")
     with pytest.raises(KeyboardInterrupt):
-        run_reference(_config(), {"filtered": pairs_path}, tmp_path)
-    assert not (tmp_path / "reference.parquet").exists()
-    assert len(list(tmp_path.glob("shards-*/batch-*.parquet"))) == 1
+        execute_stage(spec, _config(), run, inputs)
+    assert not (out_dir / "reference.parquet").exists()
+    assert len(list(out_dir.glob("shards/batch-*.parquet"))) == 1
 
     calls.update(n=0, crash_at=-1)
-    out = run_reference(_config(), {"filtered": pairs_path}, tmp_path)
-    assert calls["n"] == 2, "only the two unfinished batches of three are recomputed"
-    resumed = read_artifact(out["reference"], "reference")
+    outcome = execute_stage(spec, _config(), run, inputs)
+    assert (outcome.status, outcome.reason, calls["n"]) == (RAN, "interrupted", 2), "only the two unfinished batches of three"
+    assert not (out_dir / "shards").exists(), "shards are removed once the artifact is written"
+    resumed = read_artifact(outcome.outputs["reference"], "reference")
     expected, _ = reference_table
     assert resumed.column("pair_id").to_pylist() == expected.column("pair_id").to_pylist()
     for column in ("reward_gap", "chosen_pooled", "rejected_pooled"):
@@ -98,5 +106,7 @@ def test_reference_resumes_after_interruption(pairs_path, reference_table, tmp_p
             torch.tensor(expected.column(column).to_pylist()),
         )
     calls["n"] = 0
-    run_reference(_config(), {"filtered": pairs_path}, tmp_path)
+    assert execute_stage(spec, _config(), run, inputs).status == SKIPPED
     assert calls["n"] == 0, "an unchanged identity is not recomputed"
+    forced = execute_stage(spec, _config(), run, inputs, force=True)
+    assert (forced.status, forced.reason, calls["n"]) == (RAN, "forced", 3), "force recomputes every batch"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mpo_core.plumbing.artifacts import file_hash, read_manifest, write_artifact
+from mpo_core.plumbing.artifacts import read_manifest, write_artifact
 from mpo_core.plumbing.config import config_from_dict
 from mpo_core.plumbing.errors import ArtifactError, ConfigError
 from mpo_core.plumbing.runs import (
@@ -21,14 +21,17 @@ from mpo_core.plumbing.runs import (
     RunFolderNotVisible,
     active_stages,
     bypass_stage,
+    check_stage,
     ensure_inside,
     execute_stage,
     list_runs,
     open_run,
     resolve_inputs,
+    stale_stages,
 )
-from mpo_core.plumbing.seed import seed_path
-from mpo_core.plumbing.stage_table import get_stage, stage_identity
+from mpo_core.plumbing.schemas import SCHEMAS
+from mpo_core.plumbing.stage_run import Artifact
+from mpo_core.plumbing.stage_table import STAGES, OutputSpec, artifact_spec, get_stage
 
 
 def _prompt_rows(n: int) -> list[dict]:
@@ -47,53 +50,36 @@ def _prompt_rows(n: int) -> list[dict]:
     ]
 
 
-def fake_ingest(config, inputs, out_dir):
-    """Writes ``prompts`` with as many rows as ``prompts.limit`` (default 4)."""
-    spec = FAKE["ingest"]
-    path = out_dir / "prompts.parquet"
-    source = {"source": file_hash(seed_path())}  # ingest's identity includes its source file
-    write_artifact(
-        _prompt_rows(config.prompts.limit or 4),
-        path,
-        "prompts",
-        config_hash=stage_identity(spec, config, source),
-    )
-    return {"prompts": path}
+def fake_ingest(stage):
+    """Returns ``prompts`` with as many rows as ``prompts.limit`` (default 4)."""
+    return {"prompts": Artifact(_prompt_rows(stage.config.prompts.limit or 4))}
 
 
-def fake_translate(config, inputs, out_dir):
-    """Copies prompts to ``translated`` and writes a non-Parquet side file folder as its second output."""
-    spec = FAKE["translate"]
-    hashes = {k: read_manifest(p).content_hash for k, p in inputs.items()}
-    path = out_dir / "translated.parquet"
-    from mpo_core.plumbing.artifacts import read_artifact
-
-    write_artifact(
-        read_artifact(inputs["prompts"], "prompts"),
-        path,
-        "prompts",
-        config_hash=stage_identity(spec, config, hashes),
-        inputs=hashes,
-    )
-    folder = out_dir / "notes"
-    folder.mkdir(exist_ok=True)
-    (folder / "a.txt").write_text(config.translate.backend)
-    return {"translated": path, "notes": folder}
+def fake_translate(stage):
+    """Copies prompts to ``translated`` and fills a folder as its second output (``notes``)."""
+    stage.path("notes").mkdir(exist_ok=True)
+    (stage.path("notes") / "a.txt").write_text(stage.config.translate.backend)
+    return {"translated": Artifact(stage.inputs.table("prompts"))}
 
 
-def fake_escaping(config, inputs, out_dir):
-    return {"prompts": out_dir.parent.parent / "elsewhere.parquet"}
+def fake_escaping(stage):
+    """Writes its output as a link to a file outside the run."""
+    outside = stage.out_dir.parent.parent / "elsewhere.parquet"
+    write_artifact(_prompt_rows(1), outside, "prompts")
+    stage.path("prompts").symlink_to(outside)
+    return {}
 
 
-def fake_failing(config, inputs, out_dir):
-    (out_dir / "partial.tmp").write_text("x")
+def fake_failing(stage):
+    (stage.out_dir / "partial.tmp").write_text("x")
     raise RuntimeError("boom")
 
 
 FAKE = {
     "ingest": dataclasses.replace(get_stage("ingest"), entry="tests.test_runs:fake_ingest"),
     "translate": dataclasses.replace(
-        get_stage("translate"), entry="tests.test_runs:fake_translate", outputs=("translated", "notes")
+        get_stage("translate"), entry="tests.test_runs:fake_translate",
+        produces=(*get_stage("translate").produces, OutputSpec("notes", "notes", "folder")),
     ),
 }
 
@@ -183,8 +169,9 @@ def test_interrupted_stage_with_same_identity_keeps_its_folder(config):
 def test_outputs_outside_the_stage_folder_are_refused(config):
     run = RunFolder.for_config(config)
     escaping = dataclasses.replace(FAKE["ingest"], entry="tests.test_runs:fake_escaping")
-    with pytest.raises(ConfigError, match="outside"):
+    with pytest.raises(ArtifactError, match="symbolic link .* outside the run folder"):
         execute_stage(escaping, config, run, {})
+    assert run.read_marker("ingest")["status"] == "running"
 
 
 @pytest.mark.parametrize("name", ["../up", "a/b", ".hidden", "", "x" * 200, "a..b"])
@@ -307,3 +294,107 @@ def test_a_run_folder_this_machine_cannot_see_names_it_and_the_shared_root_contr
     with pytest.raises(ConfigError, match="no config.yaml") as err:
         open_run(run=tmp_path / "empty")
     assert not isinstance(err.value, RunFolderNotVisible)
+
+
+def _calls(run: RunFolder) -> list[dict]:
+    path = run.path / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def fake_any_stage(stage):
+    """Records (in ``<run>/calls.jsonl``) what it found in its folder, leaves a file of its own, and writes an
+    empty output of every kind the stage table names."""
+    calls = stage.out_dir.parent / "calls.jsonl"
+    call = {"stage": stage.spec.name, "found": sorted(p.name for p in stage.out_dir.iterdir()), "resume": stage.resume}
+    with open(calls, "a") as fh:
+        fh.write(json.dumps(call) + "\n")
+    (stage.out_dir / f"leftover-{len(calls.read_text().splitlines())}").write_text("x")
+    returned = {}
+    for output in stage.spec.produces:
+        if output.is_table:
+            returned[output.name] = Artifact(SCHEMAS[output.kind].empty_table())
+        elif output.kind == "folder":
+            stage.path(output.name).mkdir(parents=True)
+            (stage.path(output.name) / "weights.bin").write_bytes(b"w")
+        else:
+            stage.path(output.name).parent.mkdir(parents=True, exist_ok=True)
+            stage.path(output.name).write_text("report")
+    return returned
+
+
+@pytest.mark.parametrize("name", [spec.name for spec in STAGES])
+def test_force_reruns_every_stage_from_an_empty_folder(name, config, tmp_path):
+    """``--force`` on any stage calls its function again, in an emptied folder; unforced, it is skipped."""
+    spec = dataclasses.replace(get_stage(name), entry="tests.test_runs:fake_any_stage")
+    inputs = {}
+    for input_name in spec.inputs:
+        upstream = artifact_spec(input_name)
+        inputs[input_name] = tmp_path / "upstream" / input_name
+        if upstream.is_table:
+            write_artifact(SCHEMAS[upstream.kind].empty_table(), inputs[input_name], upstream.kind)
+        else:
+            inputs[input_name].mkdir(parents=True)
+    run = RunFolder.for_config(config)
+    assert execute_stage(spec, config, run, inputs).status == RAN
+    assert execute_stage(spec, config, run, inputs).status == SKIPPED
+    forced = execute_stage(spec, config, run, inputs, force=True)
+    assert (forced.status, forced.reason) == (RAN, "forced")
+    calls = _calls(run)
+    assert [c["stage"] for c in calls] == [name, name]
+    assert calls[1]["found"] == ["stage.json"] and not calls[1]["resume"], "a forced stage starts empty"
+    assert not (run.stage_dir(name) / "leftover-1").exists()
+    assert run.read_marker(name)["status"] == "complete"
+
+
+def test_an_input_edited_by_hand_makes_its_consumer_stale(config):
+    """Identities read the inputs themselves, not their manifests: a Parquet input rewritten by hand (its
+    manifest not updated) is not silently reused downstream, and ``stale_stages`` (``mpo runs``) says so."""
+    import pyarrow.parquet as pq
+
+    run = RunFolder.for_config(config)
+    run.save_config(config)
+    _run_both(config, run)
+    prompts = run.stage_dir("ingest") / "prompts.parquet"
+    table = pq.read_table(prompts)
+    pq.write_table(table.slice(0, 2), prompts)
+    inputs = resolve_inputs(FAKE["translate"], config, run.available_outputs())
+    check = check_stage(FAKE["translate"], config, run, inputs)
+    assert (check.current, check.reason) == (False, "input prompts changed")
+    assert stale_stages(run) == {"ingest": "output prompts changed or incomplete", "translate": "input prompts changed"}
+    with pytest.raises(ArtifactError, match="prompts.parquet: content hash does not match its manifest"):
+        execute_stage(FAKE["translate"], config, run, inputs)
+
+
+def fake_notes_reader(stage):
+    return {"labelled": Artifact(SCHEMAS["responses"].empty_table(), {"notes": (stage.inputs.path("notes") / "a.txt").read_text()})}
+
+
+def test_a_checkpoint_folder_edited_by_hand_reruns_its_consumer(config):
+    """A folder input (a checkpoint) replaced by hand after its consumer ran: the consumer reruns and reads
+    the new content (before, the folder's manifest, written when it was made, stood for its content)."""
+    run = RunFolder.for_config(config)
+    _, translate = _run_both(config, run)
+    consumer = dataclasses.replace(get_stage("label"), inputs=("notes",), entry="tests.test_runs:fake_notes_reader")
+    inputs = {"notes": translate.outputs["notes"]}
+    assert execute_stage(consumer, config, run, inputs).status == RAN
+    assert execute_stage(consumer, config, run, inputs).status == SKIPPED
+    (translate.outputs["notes"] / "a.txt").write_text("edited by hand, a longer text")
+    rerun = execute_stage(consumer, config, run, inputs)
+    assert (rerun.status, rerun.reason) == (RAN, "input notes changed")
+    assert read_manifest(rerun.outputs["labelled"]).extra["notes"] == "edited by hand, a longer text"
+
+
+def test_a_corrupt_marker_is_named_and_does_not_block_a_rerun(config):
+    run = RunFolder.for_config(config)
+    run.save_config(config)
+    _run_both(config, run)
+    run.marker_path("translate").write_text("{not json")
+    inputs = resolve_inputs(FAKE["translate"], config, run.available_outputs())
+    check = check_stage(FAKE["translate"], config, run, inputs)
+    assert not check.current and "translate/stage.json: not valid JSON" in check.reason
+    assert "stage.json: not valid JSON" in stale_stages(run)["translate"]
+    forced = execute_stage(FAKE["translate"], config, run, inputs, force=True)
+    assert forced.status == RAN and run.read_marker("translate")["status"] == "complete"
+    run.marker_path("translate").write_text("{not json")
+    again = execute_stage(FAKE["translate"], config, run, inputs)
+    assert again.status == RAN and "marker unreadable" in again.reason

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mpo_core.stages.reference import reference_outputs
+from mpo_core.method.reference import reference_outputs
 from mpo_core.method.synthetic import SIZES, synthetic_causal_lm, synthetic_mpo_batch
 from mpo_core.stages.train import mpo_backward_step, side
 

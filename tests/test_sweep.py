@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mpo_core.plumbing.artifacts import file_hash, read_artifact, write_artifact
+from mpo_core.plumbing.artifacts import file_hash, read_artifact
 from mpo_core.plumbing.config import load_config
 from mpo_core.plumbing.runs import RAN, SKIPPED, RunFolder, execute_stage, resolve_inputs, run_in_process
-from mpo_core.plumbing.stage_table import get_stage, stage_call
+from mpo_core.plumbing.stage_table import get_stage
 from mpo_core.plumbing.sweep import (
     Cell,
     link_stages,
@@ -33,20 +33,17 @@ class ReferenceStandIn:
     def __init__(self) -> None:
         self.reference_calls = 0
 
-    def __call__(self, spec, config, inputs, out_dir):
-        if spec.name != "reference":
-            return run_in_process(spec, config, inputs, out_dir)
+    def __call__(self, stage):
+        if stage.spec.name != "reference":
+            return run_in_process(stage)
         self.reference_calls += 1
-        pairs = read_artifact(inputs["filtered"], "pairs")
+        pairs = stage.inputs.table("filtered")
         n = pairs.num_rows
-        path = Path(out_dir) / "reference.parquet"
-        write_artifact(
-            {"pair_id": pairs.column("pair_id").to_pylist(), "dominant_chosen_avg_logp": [0.0] * n,
-             "dominant_rejected_avg_logp": [0.0] * n, "reward_gap": [0.0] * n, "chosen_pooled": [[0.0]] * n,
-             "rejected_pooled": [[0.0]] * n, "model_fingerprint": ["stand-in"] * n},
-            path, "reference", **stage_call("reference", config, inputs).provenance,
-        )
-        return {"reference": path}
+        with stage.writer("reference") as out:
+            out.write({"pair_id": pairs.column("pair_id").to_pylist(), "dominant_chosen_avg_logp": [0.0] * n,
+                       "dominant_rejected_avg_logp": [0.0] * n, "reward_gap": [0.0] * n,
+                       "chosen_pooled": [[0.0]] * n, "rejected_pooled": [[0.0]] * n,
+                       "model_fingerprint": ["stand-in"] * n})
 
 
 def _run_stages(folder: RunFolder, stages: list[str], runner) -> dict[str, str]:
@@ -55,7 +52,7 @@ def _run_stages(folder: RunFolder, stages: list[str], runner) -> dict[str, str]:
     statuses = {}
     for stage in stages:
         spec = get_stage(stage)
-        outcome = execute_stage(spec, config, folder, resolve_inputs(spec, config, available), runner=runner)
+        outcome = execute_stage(spec, config, folder, resolve_inputs(spec, config, available), launcher=runner)
         available.update(outcome.outputs)
         statuses[stage] = outcome.status
     return statuses

@@ -12,8 +12,9 @@ import pytest
 import torch
 from core_pairs import official_pairs, write_pairs
 
+from mpo_core.method.reference import reference_outputs
 from mpo_core.plumbing.config import CONFIGS_DIR, config_from_dict, load_config
-from mpo_core.stages.reference import reference_outputs, run_reference
+from mpo_core.plumbing.stage_run import run_stage_function
 from mpo_core.stages.train import (
     TRAIN_LOG,
     MPOCollator,
@@ -22,7 +23,6 @@ from mpo_core.stages.train import (
     mpo_backward_step,
     mpo_step_loss,
     paper_mpo_loss,
-    run_train,
     side,
 )
 
@@ -57,7 +57,7 @@ def real_pairs(shared_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference_path(real_pairs, tmp_path_factory) -> Path:
     config = _config(tmp_path_factory.getbasetemp())
-    return run_reference(config, {"filtered": real_pairs}, tmp_path_factory.mktemp("reference"))["reference"]
+    return run_stage_function("reference", config, {"filtered": real_pairs}, tmp_path_factory.mktemp("reference"))["reference"]
 
 
 def test_every_recipe_validates():
@@ -129,14 +129,14 @@ def _log_steps(out_dir: Path) -> list[int]:
 def test_training_reduces_l1_resumes_and_saves_safely(
     real_pairs, reference_path, tmp_path, default_model_config
 ):
-    from mpo_core.plumbing.artifacts import read_artifact
     from mpo_core.common.models import load_model, load_tokenizer
+    from mpo_core.plumbing.artifacts import read_artifact
 
     inputs = {"filtered": real_pairs, "reference": reference_path}
-    out = run_train(_config(tmp_path, max_steps=2), inputs, tmp_path)["checkpoint"]
+    out = run_stage_function("train", _config(tmp_path, max_steps=2), inputs, tmp_path)["checkpoint"]
     assert _log_steps(tmp_path) == [1, 2]
     # a longer run in the same folder resumes from checkpoint-2 instead of starting again
-    out = run_train(_config(tmp_path, max_steps=4), inputs, tmp_path)["checkpoint"]
+    out = run_stage_function("train", _config(tmp_path, max_steps=4), inputs, tmp_path)["checkpoint"]
     assert _log_steps(tmp_path) == [1, 2, 3, 4]
     assert json.loads((out / "mpo_train.json").read_text())["global_step"] == 4
 
@@ -167,8 +167,8 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(
     same gradient (the same 2 pairs: the sampler's order does not depend on the batch size)."""
     from transformers import TrainerCallback
 
-    from mpo_core.plumbing.artifacts import read_artifact
     from mpo_core.common.models import load_model, load_tokenizer
+    from mpo_core.plumbing.artifacts import read_artifact
 
     tok = load_tokenizer(default_model_config, padding_side="right")
     pairs, reference = read_artifact(real_pairs, "pairs"), read_artifact(reference_path, "reference")
@@ -209,7 +209,7 @@ def test_lora_training_runs_and_merges(real_pairs, reference_path, tmp_path, def
     from mpo_core.common.models import resolve_model_path
 
     config = _config(tmp_path, max_steps=1, learning_rate=1.0e-3, lora={"r": 4, "alpha": 8})
-    out = run_train(config, {"filtered": real_pairs, "reference": reference_path}, tmp_path)["checkpoint"]
+    out = run_stage_function("train", config, {"filtered": real_pairs, "reference": reference_path}, tmp_path)["checkpoint"]
     merged = load_file(out / "model.safetensors")
     base = load_file(Path(resolve_model_path(default_model_config.name_or_path)) / "model.safetensors")
     assert not any("lora" in key for key in merged)
@@ -226,15 +226,15 @@ def test_baselines_run_a_step(loss, shared_data, tmp_path):
     sizes = [len(p.encode()) for p in candidates.column("target_prompt").to_pylist()]
     one_pair = write_pairs(candidates.slice(sizes.index(min(sizes)), 1), tmp_path / "one.parquet")
     config = _config(tmp_path, loss=loss, max_steps=1, per_device_batch_size=1, max_length=80, beta=0.1)
-    out = run_train(config, {"filtered": one_pair}, tmp_path / "run")["checkpoint"]
+    out = run_stage_function("train", config, {"filtered": one_pair}, tmp_path / "run")["checkpoint"]
     assert (out / "model.safetensors").exists()
     log = [json.loads(line) for line in (tmp_path / "run" / TRAIN_LOG).read_text().splitlines()]
     assert any("loss" in line and line["step"] == 1 for line in log)
 
 
 def test_pairs_without_reference_rows_are_named(default_model_config):
-    from mpo_core.plumbing.errors import InputDataError
     from mpo_core.common.models import load_tokenizer
+    from mpo_core.plumbing.errors import InputDataError
 
     tok = load_tokenizer(default_model_config)
     pairs = pa.table(

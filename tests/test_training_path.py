@@ -10,10 +10,11 @@ import pytest
 import torch
 from core_pairs import official_pairs, write_pairs
 
+from mpo_core.method.reference import check_reference_encoding, encoding_settings
 from mpo_core.plumbing.artifacts import write_artifact
 from mpo_core.plumbing.config import CONFIGS_DIR, ModelConfig, config_from_dict, load_config
 from mpo_core.plumbing.errors import ConfigError
-from mpo_core.stages.reference import check_reference_encoding, encoding_settings
+from mpo_core.plumbing.stage_run import run_stage_function
 
 HIDDEN = 64
 
@@ -65,13 +66,12 @@ def _reference(pairs, path: Path, config, max_length: int) -> Path:
 def test_training_refuses_a_reference_built_at_another_max_length(pairs, tmp_path):
     """Reference at 192 tokens, training at 96: the reference's RG^d and pooled states would not be those of
     the trained sequences (L2 at step 0 would not be 0). The train stage refuses before loading a model."""
-    from mpo_core.stages.train import run_train
 
     config = _config(reference={"max_length": 192}, train={"max_length": 96})
     pairs_path = write_pairs(pairs, tmp_path / "pairs.parquet")
     reference = _reference(pairs, tmp_path / "reference.parquet", config, 192)
     with pytest.raises(ConfigError, match=r"reference.max_length=192 but training would use train.max_length=96"):
-        run_train(config, {"filtered": pairs_path, "reference": reference}, tmp_path / "train")
+        run_stage_function("train", config, {"filtered": pairs_path, "reference": reference}, tmp_path / "train")
     assert not (tmp_path / "train" / "model").exists()
     check_reference_encoding(reference, _config(train={"max_length": 192}))  # the same sequences: accepted
     other = _config(train={"max_length": 192}, model={"truncation": "llama_factory"})
@@ -124,8 +124,8 @@ def test_paper_recipes_encode_as_the_official_code(tokenizer):
     """The Llama-3.1 recipe renders prompts without the system block (knowledge cut-off, today's date) that
     the tokenizer's own template adds, and every paper recipe cuts as LLaMA-Factory does; the alternatives
     are settings (``model.chat_template: null``, ``model.truncation: prompt_left``)."""
-    from mpo_core.method.logps import encode_prompt_responses, llama_factory_lengths, render_prompt
     from mpo_core.common.models import load_tokenizer
+    from mpo_core.method.logps import encode_prompt_responses, llama_factory_lengths, render_prompt
 
     llama = load_config(CONFIGS_DIR / "llama3.1-8b.yaml")
     assert llama.model.chat_template is not None
@@ -175,8 +175,8 @@ def test_paper_learning_rate_moves_fp32_master_weights(tokenizer, pairs, tmp_pat
     """A bf16-loaded model trained as the paper recipes train (train.sharding fsdp2, bf16, lr 6e-7): one step
     changes most weight elements, because the master weights are fp32 (in bf16, most AdamW updates of 6e-7
     fall below the weights' resolution and are lost)."""
-    from mpo_core.plumbing.artifacts import read_artifact
     from mpo_core.method.synthetic import synthetic_causal_lm
+    from mpo_core.plumbing.artifacts import read_artifact
     from mpo_core.stages.train import build_trainer
 
     config = _config(train={"sharding": "fsdp2", "bf16": True, "learning_rate": 6e-7})

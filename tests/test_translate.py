@@ -8,10 +8,10 @@ from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_arti
 from mpo_core.plumbing.config import PipelineConfig
 from mpo_core.plumbing.errors import ConfigError, InputDataError
 from mpo_core.plumbing.seed import load_seed_prompts
+from mpo_core.plumbing.stage_run import run_stage_function
 from mpo_core.stages.translate import (
     llm_translation_prompt,
     nllb_code,
-    run_translate,
     seq2seq_family,
     translate_prompts,
 )
@@ -25,7 +25,7 @@ def test_provided_keeps_run_languages_and_records_origin(tmp_path):
     prompts = tmp_path / "prompts.parquet"
     write_artifact(load_seed_prompts(), prompts, "prompts")
     config = _config(run={"target_langs": ["zh", "sw"]})
-    out = run_translate(config, {"prompts": prompts}, tmp_path / "translate")
+    out = run_stage_function("translate", config, {"prompts": prompts}, tmp_path / "translate")
     table = read_artifact(out["translated"], "prompts")
     assert table.num_rows == 90 * 3
     assert set(table.column("lang").to_pylist()) == {"en", "zh", "sw"}

@@ -69,6 +69,25 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def write_bytes_atomically(path: Path, blob: bytes) -> None:
+    """Write ``blob`` to a temporary file beside ``path``, fsync, rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """:func:`write_bytes_atomically` for UTF-8 text."""
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Build a folder in a temporary sibling of ``target`` and rename it into place on success.

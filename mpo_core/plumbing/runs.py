@@ -8,11 +8,15 @@ A run lives in ``<run.root>/<run.name>/``::
 
 ``stage.json`` is written before a stage starts (``status: running``) and again, last, when all its outputs
 are in place (``status: complete``, output paths and fingerprints). A stage is *current*, and skipped, when
-its marker is complete, the marker's identity equals :func:`mpo_core.plumbing.stage_table.stage_identity` for the present
-config and inputs, every output is whole (Parquet: :func:`artifact_is_complete` and a manifest whose
-``config_hash`` is that identity) and unchanged since the marker was written. A marker left ``running`` with
-the same identity (an interrupted stage) keeps the folder, so training resumes from its checkpoints; a
-marker with another identity means the folder holds stale outputs, which are removed before the rerun.
+its marker is complete, the marker's identity equals :func:`mpo_core.plumbing.stage_table.stage_identity` for
+the present config and inputs (their content read from the files, not from their manifests), every output is
+whole (Parquet: :func:`artifact_is_complete` and a manifest whose ``config_hash`` is that identity) and
+unchanged since the marker was written. This is the only place reuse is decided.
+
+Before a stage runs, its folder is emptied, except when its marker was left ``running`` with the same
+identity (an interrupted stage, not forced): then the folder is kept and the stage resumes (training from its
+checkpoints, the reference from its finished batches). A forced stage, a stage whose config or inputs changed
+and a stage whose marker cannot be read all start from an empty folder.
 
 Nothing here imports Prefect: the orchestration layer calls :func:`execute_stage` and adds its reporting.
 """
@@ -25,7 +29,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,20 +40,22 @@ from mpo_core.plumbing.artifacts import (
     artifact_is_complete,
     manifest_path,
     read_manifest,
+    write_bytes_atomically,
     write_manifest,
 )
 from mpo_core.plumbing.config import PipelineConfig, dump_config, load_config
 from mpo_core.plumbing.errors import ArtifactError, ConfigError
 from mpo_core.plumbing.progress import round_seconds
+from mpo_core.plumbing.stage_run import StageInputs, StageRun, call_stage, check_outputs
 from mpo_core.plumbing.stage_table import (
     STAGES,
     StageSpec,
     align_enabled,
     content_fingerprint,
     get_stage,
-    input_hashes,
     pair_source,
-    stage_call,
+    stage_identity,
+    stage_input_hashes,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,22 +75,8 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _write_bytes_atomically(path: Path, blob: bytes) -> None:
-    """Write ``blob`` to a temporary file beside ``path``, fsync, rename: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_bytes_atomically(
+    write_bytes_atomically(
         path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
     )
 
@@ -181,7 +172,7 @@ class RunFolder:
         return self.path / get_stage(stage).name
 
     def save_config(self, config: PipelineConfig) -> None:
-        _write_bytes_atomically(self.config_path, dump_config(config).encode("utf-8"))
+        write_bytes_atomically(self.config_path, dump_config(config).encode("utf-8"))
 
     def load_config(self, overrides: list[str] | None = None) -> PipelineConfig:
         """The run's recorded config with ``key=value`` overrides applied; the run must not move or rename."""
@@ -229,10 +220,15 @@ class RunFolder:
         return {s.name: stages[s.name]["status"] for s in STAGES if s.name in stages}
 
     def available_outputs(self) -> dict[str, Path]:
-        """Outputs of every stage whose marker is complete (what a single stage rerun reads)."""
+        """Outputs of every stage whose marker is complete (what a single stage rerun reads); a stage whose
+        marker cannot be read offers none (:func:`stale_stages` names it)."""
         outputs: dict[str, Path] = {}
         for spec in STAGES:
-            marker = self.read_marker(spec.name)
+            try:
+                marker = self.read_marker(spec.name)
+            except ArtifactError as err:
+                logger.warning("%s", err)
+                continue
             if marker and marker.get("status") == "complete":
                 outputs.update({k: self.path / v for k, v in marker["outputs"].items()})
         return outputs
@@ -245,15 +241,19 @@ class RunFolder:
     def read_marker(self, stage: str) -> dict[str, Any] | None:
         return _read_json(self.marker_path(stage))
 
-    def is_current(self, spec: StageSpec, identity: str) -> tuple[bool, str]:
-        """Whether the stage's outputs are whole and were made with ``identity``; the reason if not."""
-        marker = self.read_marker(spec.name)
+    def is_current(self, spec: StageSpec, identity: str, hashes: dict[str, str]) -> tuple[bool, str]:
+        """Whether the stage's outputs are whole and were made with ``identity`` (from the input content
+        ``hashes``); the reason if not."""
+        try:
+            marker = self.read_marker(spec.name)
+        except ArtifactError as err:
+            return False, f"marker unreadable ({err})"
         if marker is None:
             return False, "first run"
         if marker.get("status") != "complete":
             return False, "interrupted"
         if marker.get("identity") != identity:
-            return False, "config, inputs or code changed"
+            return False, changed_reason(marker.get("input_hashes"), hashes)
         for name in spec.outputs:
             rel = marker["outputs"].get(name)
             if rel is None:
@@ -263,7 +263,7 @@ class RunFolder:
                 return False, f"output {name} missing"
             if path.suffix == ".parquet":
                 if not artifact_is_complete(path):
-                    return False, f"output {name} incomplete"
+                    return False, f"output {name} changed or incomplete"
                 if read_manifest(path).config_hash != identity:
                     return False, f"output {name} made by another identity"
             elif content_fingerprint(path) != marker["fingerprints"].get(name):
@@ -297,15 +297,21 @@ class RunFolder:
                 )
         return out_dir
 
-    def prepare_stage_dir(self, spec: StageSpec, identity: str) -> None:
-        """Before a (re)run: drop outputs made under another identity, keep an interrupted run's files."""
+    def prepare_stage_dir(self, spec: StageSpec, identity: str, force: bool) -> bool:
+        """Before a (re)run: empty the stage's folder unless an interrupted, unforced run of the same identity
+        left files to resume from. Returns whether the stage resumes."""
         out_dir = self.check_writable(spec.name)
-        marker = self.read_marker(spec.name)
-        if marker is not None and marker.get("identity") != identity and out_dir.is_dir():
+        try:
+            marker = None if force else self.read_marker(spec.name)
+        except ArtifactError:
+            marker = None
+        resume = marker is not None and marker.get("status") == "running" and marker.get("identity") == identity
+        if out_dir.is_dir() and not resume:
             ensure_inside(out_dir, self.path, "stage folder")
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self._write_marker(spec, identity, "running")
+        return resume
 
 
 def resolve_inputs(spec: StageSpec, config: PipelineConfig, available: dict[str, Path]) -> dict[str, Path]:
@@ -319,29 +325,37 @@ def resolve_inputs(spec: StageSpec, config: PipelineConfig, available: dict[str,
     return {name: Path(available[name]) for name in needed}
 
 
+def changed_reason(recorded: dict[str, str] | None, now: dict[str, str]) -> str:
+    """Why a stage's identity changed: the inputs whose content differs from what its marker recorded, or its
+    config sections or code."""
+    if recorded is None:
+        return "config, inputs or code changed"
+    changed = sorted(name for name in set(recorded) | set(now) if recorded.get(name) != now.get(name))
+    return f"input {', '.join(changed)} changed" if changed else "config or code changed"
+
+
 @dataclass(frozen=True)
-class StageCheck:
-    """Whether a stage can be skipped: its identity now, and if current, the outputs it already has."""
+class Freshness:
+    """Whether a stage can be skipped: its identity now (from its config sections and the content of its
+    inputs), and if current, the outputs it already has."""
 
     identity: str
+    input_hashes: dict[str, str]
     current: bool
     reason: str
     outputs: dict[str, Path]
 
 
-def check_stage(
-    spec: StageSpec, config: PipelineConfig, run: RunFolder, inputs: dict[str, Path]
-) -> StageCheck:
+def check_stage(spec: StageSpec, config: PipelineConfig, run: RunFolder, inputs: dict[str, Path]) -> Freshness:
     """The reuse rule, in one place: compute the stage's identity and compare it with its marker."""
-    identity = stage_call(spec.name, config, inputs).identity
-    current, reason = run.is_current(spec, identity)
-    outputs = {}
-    if current:
-        outputs = {k: run.path / v for k, v in run.read_marker(spec.name)["outputs"].items()}
-    return StageCheck(identity, current, reason, outputs)
+    hashes = stage_input_hashes(spec, config, inputs)
+    identity = stage_identity(spec, config, hashes)
+    current, reason = run.is_current(spec, identity, hashes)
+    outputs = {k: run.path / v for k, v in run.read_marker(spec.name)["outputs"].items()} if current else {}
+    return Freshness(identity, hashes, current, reason, outputs)
 
 
-def record_skip(spec: StageSpec, run: RunFolder, check: StageCheck) -> StageOutcome:
+def record_skip(spec: StageSpec, run: RunFolder, check: Freshness) -> StageOutcome:
     """Record a current stage as skipped in ``state.json`` and hand back its existing outputs."""
     run.record(
         spec.name,
@@ -354,14 +368,14 @@ def record_skip(spec: StageSpec, run: RunFolder, check: StageCheck) -> StageOutc
     return StageOutcome(spec.name, SKIPPED, check.outputs, check.identity, 0.0, check.reason)
 
 
-StageRunner = Callable[[StageSpec, PipelineConfig, dict[str, Path], Path], dict[str, Path]]
+# How a stage function is started: in this process (:func:`run_in_process`) or under a multi-process
+# launcher (:func:`tasks.launch.launched`); either way the stage's outputs are in its folder afterwards.
+Launcher = Callable[[StageRun], None]
 
 
-def run_in_process(
-    spec: StageSpec, config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
-) -> dict[str, Path]:
-    """Call the stage function in this process."""
-    return spec.load()(config, inputs, out_dir)
+def run_in_process(stage: StageRun) -> None:
+    """Call the stage function in this process and write what it returns."""
+    call_stage(stage)
 
 
 def execute_stage(
@@ -371,13 +385,14 @@ def execute_stage(
     inputs: dict[str, Path],
     *,
     force: bool = False,
-    runner: StageRunner = run_in_process,
+    launcher: Launcher = run_in_process,
 ) -> StageOutcome:
-    """Run ``spec`` in ``run`` unless it is current; record the outcome in ``stage.json`` and ``state.json``.
+    """Run ``spec`` in ``run`` unless it is current (or ``force``); record the outcome in ``stage.json`` and
+    ``state.json``.
 
-    The stage function (called through ``runner``) writes into ``<run>/<stage>/``; every path it returns must
-    lie there. The marker is written last, so a crash at any point leaves the stage not current and it runs
-    again next time.
+    The stage writes into ``<run>/<stage>/``, emptied first unless an interrupted unforced run of the same
+    identity is resumed. The marker is written last, so a crash at any point leaves the stage not current and
+    it runs again next time.
     """
     started = time.perf_counter()
     check = check_stage(spec, config, run, inputs)
@@ -386,7 +401,6 @@ def execute_stage(
         return record_skip(spec, run, check)
     reason = "forced" if force else check.reason
     logger.info("stage %s runs: %s (identity %s)", spec.name, reason, check.identity[:16])
-    out_dir = run.stage_dir(spec.name)
     run.record(
         spec.name,
         status=RUNNING,
@@ -397,9 +411,13 @@ def execute_stage(
         error=None,
     )
     try:
-        run.prepare_stage_dir(spec, check.identity)
-        outputs = _check_outputs(spec, runner(spec, config, inputs, out_dir), run)
-        return _complete_stage(spec, run, check, outputs, inputs, started, reason)
+        resume = run.prepare_stage_dir(spec, check.identity, force)
+        stage = StageRun(spec, config, StageInputs(inputs), run.stage_dir(spec.name), resume, check.identity,
+                         check.input_hashes)
+        launcher(stage)
+        run.check_writable(spec.name)
+        outputs = check_outputs(stage)
+        return _complete_stage(spec, run, check, outputs, started, reason)
     except BaseException as err:
         run.record(spec.name, status=FAILED, error=f"{type(err).__name__}: {err}"[:2000])
         raise
@@ -408,21 +426,21 @@ def execute_stage(
 def _complete_stage(
     spec: StageSpec,
     run: RunFolder,
-    check: StageCheck,
+    check: Freshness,
     outputs: dict[str, Path],
-    inputs: dict[str, Path],
     started: float,
     reason: str,
 ) -> StageOutcome:
     """Manifests for plain outputs, then the complete marker (last), then ``state.json``: stage ``ran``."""
-    _manifest_plain_outputs(outputs, check.identity, input_hashes(inputs))
-    relative = {k: str(p.relative_to(run.path.resolve())) for k, p in outputs.items()}
+    _manifest_plain_outputs(outputs, check.identity, check.input_hashes)
+    relative = {k: str(p.resolve().relative_to(run.path.resolve())) for k, p in outputs.items()}
     seconds = time.perf_counter() - started
     run._write_marker(
         spec,
         check.identity,
         "complete",
         outputs=relative,
+        input_hashes=check.input_hashes,
         seconds=round_seconds(seconds),
         fingerprints={k: content_fingerprint(p) for k, p in outputs.items()},
     )
@@ -467,28 +485,34 @@ def _manifest_plain_outputs(outputs: dict[str, Path], identity: str, inputs: dic
         )
 
 
-def _check_outputs(spec: StageSpec, produced: dict[str, Path], run: RunFolder) -> dict[str, Path]:
-    """The stage's returned outputs, resolved; each named in the stage table and inside its stage folder,
-    which (links resolved) is inside the run folder."""
-    if set(produced) != set(spec.outputs):
-        raise ArtifactError(
-            f"stage {spec.name} returned outputs {sorted(produced)}, the stage table says {list(spec.outputs)}"
-        )
-    run.check_writable(spec.name)
-    out_dir = ensure_inside(run.stage_dir(spec.name), run.path, f"stage {spec.name} folder")
-    outputs = {}
-    for name, path in produced.items():
-        resolved = ensure_inside(path, out_dir, f"stage {spec.name} output {name}")
-        if not resolved.exists():
-            raise ArtifactError(f"stage {spec.name} returned {name}={path}, which does not exist")
-        outputs[name] = resolved
-    return outputs
-
-
 def bypass_stage(spec: StageSpec, run: RunFolder, reason: str) -> StageOutcome:
     """Record that ``spec`` does not run in this invocation (e.g. generate/label under ``pair.source``)."""
     run.record(spec.name, status=BYPASSED, reason=reason, seconds=0.0)
     return StageOutcome(spec.name, BYPASSED, {}, "", 0.0, reason)
+
+
+def stale_stages(run: RunFolder) -> dict[str, str]:
+    """Stages of ``run`` that finished but would not be skipped now, with the reason (an input edited after
+    the stage ran, an output changed, the recorded config or code changed): what ``mpo runs`` flags."""
+    config = run.load_config()
+    available = run.available_outputs()
+    stale = {}
+    for spec in active_stages(config):
+        try:
+            marker = run.read_marker(spec.name)
+        except ArtifactError as err:
+            stale[spec.name] = str(err)
+            continue
+        if not marker or marker.get("status") != "complete":
+            continue
+        needed = stage_inputs_needed(spec, config)
+        if any(name not in available for name in needed):
+            stale[spec.name] = "an input is missing"
+            continue
+        check = check_stage(spec, config, run, {name: available[name] for name in needed})
+        if not check.current:
+            stale[spec.name] = check.reason
+    return stale
 
 
 def list_runs(root: str | Path) -> list[RunFolder]:
@@ -522,28 +546,32 @@ def open_run(
     return folder, cfg
 
 
-LAUNCH_OUTPUTS_FILE = "launch_outputs.json"
-
-
 def launch_main(argv: list[str] | None = None) -> None:
-    """``python -m mpo_core.plumbing.runs STAGE RUN_DIR INPUTS_JSON``: run one stage function in this process.
+    """``python -m mpo_core.plumbing.runs STAGE RUN_DIR STAGE_JSON``: run one stage function in this process.
 
-    This is what ``accelerate launch`` starts on every rank for multi-GPU training; the parent process keeps
-    the marker and state bookkeeping. Rank 0 writes the returned outputs to ``<stage>/launch_outputs.json``.
+    This is what a multi-process launcher (``accelerate launch``, ``torchrun``) starts on every rank; the
+    parent process keeps the marker and state bookkeeping. ``STAGE_JSON`` holds the inputs, identity, input
+    hashes and whether to resume, as the parent decided them. Rank 0 writes the returned tables.
     """
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mpo_core.plumbing.runs")
     parser.add_argument("stage")
     parser.add_argument("run_dir")
-    parser.add_argument("inputs_json", help="JSON object {artifact name: path}")
+    parser.add_argument("stage_json", help="JSON object {inputs, identity, input_hashes, resume}")
     args = parser.parse_args(argv)
     run = RunFolder(args.run_dir)
     spec = get_stage(args.stage)
-    inputs = {k: Path(v) for k, v in json.loads(args.inputs_json).items()}
-    outputs = run_in_process(spec, run.load_config(), inputs, run.stage_dir(spec.name))
-    if int(os.environ.get("RANK", "0")) == 0:
-        _write_json(run.stage_dir(spec.name) / LAUNCH_OUTPUTS_FILE, {k: str(v) for k, v in outputs.items()})
+    payload = json.loads(args.stage_json)
+    stage = StageRun(spec, run.load_config(), StageInputs(payload["inputs"]), run.stage_dir(spec.name),
+                     payload["resume"], payload["identity"], payload["input_hashes"])
+    call_stage(stage, write_outputs=int(os.environ.get("RANK", "0")) == 0)
+
+
+def launch_payload(stage: StageRun) -> str:
+    """The ``STAGE_JSON`` argument of :func:`launch_main` for ``stage``."""
+    return json.dumps({"inputs": {k: str(p.resolve()) for k, p in stage.inputs.paths.items()},
+                       "identity": stage.identity, "input_hashes": stage.input_hashes, "resume": stage.resume})
 
 
 if __name__ == "__main__":

@@ -1,28 +1,45 @@
-"""The pipeline's stages, their artifacts and their identities, in one table.
+"""The pipeline's stages in one table: what each reads and writes, which config sections make its identity,
+where it runs.
 
-Every stage is a plain function ``run(config, inputs, out_dir) -> outputs`` living in its own module of
-``mpo_core``: ``inputs`` maps upstream artifact names to paths, ``out_dir`` is the stage's own folder in the
-run, and ``outputs`` maps the artifact names it wrote to paths. The function writes with
-:func:`mpo_core.plumbing.artifacts.write_artifact`, passing :func:`stage_identity` as ``config_hash`` and the
-content hashes of its inputs, so that a stage whose identity is unchanged can be skipped.
+A stage is a plain function ``run_<stage>(stage: StageRun) -> dict[str, Artifact]`` in its module under
+:mod:`mpo_core.stages`. It reads its inputs through ``stage.inputs`` and returns the tables it made; the runner
+(:mod:`mpo_core.plumbing.runs`) decides whether it runs at all, reads and checks the inputs, writes the
+returned tables where this table says, with provenance, and checks that every output is in place. Stage
+code knows nothing of markers, manifests or identities.
 
-Artifact names are unique across the pipeline, so ``inputs`` of a stage are found by name among the
-outputs of the stages before it.
+Artifact names are unique across the pipeline, so the inputs of a stage are found by name among the outputs
+of the stages before it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mpo_core import __version__
-from mpo_core.plumbing.artifacts import file_hash, manifest_path, read_manifest
-from mpo_core.plumbing.config import ModelConfig, PipelineConfig, canonical_hash, section_hash
+from mpo_core.plumbing.artifacts import file_hash
+from mpo_core.plumbing.config import PipelineConfig, canonical_hash, section_hash
+from mpo_core.plumbing.schemas import SCHEMAS
 
-StageFn = Callable[[PipelineConfig, dict[str, Path], Path], dict[str, Path]]
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One output of a stage: its artifact name, its file or folder in the stage's folder, and its kind (a
+    schema of :mod:`mpo_core.plumbing.schemas` for Parquet, ``folder`` for a checkpoint, ``file`` otherwise)."""
+
+    name: str
+    file: str
+    kind: str
+
+    @property
+    def is_table(self) -> bool:
+        return self.kind in SCHEMAS
 
 
 @dataclass(frozen=True)
@@ -32,15 +49,37 @@ class StageSpec:
     name: str
     entry: str  # "module:function", imported lazily
     inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
+    produces: tuple[OutputSpec, ...]
     sections: tuple[str, ...]
     device: Literal["cpu", "gpu"]
     # inputs of which the stage reads only some columns: its identity hashes those columns, not the file
     reads_columns: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # "module:function" giving {name: path} of files from outside the run the stage reads (config -> files)
+    external: str = ""
 
-    def load(self) -> StageFn:
-        module, _, func = self.entry.partition(":")
-        return getattr(importlib.import_module(module), func)
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The names of the stage's outputs, in table order."""
+        return tuple(o.name for o in self.produces)
+
+    def output(self, name: str) -> OutputSpec:
+        return next(o for o in self.produces if o.name == name)
+
+    def load(self):
+        """The stage function (imported now: stage modules import heavy libraries)."""
+        return _entry(self.entry)
+
+    def external_files(self, config: PipelineConfig) -> dict[str, Path]:
+        return _entry(self.external)(config) if self.external else {}
+
+
+def _entry(entry: str):
+    module, _, func = entry.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _out(name: str, file: str, kind: str) -> OutputSpec:
+    return OutputSpec(name, file, kind)
 
 
 # The reference runs on the dominant side only: target-side changes (label noise) leave it current.
@@ -49,39 +88,51 @@ REFERENCE_READS = ("pair_id", "prompt_id", "dominant_lang", "target_lang", "domi
 
 # Order is the pipeline's order. ``model`` sections are part of every stage that runs the model.
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("ingest", "mpo_core.stages.ingest:run_ingest", (), ("prompts",), ("run", "prompts"), "cpu"),
     StageSpec(
-        "translate", "mpo_core.stages.translate:run_translate", ("prompts",), ("translated",),
-        ("run", "model", "translate"), "cpu",
+        "ingest", "mpo_core.stages.ingest:run_ingest", (), (_out("prompts", "prompts.parquet", "prompts"),),
+        ("run", "prompts"), "cpu", external="mpo_core.stages.ingest:source_files",
     ),
     StageSpec(
-        "align", "mpo_core.stages.align:run_align", ("translated",), ("aligned",), ("run", "model", "align"), "gpu",
+        "translate", "mpo_core.stages.translate:run_translate", ("prompts",),
+        (_out("translated", "translated.parquet", "prompts"),), ("run", "model", "translate"), "cpu",
     ),
     StageSpec(
-        "generate", "mpo_core.stages.generate:run_generate", ("translated", "aligned"), ("responses",),
-        ("run", "model", "generate"), "gpu",
+        "align", "mpo_core.stages.align:run_align", ("translated",), (_out("aligned", "model", "folder"),),
+        ("run", "model", "align"), "gpu", external="mpo_core.stages.align:external_align_files",
     ),
     StageSpec(
-        "label", "mpo_core.stages.label:run_label", ("responses",), ("labelled",), ("label",), "gpu",
+        "generate", "mpo_core.stages.generate:run_generate", ("translated", "aligned"),
+        (_out("responses", "responses.parquet", "responses"),), ("run", "model", "generate"), "gpu",
     ),
-    StageSpec("pair", "mpo_core.stages.pair:run_pair", ("labelled",), ("pairs",), ("run", "pair"), "cpu"),
     StageSpec(
-        "filter", "mpo_core.stages.filter:run_filter", ("pairs",), ("filtered", "dropped", "filter_report"),
+        "label", "mpo_core.stages.label:run_label", ("responses",),
+        (_out("labelled", "labelled.parquet", "responses"),), ("label",), "gpu",
+    ),
+    StageSpec(
+        "pair", "mpo_core.stages.pair:run_pair", ("labelled",), (_out("pairs", "pairs.parquet", "pairs"),),
+        ("run", "pair"), "cpu", external="mpo_core.stages.pair:source_files",
+    ),
+    StageSpec(
+        "filter", "mpo_core.stages.filter:run_filter", ("pairs",),
+        (_out("filtered", "filtered.parquet", "pairs"), _out("dropped", "dropped.parquet", "dropped"),
+         _out("filter_report", "filter_report.md", "file")),
         ("filter", "reference", "label", "model"), "cpu",
     ),
     StageSpec(
-        "reference", "mpo_core.stages.reference:run_reference", ("filtered", "aligned"), ("reference",),
-        ("model", "reference"), "gpu",
+        "reference", "mpo_core.stages.reference:run_reference", ("filtered", "aligned"),
+        (_out("reference", "reference.parquet", "reference"),), ("model", "reference"), "gpu",
         reads_columns=(("filtered", REFERENCE_READS),),
     ),
     StageSpec(
         "train", "mpo_core.stages.train:run_train", ("filtered", "reference", "aligned", "translated"),
-        ("checkpoint",),
+        (_out("checkpoint", "model", "folder"),),
         ("run", "model", "reference.min_safe_share", "reference.drop_unsafe_pairs", "train"), "gpu",
     ),
     StageSpec(
         "evaluate", "mpo_core.stages.evaluate:run_evaluate",
-        ("translated", "filtered", "reference", "checkpoint", "aligned"), ("eval", "report"), ("run", "model", "generate", "label", "evaluate"), "gpu",
+        ("translated", "filtered", "reference", "checkpoint", "aligned"),
+        (_out("eval", "eval.parquet", "eval"), _out("report", "report/report.md", "file")),
+        ("run", "model", "generate", "label", "evaluate"), "gpu",
     ),
 )
 
@@ -93,6 +144,14 @@ def get_stage(name: str) -> StageSpec:
         return STAGE_BY_NAME[name]
     except KeyError:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_BY_NAME)}") from None
+
+
+def artifact_spec(name: str) -> OutputSpec:
+    """The output spec of artifact ``name`` (its producing stage's), whatever stage reads it."""
+    for spec in STAGES:
+        if name in spec.outputs:
+            return spec.output(name)
+    raise KeyError(f"no stage writes an artifact named {name!r}")
 
 
 def stage_identity(spec: StageSpec, config: PipelineConfig, input_hashes: dict[str, str]) -> str:
@@ -118,18 +177,13 @@ def align_enabled(config: PipelineConfig) -> bool:
     return config.align.enabled
 
 
-def starting_model(config: PipelineConfig, inputs: dict[str, Path]) -> ModelConfig:
-    """The model a stage runs: the ``aligned`` checkpoint among ``inputs`` when align ran, else ``config.model``."""
-    if "aligned" in inputs:
-        return config.model.model_copy(update={"name_or_path": str(inputs["aligned"])})
-    return config.model
-
-
 def content_fingerprint(path: Path) -> str:
-    """A file's sha256, or for a folder (a checkpoint) the hash of its files' (name, size, mtime).
+    """What a stage's identity sees of an artifact: a file's sha256, or for a folder (a checkpoint) the hash of
+    its files' (name, size, mtime).
 
-    Folders are fingerprinted by metadata, not bytes, so that checking a multi-GB checkpoint for reuse
-    costs milliseconds.
+    Always read from the artifact itself, never from its manifest, so that an input edited by hand after its
+    consumer ran makes the consumer stale. Folders are fingerprinted by metadata, not bytes, so that checking
+    a multi-GB checkpoint costs milliseconds.
     """
     if path.is_dir():
         entries = sorted(
@@ -141,25 +195,13 @@ def content_fingerprint(path: Path) -> str:
     return file_hash(path)
 
 
-def output_fingerprint(path: Path) -> str:
-    """The content hash downstream stages see: the manifest's where there is one, else :func:`content_fingerprint`."""
-    if manifest_path(path).exists():
-        return read_manifest(path).content_hash
-    return content_fingerprint(path)
-
-
 def input_hashes(inputs: dict[str, Path]) -> dict[str, str]:
-    """Content hash of each input artifact, by name (what a stage's identity is computed from)."""
-    return {name: output_fingerprint(Path(p)) for name, p in inputs.items()}
+    """Content fingerprint of each input artifact, by name (what a stage's identity is computed from)."""
+    return {name: content_fingerprint(Path(p)) for name, p in inputs.items()}
 
 
 def columns_hash(path: Path, columns: tuple[str, ...]) -> str:
     """sha256 of the named columns of a Parquet artifact (their Arrow IPC bytes, schema metadata dropped)."""
-    import hashlib
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path, columns=list(columns)).combine_chunks().replace_schema_metadata(None)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -167,55 +209,15 @@ def columns_hash(path: Path, columns: tuple[str, ...]) -> str:
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
 
 
-def stage_input_hashes(spec: StageSpec, inputs: dict[str, Path]) -> dict[str, str]:
-    """:func:`input_hashes`, except that an input of which ``spec`` reads only some columns is hashed by
-    those columns (``spec.reads_columns``)."""
+def stage_input_hashes(spec: StageSpec, config: PipelineConfig, inputs: dict[str, Path]) -> dict[str, str]:
+    """The content hashes a stage's identity is made of: its upstream ``inputs`` (those of which ``spec``
+    reads only some columns hashed by those columns, ``spec.reads_columns``) and the files from outside the
+    run it reads (``spec.external``: ingest's prompt source, a ready-made ``pair.source``, align's data)."""
     hashes = input_hashes(inputs)
     for name, columns in spec.reads_columns:
         if name in inputs:
             hashes[name] = columns_hash(Path(inputs[name]), columns)
-    return hashes
-
-
-def external_inputs(spec: StageSpec, config: PipelineConfig) -> dict[str, Path]:
-    """Files from outside the run that a stage reads: ingest its prompt source, pair a ready-made
-    ``pair.source``. Their content hashes (as ``source``) join the stage's identity."""
-    if spec.name == "ingest":
-        from mpo_core.stages.ingest import resolve_source
-        from mpo_core.plumbing.seed import seed_path
-
-        source = config.prompts.source
-        return {"source": seed_path() if source == "seed" else resolve_source(source)}
-    if spec.name == "pair" and pair_source(config):
-        from mpo_core.stages.ingest import resolve_source
-
-        return {"source": resolve_source(pair_source(config))}
-    if spec.name == "align":
-        from mpo_core.stages.align import external_align_files
-
-        return external_align_files(config)
-    return {}
-
-
-@dataclass(frozen=True)
-class StageCall:
-    """One call of a stage: the content hashes of what it reads and the identity they make with its config
-    sections, as its artifacts record them."""
-
-    inputs: dict[str, str]
-    identity: str
-
-    @property
-    def provenance(self) -> dict[str, Any]:
-        """The ``config_hash`` and ``inputs`` keywords of :func:`mpo_core.plumbing.artifacts.write_artifact`."""
-        return {"config_hash": self.identity, "inputs": self.inputs}
-
-
-def stage_call(name: str, config: PipelineConfig, inputs: dict[str, Path]) -> StageCall:
-    """The :class:`StageCall` of stage ``name`` on ``inputs`` (upstream artifacts) and its external files."""
-    spec = get_stage(name)
-    hashes = stage_input_hashes(spec, inputs) | {k: file_hash(p) for k, p in external_inputs(spec, config).items()}
-    return StageCall(hashes, stage_identity(spec, config, hashes))
+    return hashes | {k: file_hash(p) for k, p in spec.external_files(config).items()}
 
 
 def downstream_of(name: str) -> list[str]:

@@ -21,9 +21,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpo_core.common.verdicts import is_safe
 from mpo_core.plumbing.errors import ConfigError
 from mpo_core.results.metrics import Estimate, wilson_rate_ci
-from mpo_core.common.verdicts import is_safe
 
 HAND_LABELS = Path(__file__).resolve().parents[2] / "tests" / "data" / "judge_hand_labels.jsonl"
 PACKAGED_PATTERNS = Path(__file__).resolve().parents[1] / "data" / "refusal_patterns.json"

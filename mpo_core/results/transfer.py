@@ -234,7 +234,7 @@ def plot_target_asr(results: TransferResults, path: Path) -> Path:
 def starting_models(config, outputs: dict[str, Path]) -> dict:
     """The models of a run before training, by role: ``base`` (the model training starts from: the aligned
     checkpoint when align ran, else ``config.model``) and, when align ran, ``raw`` (``config.model``)."""
-    from mpo_core.plumbing.stage_table import starting_model
+    from mpo_core.plumbing.stage_run import starting_model
 
     models = {"raw": config.model} if "aligned" in outputs else {}
     return models | {STARTING_ROLE: starting_model(config, outputs)}
@@ -246,8 +246,8 @@ def evaluate_starting_models(run, out_dir: Path) -> Path:
     when ``out_dir`` already holds the evaluation of the same config sections and inputs."""
     from mpo_core.plumbing.artifacts import artifact_is_complete, read_artifact, read_manifest
     from mpo_core.plumbing.config import canonical_hash, section_hash
-    from mpo_core.stages.evaluate import evaluate_models, write_evaluation
     from mpo_core.plumbing.stage_table import input_hashes
+    from mpo_core.stages.evaluate import evaluate_models, write_evaluation
 
     config = run.load_config()
     outputs = run.available_outputs()

@@ -31,13 +31,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from mpo_core.plumbing.artifacts import read_artifact
 from mpo_core.plumbing.config import PipelineConfig, TrainConfig
 from mpo_core.plumbing.errors import InputDataError
-from mpo_core.plumbing.stage_table import stage_call
+from mpo_core.plumbing.seed import load_seed_prompts, seed_path
+from mpo_core.plumbing.stage_run import Artifact, StageRun
 
 PACKAGED_REFUSALS = Path(__file__).resolve().parents[1] / "data" / "refusals_en.txt"
-ALIGNED_DIR = "model"
 ALIGN_DATA = "align_data.jsonl"
 HH_MAX_REFUSAL_CHARS = 300
 
@@ -48,8 +47,6 @@ def _refusal_source(config: PipelineConfig) -> Path:
 
 def external_align_files(config: PipelineConfig) -> dict[str, Path]:
     """Files outside the run that the align stage reads (their hashes join its identity)."""
-    from mpo_core.plumbing.seed import seed_path
-
     files = {"refusals": _refusal_source(config)}
     if config.align.prompts == "seed":
         files["seed"] = seed_path()
@@ -94,8 +91,6 @@ def align_prompts(config: PipelineConfig, translated: pa.Table) -> tuple[list[di
     """(harmful, benign) dominant-language ``train``-split prompts, at most ``max_harmful``/``max_benign``."""
     cfg = config.align
     if cfg.prompts == "seed":
-        from mpo_core.plumbing.seed import load_seed_prompts
-
         rows = load_seed_prompts()
     else:
         rows = translated.to_pylist()
@@ -181,18 +176,13 @@ def own_answers(config: PipelineConfig, prompts: list[dict]) -> dict[str, str]:
     return {r["prompt_id"]: r["text"].strip() for r in rows}
 
 
-def run_align(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+def run_align(stage: StageRun) -> dict[str, Artifact]:
     """Stage ``align``: ``translated`` -> ``aligned`` (a checkpoint folder), resumable like training."""
     from mpo_core.stages.label import RefusalPatternJudge
-    from mpo_core.stages.train import fit, saved_with_identity
+    from mpo_core.stages.train import fit
 
-    out_dir = Path(out_dir)
-    target = out_dir / ALIGNED_DIR
-    call = stage_call("align", config, inputs)
-    if saved_with_identity(target, call.identity):
-        return {"aligned": target}
-
-    harmful, benign = align_prompts(config, read_artifact(inputs["translated"], "prompts"))
+    config, out_dir = stage.config, stage.out_dir
+    harmful, benign = align_prompts(config, stage.inputs.table("translated"))
     answer_prompts = benign + (harmful if config.align.method == "dpo" else [])
     answers = own_answers(config, answer_prompts)
     judge = RefusalPatternJudge()
@@ -201,7 +191,6 @@ def run_align(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
         harmful, benign, answers, load_refusals(_refusal_source(config)), config.align.method,
         is_refusal=lambda text: judge.judge_one(text, lang).verdict == "refusal", seed=config.run.seed,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ALIGN_DATA, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     table = pa.Table.from_pylist(rows)
@@ -216,8 +205,8 @@ def run_align(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) ->
         **({"beta": config.align.beta, "sft_weight": config.align.sft_weight} if config.align.method == "dpo" else {}),
     }
     fit(align_train_config(config), config.model, table, None, out_dir,
-        {"identity": call.identity, "inputs": call.inputs, "align": record})
-    return {"aligned": target}
+        {"inputs": stage.input_hashes, "align": record})
+    return {}
 
 
 def align_record(checkpoint: str | Path) -> dict[str, Any] | None:

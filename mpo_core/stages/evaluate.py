@@ -32,10 +32,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from mpo_core.common.label_noise import describe_noise
+from mpo_core.common.verdicts import is_attack_success, is_refusal
+from mpo_core.method.premise import held_out_prompt_ids
 from mpo_core.plumbing.artifacts import read_artifact, write_artifact
 from mpo_core.plumbing.config import LabelConfig, ModelConfig, PipelineConfig, PromptsConfig
 from mpo_core.plumbing.errors import ConfigError, InputDataError
-from mpo_core.common.label_noise import describe_noise
+from mpo_core.plumbing.progress import phase, round_seconds
+from mpo_core.plumbing.stage_run import Artifact, StageRun
 from mpo_core.results.metrics import (
     Estimate,
     bootstrap_difference_ci,
@@ -45,10 +49,6 @@ from mpo_core.results.metrics import (
     pick_options,
     summarize_reward_gaps,
 )
-from mpo_core.method.premise import held_out_prompt_ids
-from mpo_core.plumbing.progress import phase, round_seconds
-from mpo_core.plumbing.stage_table import stage_call, starting_model
-from mpo_core.common.verdicts import is_attack_success, is_refusal
 
 if TYPE_CHECKING:
     from mpo_core.stages.generate import GenerationBackend
@@ -444,8 +444,8 @@ def evaluate_model(
     generation metrics (safety, MGSM) with greedy decoding. Harmful prompts are judged by ``judge``, benign
     ones by ``refusal_judge`` (defaults: :func:`get_judges`). With the transformers backend one loaded model
     serves both; with vLLM the transformers model is freed before the vLLM engine starts."""
-    from mpo_core.stages.generate import TransformersBackend, generate_responses, get_backend
     from mpo_core.common.models import load_model, load_tokenizer
+    from mpo_core.stages.generate import TransformersBackend, generate_responses, get_backend
 
     obs = Observations(role=role, model=model_cfg.name_or_path)
     model, tokenizer = load_model(model_cfg), load_tokenizer(model_cfg, padding_side="left")
@@ -751,8 +751,8 @@ def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
     """Report lines on how the models came to be: what ``align`` trained on, and MPO's premise (mean RG^d
     and share of pairs with RG^d > 0 per target language) on the pairs the train stage used, else on every
     pair the reference stage saw."""
-    from mpo_core.stages.align import align_record
     from mpo_core.plumbing.artifacts import read_manifest
+    from mpo_core.stages.align import align_record
     from mpo_core.stages.train import TRAIN_INFO, TRAIN_LOG
 
     meta = {}
@@ -781,25 +781,22 @@ def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
     return meta
 
 
-def run_evaluate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+def run_evaluate(stage: StageRun) -> dict[str, Artifact]:
     """Stage ``evaluate``: the starting model (``base``: the aligned checkpoint when align ran, else
-    ``config.model``), the trained model (``inputs["checkpoint"]``) and, when align ran, the un-aligned
-    ``raw`` model side by side -> ``eval`` artifact and ``report`` (Markdown, with ``report.html`` and the
-    plots beside it)."""
-    call = stage_call("evaluate", config, inputs)  # the checkpoint is a folder: hashed by its files
-    translated = read_artifact(inputs["translated"], "prompts") if "translated" in inputs else None
-    filtered = read_artifact(inputs["filtered"], "pairs") if "filtered" in inputs else None
-    reference = read_artifact(inputs["reference"], "reference") if "reference" in inputs else None
+    ``config.model``), the trained model (``checkpoint``) and, when align ran, the un-aligned ``raw`` model
+    side by side -> ``eval`` artifact and ``report`` (Markdown, with ``report.html`` and the plots beside it)."""
+    config, inputs = stage.config, stage.inputs
     models = {"raw": config.model} if "aligned" in inputs else {}
-    models["base"] = starting_model(config, inputs)
+    models["base"] = stage.model
     if "checkpoint" in inputs:
-        models["trained"] = config.model.model_copy(update={"name_or_path": str(inputs["checkpoint"])})
+        models["trained"] = config.model.model_copy(update={"name_or_path": str(inputs.path("checkpoint"))})
     models = selected_roles(models, config.evaluate.roles)
-    result = evaluate_models(config, models, translated=translated, filtered=filtered, reference=reference)
-    meta = pipeline_meta(inputs)
+    result = evaluate_models(config, models, translated=inputs.table_or_none("translated"),
+                             filtered=inputs.table_or_none("filtered"), reference=inputs.table_or_none("reference"))
+    meta = pipeline_meta(inputs.paths)
     if (summary := transfer_summary(result.rows, config)) is not None:
         meta["transfer"] = summary
     if (means := target_means_line(result.rows, config)) is not None:
         meta["target languages, mean"] = means
-    paths = write_evaluation(result, config, models, out_dir, **call.provenance, extra_meta=meta)
-    return {"eval": paths["eval"], "report": paths["report"]}
+    write_evaluation(result, config, models, stage.out_dir, **stage.provenance, extra_meta=meta)
+    return {}

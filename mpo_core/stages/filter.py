@@ -54,9 +54,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from mpo_core.plumbing.artifacts import write_text_atomically
 from mpo_core.plumbing.config import FilterConfig, PipelineConfig
 from mpo_core.plumbing.languages import language_name, same_language
+from mpo_core.plumbing.progress import Tracker
 from mpo_core.plumbing.schemas import DROPPED, FILTER_REPORT, PAIRS
+from mpo_core.plumbing.stage_run import Artifact, StageRun
 
 logger = logging.getLogger(__name__)
 
@@ -414,8 +417,8 @@ def report_markdown(report: pa.Table, title: str = "Filter report") -> str:
 
 
 def _load_tokenizer(config: PipelineConfig) -> tuple[Any, str]:
-    from mpo_core.plumbing.errors import ModelLoadError
     from mpo_core.common.models import load_tokenizer
+    from mpo_core.plumbing.errors import ModelLoadError
 
     try:
         return load_tokenizer(config.model), "tokenizer"
@@ -447,42 +450,30 @@ def _log_decisions(rows: list[dict[str, Any]], token_check: str) -> None:
             logger.info("filter: %s: %d", outcome, total)
 
 
-def run_filter(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+def run_filter(stage: StageRun) -> dict[str, Artifact]:
     """Stage ``filter``: ``pairs`` -> ``filtered`` (PAIRS), ``dropped`` (DROPPED), ``filter_report``.
 
     Pairs without judge scores (``pair.source``) are first scored by the configured judge (``label``).
 
-    Streams the input in record batches; the report is written as Parquet (``filter_report.parquet``,
-    an artifact) and Markdown beside it (``filter_report.md``, the returned path).
+    Streams the input in record batches; the report is written as Parquet (``filter_report.parquet``, an
+    artifact) and Markdown beside it (``filter_report.md``, the stage's output).
     """
-    from mpo_core.plumbing.artifacts import ArtifactWriter, iter_batches, read_manifest, write_artifact
-    from mpo_core.plumbing.progress import Tracker
-    from mpo_core.plumbing.stage_table import stage_call
-
-    out_dir = Path(out_dir)
-    source = Path(inputs["pairs"])
-    manifest = read_manifest(source)
-    call = stage_call("filter", config, {"pairs": source})
+    config = stage.config
+    source = stage.inputs.path("pairs")
     tokenizer, token_check = _load_tokenizer(config)
     pair_filter = PairFilter(config.filter, max_length=config.reference.max_length, tokenizer=tokenizer,
                              processes=config.filter.langid_processes, judge=_judge_for_unscored(config, source))
-    paths = {"filtered": out_dir / "filtered.parquet", "dropped": out_dir / "dropped.parquet",
-             "report_parquet": out_dir / "filter_report.parquet", "filter_report": out_dir / "filter_report.md"}
-    common = call.provenance
-    with ArtifactWriter(paths["filtered"], "pairs", **common, extra={"token_check": token_check}) as kept_out, \
-            ArtifactWriter(paths["dropped"], "dropped", **common) as dropped_out, \
-            Tracker(manifest.rows, "filter", unit="pairs") as tracker:
-        for batch in iter_batches(source, "pairs", batch_size=config.filter.batch_size):
+    extra = {"token_check": token_check}
+    with stage.writer("filtered", extra) as kept_out, stage.writer("dropped") as dropped_out, \
+            Tracker(stage.inputs.rows("pairs"), "filter", unit="pairs") as tracker:
+        for batch in stage.inputs.batches("pairs", batch_size=config.filter.batch_size):
             kept, dropped = pair_filter.filter_batch(batch)
             kept_out.write(kept)
             dropped_out.write(dropped)
             tracker.update(batch.num_rows)
     report = pair_filter.report_table()
     _log_decisions(reason_rows(report), token_check)
-    write_artifact(report, paths["report_parquet"], "filter_report", **common,
-                   extra={"token_check": token_check})
+    stage.write("filter_report.parquet", report, "filter_report", extra)
     markdown = report_markdown(report, f"Filter report: {source.name}")
-    tmp = paths["filter_report"].with_suffix(".md.tmp")
-    tmp.write_text(markdown + f"\nEmpty-after-truncation check: {token_check}.\n", encoding="utf-8")
-    tmp.replace(paths["filter_report"])
-    return {"filtered": paths["filtered"], "dropped": paths["dropped"], "filter_report": paths["filter_report"]}
+    write_text_atomically(stage.path("filter_report"), markdown + f"\nEmpty-after-truncation check: {token_check}.\n")
+    return {}

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Container
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpo_core.plumbing.artifacts import read_artifact, write_artifact
 from mpo_core.plumbing.config import GenerateConfig, ModelConfig, PipelineConfig
 from mpo_core.plumbing.errors import ConfigError, ModelLoadError
 from mpo_core.plumbing.progress import Tracker, round_seconds
-from mpo_core.plumbing.stage_table import stage_call, starting_model
+from mpo_core.plumbing.stage_run import Artifact, StageRun
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -295,7 +294,7 @@ def generation_prompts(config: PipelineConfig, translated: list[dict]) -> list[d
     ]
 
 
-def raw_dominant_responses(config: PipelineConfig, inputs: dict[str, Path], prompts: list[dict]) -> list[dict]:
+def raw_dominant_responses(config: PipelineConfig, inputs: Container[str], prompts: list[dict]) -> list[dict]:
     """After align (``aligned`` among ``inputs``), ``generate.raw_dominant_samples`` samples per
     dominant-language prompt from the raw model (``config.model``), their ``model`` column the raw model's
     name and their ``sample_idx`` after the policy's own (``generate.num_samples`` on), so that
@@ -311,25 +310,20 @@ def raw_dominant_responses(config: PipelineConfig, inputs: dict[str, Path], prom
     return rows
 
 
-def run_generate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+def run_generate(stage: StageRun) -> dict[str, Artifact]:
     """Stage ``generate``: ``translated`` PROMPTS -> ``responses`` (k samples per prompt and language)."""
-    call = stage_call("generate", config, inputs)
-    prompts = generation_prompts(config, read_artifact(inputs["translated"], "prompts").to_pylist())
+    config = stage.config
+    prompts = generation_prompts(config, stage.inputs.table("translated").to_pylist())
     started = time.perf_counter()
-    rows = generate_responses(starting_model(config, inputs), config.generate, prompts)
-    raw_rows = raw_dominant_responses(config, inputs, prompts)
+    rows = generate_responses(stage.model, config.generate, prompts)
+    raw_rows = raw_dominant_responses(config, stage.inputs, prompts)
     rows += raw_rows
     seconds = time.perf_counter() - started
-    path = Path(out_dir) / "responses.parquet"
-    write_artifact(
-        rows, path, "responses",
-        **call.provenance,
-        extra={
-            "prompts": len(prompts),
-            "samples": len(rows),
-            "seconds": round_seconds(seconds),
-            "samples_per_second": round(len(rows) / seconds, 3) if seconds > 0 else None,
-            "raw_dominant_samples": len(raw_rows),
-        },
-    )
-    return {"responses": path}
+    extra = {
+        "prompts": len(prompts),
+        "samples": len(rows),
+        "seconds": round_seconds(seconds),
+        "samples_per_second": round(len(rows) / seconds, 3) if seconds > 0 else None,
+        "raw_dominant_samples": len(raw_rows),
+    }
+    return {"responses": Artifact(rows, extra)}

@@ -40,6 +40,8 @@ from mpo_core.plumbing.config import PipelineConfig, PromptsConfig
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.plumbing.languages import is_valid_lang, normalize_lang
 from mpo_core.plumbing.schemas import PAIRS, PROMPTS
+from mpo_core.plumbing.seed import load_seed_prompts, seed_path
+from mpo_core.plumbing.stage_run import Artifact, StageRun
 
 HUB_PREFIX = "hf://"
 _MPO_FIELDS = ("source_conversations", "source_chosen", "source_rejected",
@@ -570,8 +572,6 @@ def _first_prompt_ids(rows: list[dict], limit: int) -> list[str]:
 def load_prompts(cfg: PromptsConfig, seed: int = 0) -> pa.Table:
     """The PROMPTS table for ``cfg``: read, restricted to ``cfg.langs``, limited, split assigned."""
     if cfg.source == "seed" or cfg.format == "seed":
-        from mpo_core.plumbing.seed import load_seed_prompts
-
         rows = load_seed_prompts()
     else:
         path = resolve_source(cfg.source)
@@ -597,23 +597,17 @@ def load_prompts(cfg: PromptsConfig, seed: int = 0) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PROMPTS)
 
 
-def run_ingest(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
-    """Stage ``ingest``: write the ``prompts`` artifact from ``config.prompts``.
+def source_files(config: PipelineConfig) -> dict[str, Path]:
+    """The prompt source the stage reads (its content joins the stage's identity, so editing it reruns ingest)."""
+    source = config.prompts.source
+    return {"source": seed_path() if source == "seed" else resolve_source(source)}
 
-    The source file's content hash is part of the stage identity, so editing the file reruns the stage.
-    """
-    from mpo_core.plumbing.artifacts import write_artifact
-    from mpo_core.plumbing.stage_table import stage_call
 
-    cfg = config.prompts
-    call = stage_call("ingest", config, inputs)
-    table = load_prompts(cfg, seed=config.run.seed)
-    out_path = Path(out_dir) / "prompts.parquet"
+def run_ingest(stage: StageRun) -> dict[str, Artifact]:
+    """Stage ``ingest``: the ``prompts`` artifact from ``config.prompts``."""
+    cfg = stage.config.prompts
+    table = load_prompts(cfg, seed=stage.config.run.seed)
     langs = Counter(table.column("lang").to_pylist())
-    write_artifact(
-        table, out_path, "prompts",
-        **call.provenance,
-        extra={"source": str(cfg.source), "prompts": len(set(table.column("prompt_id").to_pylist())),
-               "rows_per_lang": dict(sorted(langs.items()))},
-    )
-    return {"prompts": out_path}
+    extra = {"source": str(cfg.source), "prompts": len(set(table.column("prompt_id").to_pylist())),
+             "rows_per_lang": dict(sorted(langs.items()))}
+    return {"prompts": Artifact(table, extra)}

@@ -36,19 +36,19 @@ from __future__ import annotations
 import abc
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mpo_core.plumbing.artifacts import read_artifact, write_artifact
-from mpo_core.plumbing.config import GenerateConfig, LabelConfig, ModelConfig, PipelineConfig
-from mpo_core.plumbing.errors import ConfigError
-from mpo_core.stages.generate import GenerationBackend, SamplingSettings, get_backend
-from mpo_core.plumbing.progress import track
-from mpo_core.plumbing.stage_table import stage_call
 from mpo_core.common.verdicts import VERDICTS
+from mpo_core.plumbing.config import GenerateConfig, LabelConfig, ModelConfig
+from mpo_core.plumbing.errors import ConfigError
+from mpo_core.plumbing.progress import track
+from mpo_core.plumbing.stage_run import Artifact, StageRun
+from mpo_core.stages.generate import GenerationBackend, SamplingSettings, get_backend
 
 PATTERNS_FILE = "refusal_patterns.json"
 PATTERN_KINDS = ("refusal", "discourage", "comply", "pivot")
@@ -343,19 +343,10 @@ def label_rows(judge: Judge, rows: list[dict]) -> list[dict]:
     return [r | {"judge": judge.name, "verdict": v.verdict, "score": v.score} for r, v in zip(rows, verdicts)]
 
 
-def run_label(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+def run_label(stage: StageRun) -> dict[str, Artifact]:
     """Stage ``label``: ``responses`` -> ``labelled`` (RESPONSES with judge, verdict, score)."""
-    call = stage_call("label", config, inputs)
-    rows = read_artifact(inputs["responses"], "responses").to_pylist()
-    judge = get_judge(config.label, config.model)
+    rows = stage.inputs.table("responses").to_pylist()
+    judge = get_judge(stage.config.label, stage.config.model)
     labelled = label_rows(judge, rows)
-    counts: dict[str, int] = {}
-    for row in labelled:
-        counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
-    path = Path(out_dir) / "labelled.parquet"
-    write_artifact(
-        labelled, path, "responses",
-        **call.provenance,
-        extra={"judge": judge.name, "verdicts": counts},
-    )
-    return {"labelled": path}
+    counts = Counter(row["verdict"] for row in labelled)
+    return {"labelled": Artifact(labelled, {"judge": judge.name, "verdicts": dict(counts)})}

@@ -34,13 +34,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpo_core.plumbing.artifacts import read_artifact, to_table, write_artifact
+from mpo_core.common.label_noise import flip_target_labels
+from mpo_core.common.verdicts import is_safe
+from mpo_core.plumbing.artifacts import to_table
 from mpo_core.plumbing.config import PairConfig, PipelineConfig
 from mpo_core.plumbing.errors import ArtifactError
+from mpo_core.plumbing.stage_run import Artifact, StageRun
+from mpo_core.stages.ingest import load_pairs, resolve_source
 from mpo_core.stages.label import fallback_refusal
-from mpo_core.common.label_noise import flip_target_labels
-from mpo_core.plumbing.stage_table import stage_call
-from mpo_core.common.verdicts import is_safe
 
 RAW_REJECTED_MARK = "; dominant_rejected:"  # in ``source``: the dominant rejected answer is the raw model's
 
@@ -216,42 +217,35 @@ def samples_in_other_languages(rows: list[dict]) -> frozenset[int]:
                      and not same_language(lang, rows[i]["lang"]))
 
 
-def run_pair(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
-    """Stage ``pair``: ``labelled`` -> ``pairs``; under ``pair.source`` the ready-made file -> ``pairs``."""
-    call = stage_call("pair", config, inputs)
-    path = Path(out_dir) / "pairs.parquet"
-    if config.pair.source:
-        from mpo_core.stages.ingest import load_pairs, resolve_source
+def source_files(config: PipelineConfig) -> dict[str, Path]:
+    """The ready-made pairs file (``pair.source``) the stage reads, if any (its content joins the identity)."""
+    return {"source": resolve_source(config.pair.source)} if config.pair.source else {}
 
+
+def run_pair(stage: StageRun) -> dict[str, Artifact]:
+    """Stage ``pair``: ``labelled`` -> ``pairs``; under ``pair.source`` the ready-made file -> ``pairs``."""
+    config = stage.config
+    if config.pair.source:
         table = load_pairs(resolve_source(config.pair.source), format=config.pair.source_format)
         table, noise = flip_target_labels(table, config.pair.target_noise, config.pair.noise_seed)
-        write_artifact(
-            table, path, "pairs",
-            **call.provenance,
-            extra={"source": str(config.pair.source), "pairs": table.num_rows,
-                   "per_target_lang": dict(sorted(Counter(table.column("target_lang").to_pylist()).items())),
-                   "label_noise": noise.as_dict()},
-        )
-        return {"pairs": path}
-    rows = read_artifact(inputs["labelled"], "responses").to_pylist()
+        return {"pairs": Artifact(table, {
+            "source": str(config.pair.source), "pairs": table.num_rows,
+            "per_target_lang": dict(sorted(Counter(table.column("target_lang").to_pylist()).items())),
+            "label_noise": noise.as_dict()})}
+    rows = stage.inputs.table("labelled").to_pylist()
     unlabelled = next((i for i, r in enumerate(rows) if r["verdict"] is None or r["score"] is None), None)
     if unlabelled is not None:
-        raise ArtifactError(f"{inputs['labelled']}: row {unlabelled} has no verdict/score (run the label stage)")
+        raise ArtifactError(f"{stage.inputs.path('labelled')}: row {unlabelled} has no verdict/score (run the label stage)")
     other_language = samples_in_other_languages(rows) if config.pair.chosen_in_language else frozenset()
     pairs, skipped = build_pairs(rows, config.run.dominant_lang, config.run.target_langs, config.pair, other_language)
     table, noise = flip_target_labels(to_table(pairs, "pairs"), config.pair.target_noise, config.pair.noise_seed)
-    write_artifact(
-        table, path, "pairs",
-        **call.provenance,
-        extra={
-            "pairs": len(pairs),
-            "skipped": dict(sorted(skipped.items())),
-            "per_target_lang": dict(sorted(Counter(p["target_lang"] for p in pairs).items())),
-            "fallback_dominant_chosen": sum(p["dominant_chosen_fallback"] for p in pairs),
-            "fallback_target_chosen": sum(p["target_chosen_fallback"] for p in pairs),
-            "dominant_rejected_from_raw": dominant_rejected_from_raw(pairs),
-            "samples_in_another_language": dict(sorted(Counter(rows[i]["lang"] for i in other_language).items())),
-            "label_noise": noise.as_dict(),
-        },
-    )
-    return {"pairs": path}
+    return {"pairs": Artifact(table, {
+        "pairs": len(pairs),
+        "skipped": dict(sorted(skipped.items())),
+        "per_target_lang": dict(sorted(Counter(p["target_lang"] for p in pairs).items())),
+        "fallback_dominant_chosen": sum(p["dominant_chosen_fallback"] for p in pairs),
+        "fallback_target_chosen": sum(p["target_chosen_fallback"] for p in pairs),
+        "dominant_rejected_from_raw": dominant_rejected_from_raw(pairs),
+        "samples_in_another_language": dict(sorted(Counter(rows[i]["lang"] for i in other_language).items())),
+        "label_noise": noise.as_dict(),
+    })}

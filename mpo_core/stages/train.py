@@ -38,13 +38,19 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
-from mpo_core.plumbing.artifacts import atomic_directory, read_artifact, write_artifact
+from mpo_core.method.logps import (
+    collate_pairs,
+    encode_prompt_responses,
+    full_logits_outputs,
+    sequence_outputs,
+)
+from mpo_core.method.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
+from mpo_core.method.premise import check_premise, split_by_reference_gap, training_split
+from mpo_core.method.reference import check_reference_encoding
+from mpo_core.plumbing.artifacts import atomic_directory
 from mpo_core.plumbing.config import ModelConfig, PipelineConfig, TrainConfig
 from mpo_core.plumbing.errors import ConfigError, InputDataError
-from mpo_core.method.logps import collate_pairs, encode_prompt_responses, full_logits_outputs, sequence_outputs
-from mpo_core.method.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
-from mpo_core.stages.reference import check_reference_encoding
-from mpo_core.plumbing.stage_table import stage_call, starting_model
+from mpo_core.plumbing.stage_run import Artifact, StageRun
 
 logger = logging.getLogger(__name__)
 
@@ -694,43 +700,28 @@ def fit(
 DROPPED_REFERENCE_FILE = "dropped_reference.parquet"
 
 
-def saved_with_identity(target: Path, identity: str) -> bool:
-    """Whether ``target`` holds a model saved by :func:`fit` for the stage identity ``identity``."""
-    info_path = Path(target) / TRAIN_INFO
-    return info_path.exists() and json.loads(info_path.read_text(encoding="utf-8")).get("identity") == identity
+def run_train(stage: StageRun) -> dict[str, Artifact]:
+    """Stage entry: train on ``filtered`` (+ ``reference`` for MPO) into ``checkpoint`` (``model/``), resuming
+    from the latest checkpoint in ``checkpoints/`` when the runner resumes an interrupted run.
 
-
-def run_train(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
-    """Stage entry: train on ``inputs["filtered"]`` (+ ``inputs["reference"]`` for MPO), resuming from the
-    latest checkpoint in ``out_dir/checkpoints``; returns ``{"checkpoint": out_dir/"model"}``.
-
-    Pairs of held-out prompts (``eval`` split of ``inputs["translated"]``) are left out. For MPO, the drop
-    rule (``reference.drop_unsafe_pairs``) and then the premise guard (``reference.min_safe_share``) of
+    Pairs of held-out prompts (``eval`` split of ``translated``) are left out. For MPO, the drop rule
+    (``reference.drop_unsafe_pairs``) and then the premise guard (``reference.min_safe_share``) of
     :mod:`mpo_core.method.premise` run first. The model trained is the ``aligned`` checkpoint when align ran."""
-    from mpo_core.method.premise import check_premise, split_by_reference_gap, training_split
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / MODEL_DIR
-    call = stage_call("train", config, inputs)
-    if saved_with_identity(target, call.identity):
-        return {"checkpoint": target}
-
-    translated = read_artifact(inputs["translated"], "prompts") if "translated" in inputs else None
-    pairs = training_split(read_artifact(inputs["filtered"], "pairs"), translated)
+    config, inputs = stage.config, stage.inputs
+    pairs = training_split(inputs.table("filtered"), inputs.table_or_none("translated"))
     if pairs.num_rows == 0:
-        raise InputDataError(f"{inputs['filtered']}: no pairs of train-split prompts to train on")
+        raise InputDataError(f"{inputs.path('filtered')}: no pairs of train-split prompts to train on")
     reference = None
-    info: dict[str, Any] = {"identity": call.identity, "inputs": call.inputs, "pairs": pairs.num_rows}
+    info: dict[str, Any] = {"inputs": stage.input_hashes, "pairs": pairs.num_rows}
     if config.train.loss == "mpo":
         if "reference" not in inputs:
             raise InputDataError("train.loss=mpo needs the 'reference' artifact")
-        check_reference_encoding(Path(inputs["reference"]), config)
-        reference = read_artifact(inputs["reference"], "reference")
+        check_reference_encoding(inputs.path("reference"), config)
+        reference = inputs.table("reference")
         if config.reference.drop_unsafe_pairs:
             pairs, dropped = split_by_reference_gap(pairs, reference)
-            write_artifact(dropped, out_dir / DROPPED_REFERENCE_FILE, "dropped", **call.provenance)
+            stage.write(DROPPED_REFERENCE_FILE, dropped, "dropped")
             info["dropped_reference_gap_not_positive"] = len(dropped)
         info["premise"] = check_premise(pairs, reference, config.reference.min_safe_share)
-    fit(config, starting_model(config, inputs), pairs, reference, out_dir, info)
-    return {"checkpoint": target}
+    fit(config, stage.model, pairs, reference, stage.out_dir, info)
+    return {}

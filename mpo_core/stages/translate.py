@@ -14,14 +14,13 @@ they came from). Missing rows are made by ``translate.backend``:
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections import Counter
 from typing import TYPE_CHECKING
 
-from mpo_core.plumbing.artifacts import read_artifact, write_artifact
 from mpo_core.plumbing.config import GenerateConfig, PipelineConfig
 from mpo_core.plumbing.errors import ConfigError, InputDataError
 from mpo_core.plumbing.progress import track
-from mpo_core.plumbing.stage_table import stage_call
+from mpo_core.plumbing.stage_run import Artifact, StageRun
 
 if TYPE_CHECKING:
     from mpo_core.plumbing.config import ModelConfig
@@ -157,18 +156,9 @@ def translate_prompts(config: PipelineConfig, rows: list[dict], origin: str = "p
     return [by_key[(pid, lang)] for pid in prompt_ids for lang in langs]
 
 
-def run_translate(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+def run_translate(stage: StageRun) -> dict[str, Artifact]:
     """Stage ``translate``: ``prompts`` -> ``translated`` (PROMPTS in the dominant and target languages)."""
-    call = stage_call("translate", config, inputs)
-    rows = read_artifact(inputs["prompts"], "prompts").to_pylist()
-    translated = translate_prompts(config, rows, origin=str(inputs["prompts"]))
-    by: dict[str, int] = {}
-    for row in translated:
-        by[row["translated_by"]] = by.get(row["translated_by"], 0) + 1
-    path = Path(out_dir) / "translated.parquet"
-    write_artifact(
-        translated, path, "prompts",
-        **call.provenance,
-        extra={"rows": len(translated), "translated_by": dict(sorted(by.items()))},
-    )
-    return {"translated": path}
+    rows = stage.inputs.table("prompts").to_pylist()
+    translated = translate_prompts(stage.config, rows, origin=str(stage.inputs.path("prompts")))
+    by = Counter(row["translated_by"] for row in translated)
+    return {"translated": Artifact(translated, {"rows": len(translated), "translated_by": dict(sorted(by.items()))})}
