@@ -36,7 +36,17 @@ from mpo_core.plumbing.config import PipelineConfig, load_config
 from mpo_core.plumbing.errors import MPOError
 from mpo_core.plumbing.runs import RunFolder
 from mpo_core.plumbing.stage_table import STAGES
-from mpo_core.results.report import markdown_with_inline_plots
+from mpo_core.results.report import markdown_with_inline_plots, png_data_uri
+from mpo_core.results.stage_results import (
+    headline,
+    metrics_table,
+    plot_training_curve,
+    read_training_log,
+    reference_gaps,
+    training_curve,
+    training_summary,
+)
+from mpo_core.stages.filter import reason_rows
 from tasks.secrets import redact
 
 LIBRARY_LOGGER = "mpo_core"
@@ -141,7 +151,6 @@ def current_flow_run_id() -> str | None:
 
 def _publish_evaluate(key: str, run: RunFolder, outputs: dict[str, Path], inputs: dict[str, Path],
                       config: PipelineConfig) -> None:
-    from mpo_core.results.stage_results import headline, metrics_table
 
     rows = read_artifact(outputs["eval"], "eval")
     create_table_artifact(metrics_table(rows), key=f"{key}-metrics",
@@ -154,13 +163,6 @@ def _publish_evaluate(key: str, run: RunFolder, outputs: dict[str, Path], inputs
 
 def _publish_train(key: str, run: RunFolder, outputs: dict[str, Path], inputs: dict[str, Path],
                    config: PipelineConfig) -> None:
-    from mpo_core.results.report import png_data_uri
-    from mpo_core.results.stage_results import (
-        plot_training_curve,
-        read_training_log,
-        training_curve,
-        training_summary,
-    )
     from mpo_core.stages.train import TRAIN_LOG
 
     curve = training_curve(read_training_log(run.stage_dir("train") / TRAIN_LOG))
@@ -179,7 +181,6 @@ def _publish_train(key: str, run: RunFolder, outputs: dict[str, Path], inputs: d
 
 def _publish_filter(key: str, run: RunFolder, outputs: dict[str, Path], inputs: dict[str, Path],
                     config: PipelineConfig) -> None:
-    from mpo_core.stages.filter import reason_rows
 
     report = read_artifact(Path(outputs["filter_report"]).with_suffix(".parquet"), "filter_report")
     create_table_artifact(reason_rows(report), key=f"{key}-reasons",
@@ -188,7 +189,6 @@ def _publish_filter(key: str, run: RunFolder, outputs: dict[str, Path], inputs: 
 
 def _publish_reference(key: str, run: RunFolder, outputs: dict[str, Path], inputs: dict[str, Path],
                        config: PipelineConfig) -> None:
-    from mpo_core.results.stage_results import reference_gaps
 
     rows = reference_gaps(read_manifest(outputs["reference"]).extra.get("premise", {}))
     share = rows[-1]["safe_share"] if rows else None
@@ -226,7 +226,6 @@ def _relative(run: RunFolder, path: str | Path) -> str:
 def publish_run_page(run: RunFolder, config: PipelineConfig) -> list[str]:
     """The ``<run>-run`` markdown artifact: headline, stages with links to their flow runs, the report.
     Returns the headline's lines."""
-    from mpo_core.results.stage_results import headline
 
     state = run.read_state()
     stages = state["stages"]

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from mpo_core.plumbing.config import config_from_dict
 from mpo_core.plumbing.runs import RunFolder
 from mpo_core.plumbing.stage_run import run_stage_function
-from mpo_core.plumbing.stage_table import get_stage
-from mpo_core.stages.train import CHECKPOINT_DIR, MODEL_DIR, TRAIN_INFO, TRAIN_LOG
+from mpo_core.plumbing.stage_table import CHECKPOINT_DIR, get_stage
+from mpo_core.stages.train import MODEL_DIR, TRAIN_INFO, TRAIN_LOG
 from tasks.launch import launcher_for
 
 WORLD = 2

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from mpo_core import __version__
 from mpo_core.plumbing.errors import ArtifactError, InputDataError
+from mpo_core.plumbing.languages import normalize_lang
 from mpo_core.plumbing.schemas import SCHEMA_VERSION, is_lang, is_nonempty, schema_for
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -168,7 +169,6 @@ def validate_table(table: pa.Table, kind: str, origin: str, *, row_offset: int =
     Raises :class:`ArtifactError` naming ``origin``, the column and the first offending row (counted from
     ``row_offset``, for batches of a larger file).
     """
-    from mpo_core.plumbing.languages import normalize_lang
 
     schema = schema_for(kind)
     extra = [n for n in table.column_names if n not in schema.names]

@@ -25,7 +25,13 @@ from mpo_core.plumbing.artifacts import (
 )
 from mpo_core.plumbing.config import ModelConfig, PipelineConfig
 from mpo_core.plumbing.errors import ArtifactError
-from mpo_core.plumbing.stage_table import StageSpec, artifact_spec, get_stage, stage_identity, stage_input_hashes
+from mpo_core.plumbing.stage_table import (
+    StageSpec,
+    artifact_spec,
+    get_stage,
+    stage_identity,
+    stage_input_hashes,
+)
 
 
 @dataclass(frozen=True)

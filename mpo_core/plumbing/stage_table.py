@@ -56,6 +56,8 @@ class StageSpec:
     reads_columns: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # "module:function" giving {name: path} of files from outside the run the stage reads (config -> files)
     external: str = ""
+    # folders in the stage's folder kept only so that an interrupted run resumes (prunable once complete)
+    resume_files: tuple[str, ...] = ()
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -82,6 +84,9 @@ def _out(name: str, file: str, kind: str) -> OutputSpec:
     return OutputSpec(name, file, kind)
 
 
+# Where a training stage (align, train) keeps its resume checkpoints (optimizer state included).
+CHECKPOINT_DIR = "checkpoints"
+
 # The reference runs on the dominant side only: target-side changes (label noise) leave it current.
 REFERENCE_READS = ("pair_id", "prompt_id", "dominant_lang", "target_lang", "dominant_prompt", "dominant_chosen",
                    "dominant_rejected")
@@ -99,6 +104,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec(
         "align", "mpo_core.stages.align:run_align", ("translated",), (_out("aligned", "model", "folder"),),
         ("run", "model", "align"), "gpu", external="mpo_core.stages.align:external_align_files",
+        resume_files=(CHECKPOINT_DIR,),
     ),
     StageSpec(
         "generate", "mpo_core.stages.generate:run_generate", ("translated", "aligned"),
@@ -127,6 +133,7 @@ STAGES: tuple[StageSpec, ...] = (
         "train", "mpo_core.stages.train:run_train", ("filtered", "reference", "aligned", "translated"),
         (_out("checkpoint", "model", "folder"),),
         ("run", "model", "reference.min_safe_share", "reference.drop_unsafe_pairs", "train"), "gpu",
+        resume_files=(CHECKPOINT_DIR,),
     ),
     StageSpec(
         "evaluate", "mpo_core.stages.evaluate:run_evaluate",

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from mpo_core.plumbing.config import PipelineConfig
 from mpo_core.plumbing.runs import RunFolder, active_stages, ensure_inside
+from mpo_core.plumbing.stage_table import get_stage
 
 SHARED_RUN = "shared"
 FIRST_CELL_STAGE = "train"  # the stages before it are common to cells with the same label noise
@@ -115,17 +116,18 @@ def link_stages(source: RunFolder, target: RunFolder, stages: list[str]) -> list
 
 
 def prune_resume_checkpoints(run: RunFolder) -> int:
-    """Delete a finished cell's resume checkpoints (``train/checkpoints``: optimizer state, 1.6 GB for the
-    embedded model), keeping its trained model; only once the train stage's marker is complete. Returns the
-    bytes freed."""
-    from mpo_core.stages.train import CHECKPOINT_DIR
-
+    """Delete a finished cell's resume checkpoints (the train stage's ``resume_files``, ``train/checkpoints``:
+    optimizer state, 1.6 GB for the embedded model), keeping its trained model; only once the train stage's
+    marker is complete. Returns the bytes freed."""
     marker = run.read_marker(FIRST_CELL_STAGE)
-    folder = run.stage_dir(FIRST_CELL_STAGE) / CHECKPOINT_DIR
-    if not marker or marker.get("status") != "complete" or not folder.is_dir():
+    if not marker or marker.get("status") != "complete":
         return 0
-    ensure_inside(folder, run.path, "checkpoint folder")
-    freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    shutil.rmtree(folder)
+    freed = 0
+    for name in get_stage(FIRST_CELL_STAGE).resume_files:
+        folder = run.stage_dir(FIRST_CELL_STAGE) / name
+        if folder.is_dir():
+            ensure_inside(folder, run.path, "checkpoint folder")
+            freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            shutil.rmtree(folder)
     return freed
 

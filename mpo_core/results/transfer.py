@@ -27,6 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from mpo_core.plumbing.artifacts import artifact_is_complete, read_artifact, read_manifest
+from mpo_core.plumbing.config import canonical_hash, section_hash
+from mpo_core.plumbing.stage_run import starting_model
+from mpo_core.plumbing.stage_table import input_hashes
 from mpo_core.results.metrics import Estimate, bootstrap_mean_ci
 
 RATES = ("asr", "over_refusal", "response_lang_share")
@@ -234,7 +238,6 @@ def plot_target_asr(results: TransferResults, path: Path) -> Path:
 def starting_models(config, outputs: dict[str, Path]) -> dict:
     """The models of a run before training, by role: ``base`` (the model training starts from: the aligned
     checkpoint when align ran, else ``config.model``) and, when align ran, ``raw`` (``config.model``)."""
-    from mpo_core.plumbing.stage_run import starting_model
 
     models = {"raw": config.model} if "aligned" in outputs else {}
     return models | {STARTING_ROLE: starting_model(config, outputs)}
@@ -244,9 +247,6 @@ def evaluate_starting_models(run, out_dir: Path) -> Path:
     """Evaluate the starting models of a run whose stages before ``train`` are complete (the sweep's shared
     run) on the evaluation sets its cells use; write ``eval.parquet`` and a report into ``out_dir``. Skipped
     when ``out_dir`` already holds the evaluation of the same config sections and inputs."""
-    from mpo_core.plumbing.artifacts import artifact_is_complete, read_artifact, read_manifest
-    from mpo_core.plumbing.config import canonical_hash, section_hash
-    from mpo_core.plumbing.stage_table import input_hashes
     from mpo_core.stages.evaluate import evaluate_models, write_evaluation
 
     config = run.load_config()

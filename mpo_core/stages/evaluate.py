@@ -33,12 +33,14 @@ import numpy as np
 import pyarrow as pa
 
 from mpo_core.common.label_noise import describe_noise
+from mpo_core.common.langid import identify
 from mpo_core.common.verdicts import is_attack_success, is_refusal
 from mpo_core.method.premise import held_out_prompt_ids
-from mpo_core.plumbing.artifacts import read_artifact, write_artifact
+from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
 from mpo_core.plumbing.config import LabelConfig, ModelConfig, PipelineConfig, PromptsConfig
 from mpo_core.plumbing.errors import ConfigError, InputDataError
 from mpo_core.plumbing.progress import phase, round_seconds
+from mpo_core.plumbing.seed import load_seed_prompts
 from mpo_core.plumbing.stage_run import Artifact, StageRun
 from mpo_core.results.metrics import (
     Estimate,
@@ -49,6 +51,10 @@ from mpo_core.results.metrics import (
     pick_options,
     summarize_reward_gaps,
 )
+from mpo_core.results.report import write_report
+from mpo_core.results.stage_results import read_training_log, training_curve
+from mpo_core.stages.align import align_record
+from mpo_core.stages.ingest import json_lines, load_pairs, load_prompts, read_csv_records, read_text
 
 if TYPE_CHECKING:
     from mpo_core.stages.generate import GenerationBackend
@@ -123,7 +129,6 @@ def _prompt_dicts(rows: Sequence[dict], set_name: str) -> list[dict]:
 def seed_holdout(translated: pa.Table | None) -> list[dict]:
     """The seed hold-out (``split == "eval"``): from the ``translated`` artifact, else the packaged seed set."""
     if translated is None:
-        from mpo_core.plumbing.seed import load_seed_prompts
 
         rows = load_seed_prompts()
     else:
@@ -134,7 +139,6 @@ def seed_holdout(translated: pa.Table | None) -> list[dict]:
 def ingest_prompt_set(config: PipelineConfig, source: str) -> list[dict]:
     """A prompt set (MultiJail CSV, any prompt file, ``hf://`` source or the MultiJail hub id) read by the
     ingest loader; every row is used, whatever its split."""
-    from mpo_core.stages.ingest import load_prompts
 
     source = MULTIJAIL_HUB_SOURCE if source == MULTIJAIL_HUB_ID else source
     return load_prompts(PromptsConfig(source=source), seed=config.run.seed).to_pylist()
@@ -179,7 +183,6 @@ def load_pair_set(
     all of them (``pairs:train``: the gap the training itself targets). At most ``max_pairs_per_lang`` per
     target language. RG^d of the reference is attached by ``pair_id`` from the ``reference`` artifact."""
     if config.evaluate.pairs is not None:
-        from mpo_core.stages.ingest import load_pairs
 
         table = load_pairs(config.evaluate.pairs, dominant_lang=config.run.dominant_lang)
         name = f"pairs:{dataset_name(config.evaluate.pairs)}"
@@ -204,7 +207,6 @@ def load_pair_set(
 
 def _read_mgsm_tsv(path: Path, lang: str, limit: int | None) -> list[dict]:
     """MGSM's ``question<TAB>answer`` lines; an unreadable file or bad line is named (file, line, column)."""
-    from mpo_core.stages.ingest import read_text
 
     items = []
     for line_no, line in enumerate(read_text(path).splitlines(), 1):
@@ -250,8 +252,6 @@ _MC_LANG_FROM_NAME = re.compile(r"_([A-Za-z]{2,3})(?:[_-][A-Za-z]{2,4})?$")
 
 
 def _mc_rows(path: Path) -> list[dict]:
-    from mpo_core.stages.ingest import json_lines, read_csv_records
-
     if path.suffix == ".csv":
         return read_csv_records(path)[1]
     if path.suffix in (".jsonl", ".json"):
@@ -368,7 +368,6 @@ LANGID_NAME = "langid"
 def in_prompt_language(texts: Sequence[str], langs: Sequence[str]) -> list[bool]:
     """Whether each response is written in its prompt's language, by :func:`mpo_core.common.langid.identify`
     (an empty or letterless response is in no language)."""
-    from mpo_core.common.langid import identify
 
     return [guess == lang for (guess, _), lang in zip(identify(list(texts)), langs, strict=True)]
 
@@ -647,7 +646,6 @@ def write_evaluation(
     """Write the ``eval`` artifact, the judged responses of each model (``responses_<role>.parquet``) and
     the report folder into ``out_dir`` (``extra_meta`` joins the report's head); return
     ``{"eval", "report", "report_html"}`` paths."""
-    from mpo_core.results.report import write_report
 
     out_dir = Path(out_dir)
     for role, obs in result.observations.items():
@@ -736,7 +734,6 @@ def pair_supply_line(filtered: Path, translated: Path) -> str:
 def training_curve_line(log_path: Path) -> str | None:
     """``loss``, ``l1``, ``l2``, the training pairs' mean target and dominant gaps at the first and the last
     logged step of a training log (None without one): whether training moved what it optimises."""
-    from mpo_core.results.stage_results import read_training_log, training_curve
 
     curve = training_curve(read_training_log(log_path))
     if not curve:
@@ -751,8 +748,6 @@ def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
     """Report lines on how the models came to be: what ``align`` trained on, and MPO's premise (mean RG^d
     and share of pairs with RG^d > 0 per target language) on the pairs the train stage used, else on every
     pair the reference stage saw."""
-    from mpo_core.plumbing.artifacts import read_manifest
-    from mpo_core.stages.align import align_record
     from mpo_core.stages.train import TRAIN_INFO, TRAIN_LOG
 
     meta = {}

@@ -54,8 +54,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from mpo_core.common.langid import identify, identify_background
 from mpo_core.plumbing.artifacts import write_text_atomically
 from mpo_core.plumbing.config import FilterConfig, PipelineConfig
+from mpo_core.plumbing.errors import ModelLoadError
 from mpo_core.plumbing.languages import language_name, same_language
 from mpo_core.plumbing.progress import Tracker
 from mpo_core.plumbing.schemas import DROPPED, FILTER_REPORT, PAIRS
@@ -186,7 +188,6 @@ class PairFilter:
 
     def filter_batch(self, batch: pa.RecordBatch | pa.Table) -> tuple[pa.Table, pa.Table]:
         """``(kept, dropped)`` for one batch of PAIRS rows; kept rows carry their repaired texts."""
-        from mpo_core.common.langid import identify, identify_background
 
         start = time.perf_counter()
         columns = batch.to_pydict()
@@ -418,7 +419,6 @@ def report_markdown(report: pa.Table, title: str = "Filter report") -> str:
 
 def _load_tokenizer(config: PipelineConfig) -> tuple[Any, str]:
     from mpo_core.common.models import load_tokenizer
-    from mpo_core.plumbing.errors import ModelLoadError
 
     try:
         return load_tokenizer(config.model), "tokenizer"

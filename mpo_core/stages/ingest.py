@@ -36,6 +36,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from mpo_core.common.langid import identify
 from mpo_core.plumbing.config import PipelineConfig, PromptsConfig
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.plumbing.languages import is_valid_lang, normalize_lang
@@ -319,7 +320,6 @@ def infer_pair_languages(
       a group's one open row takes its one missing language. A row still open keeps its prompt's best
       guess, and the filter stage judges it.
     """
-    from mpo_core.common.langid import identify
 
     prompts = identify([r["target_prompt"] for r in rows])
     answers = identify([r["target_chosen"] + "\n" + r["target_rejected"] for r in rows])

@@ -49,6 +49,7 @@ from mpo_core.plumbing.errors import ConfigError
 from mpo_core.plumbing.progress import track
 from mpo_core.plumbing.stage_run import Artifact, StageRun
 from mpo_core.stages.generate import GenerationBackend, SamplingSettings, get_backend
+from mpo_core.stages.ingest import read_text
 
 PATTERNS_FILE = "refusal_patterns.json"
 PATTERN_KINDS = ("refusal", "discourage", "comply", "pivot")
@@ -84,7 +85,6 @@ class Judge(abc.ABC):
 @lru_cache(maxsize=4)
 def load_refusal_patterns(path: str | None = None) -> dict[str, Any]:
     """The versioned pattern file (default: the packaged one), parsed and its regexes checked."""
-    from mpo_core.stages.ingest import read_text
 
     source = Path(path) if path else Path(str(resources.files("mpo_core") / "data" / PATTERNS_FILE))
     if not source.is_file():

@@ -35,10 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpo_core.common.label_noise import flip_target_labels
+from mpo_core.common.langid import UNDETERMINED, identify
 from mpo_core.common.verdicts import is_safe
 from mpo_core.plumbing.artifacts import to_table
 from mpo_core.plumbing.config import PairConfig, PipelineConfig
 from mpo_core.plumbing.errors import ArtifactError
+from mpo_core.plumbing.languages import same_language
 from mpo_core.plumbing.stage_run import Artifact, StageRun
 from mpo_core.stages.ingest import load_pairs, resolve_source
 from mpo_core.stages.label import fallback_refusal
@@ -208,8 +210,6 @@ def samples_in_other_languages(rows: list[dict]) -> frozenset[int]:
     prompt in English, and such a refusal must not become the target's chosen answer (the language's
     configured refusal stands in where no safe sample is left); an unsafe answer in another language is
     rejected only where none is in the prompt's language (the filter would drop the pair)."""
-    from mpo_core.common.langid import UNDETERMINED, identify
-    from mpo_core.plumbing.languages import same_language
 
     guesses = identify([row["text"] for row in rows], expected=[row["lang"] for row in rows])
     return frozenset(i for i, (lang, conf) in enumerate(guesses)

@@ -50,7 +50,10 @@ from mpo_core.method.reference import check_reference_encoding
 from mpo_core.plumbing.artifacts import atomic_directory
 from mpo_core.plumbing.config import ModelConfig, PipelineConfig, TrainConfig
 from mpo_core.plumbing.errors import ConfigError, InputDataError
+from mpo_core.plumbing.progress import Tracker
 from mpo_core.plumbing.stage_run import Artifact, StageRun
+from mpo_core.plumbing.stage_table import CHECKPOINT_DIR
+from mpo_core.results.stage_results import training_log_line
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
 TRAIN_INFO = "mpo_train.json"
 OWN_TRAINER_LOSSES = ("mpo", "simpo")
@@ -338,9 +340,6 @@ def _trainer_class():
 
 def _callbacks(log_path: Path) -> list:
     from transformers import TrainerCallback
-
-    from mpo_core.plumbing.progress import Tracker
-    from mpo_core.results.stage_results import training_log_line
 
     class ProgressAndLog(TrainerCallback):
         """Progress through :mod:`mpo_core.plumbing.progress`, every log line appended to the JSONL training log (and

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from mpo_core.plumbing.config import GenerateConfig, PipelineConfig
 from mpo_core.plumbing.errors import ConfigError, InputDataError
+from mpo_core.plumbing.languages import language_name
 from mpo_core.plumbing.progress import track
 from mpo_core.plumbing.stage_run import Artifact, StageRun
 
@@ -54,7 +55,6 @@ def seq2seq_family(model_id: str) -> str:
 
 def llm_translation_prompt(text: str, source_lang: str, target_lang: str) -> str:
     """The instruction given to the LLM translator."""
-    from mpo_core.plumbing.languages import language_name
 
     return (
         f"Translate the following text from {language_name(source_lang)} to {language_name(target_lang)}. "

@@ -15,6 +15,7 @@ import pytest
 
 from mpo_core.plumbing.artifacts import artifact_is_complete, read_manifest
 from mpo_core.plumbing.runs import RunFolder
+from mpo_core.plumbing.stage_table import get_stage
 from tests.integration.conftest import BIN, ROOT, mpo_run, prefect_env
 
 pytestmark = pytest.mark.slow
@@ -141,6 +142,30 @@ def test_single_stage_rerun_with_changed_settings(use_server, pipeline_folder):
     assert run.load_config().filter.max_length_ratio == 22.0
     assert mpo_filter(run=str(run.path)) == outputs
     assert run.stage_statuses()["filter"] == "skipped"
+
+
+def test_force_recomputes_every_stage_of_a_finished_run(use_server, pipeline_folder):
+    """``mpo stage <stage> --force`` on each stage that ran (the stage flows): the stage's function runs
+    again from an empty folder (every output file is new) and, the stages being deterministic, writes the
+    same tables. Before the runner owned reuse, reference and train returned their old outputs."""
+    from flows.stages import STAGE_FLOWS
+
+    folder, _ = pipeline_folder
+    run = RunFolder(folder / "runs" / "reuse")
+    for stage in [s for s in ALL_STAGES if s not in BYPASSED]:
+        outputs = {k: Path(v) for k, v in run.available_outputs().items() if k in get_stage(stage).outputs}
+        files = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for o in outputs.values()
+                 for p in ([o] if o.is_file() else sorted(o.rglob("*")))}
+        hashes = {k: read_manifest(p).content_hash for k, p in outputs.items() if p.suffix == ".parquet"}
+        STAGE_FLOWS[stage](run=str(run.path), force=True)
+        entry = run.read_state()["stages"][stage]
+        assert (entry["status"], entry["reason"]) == ("ran", "forced"), stage
+        rewritten = [p for p, before in files.items() if p.exists() and (p.stat().st_mtime_ns, p.stat().st_ino) != before]
+        assert files and len(rewritten) == len([p for p in files if p.exists()]), f"{stage}: some output was not rewritten"
+        after = {k: read_manifest(p).content_hash for k, p in outputs.items() if p.suffix == ".parquet"}
+        if stage != "evaluate":  # the report records the time it took
+            assert after == hashes, f"{stage}: a forced rerun changed its results"
+    assert_no_half_written_artifact(run.path)
 
 
 def test_killed_during_training_resumes_from_last_checkpoint(pipeline_folder, prefect_server):
