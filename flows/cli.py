@@ -73,7 +73,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.name not in STAGE_BY_NAME:
         raise MPOError(f"unknown stage {args.name!r}; stages: {', '.join(STAGE_BY_NAME)}")
     RunFolder(args.run).load_config(args.set)  # a missing run or bad override fails here, before Prefect
-    from flows.stages import STAGE_FLOWS
+    from flows.stage_flows import STAGE_FLOWS
 
     state = STAGE_FLOWS[args.name](run=args.run, overrides=args.set, force=args.force, return_state=True)
     outputs = state.result(raise_on_failure=True)

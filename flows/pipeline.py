@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from flows.stages import STAGE_FLOWS, stage_flow_name
+from flows.stage_flows import STAGE_FLOWS, stage_flow_name
 from mpo_core.plumbing.config import PipelineConfig
 from mpo_core.plumbing.errors import MPOError
 from mpo_core.plumbing.runs import (

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import mpo_pipeline
-from flows.stages import STAGE_FLOWS
+from flows.stage_flows import STAGE_FLOWS
 from mpo_core.plumbing.config import CONFIGS_DIR
 from mpo_core.plumbing.runs import RunFolder, open_run
 from mpo_core.plumbing.sweep import (

@@ -269,7 +269,7 @@ def _raised(exc_type, *args):
 def test_bad_input_and_bugs_are_never_retried(err):
     from prefect.states import Failed
 
-    from tasks.stage import is_transient
+    from tasks.stage_task import is_transient
 
     assert is_transient_error(err) is False
     assert is_transient(None, None, Failed(data=err)) is False
@@ -279,7 +279,7 @@ def test_faults_that_can_pass_are_retried():
     import torch
     from prefect.states import Failed
 
-    from tasks.stage import is_transient
+    from tasks.stage_task import is_transient
 
     for err in (ConnectionResetError("reset"), TimeoutError("slow"), OSError("disk hiccup"), MemoryError(),
                 torch.OutOfMemoryError("CUDA out of memory")):

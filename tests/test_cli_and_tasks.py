@@ -82,13 +82,13 @@ def test_hub_token_from_environment_is_not_looked_up_elsewhere(monkeypatch):
 
 
 def test_artifact_keys_are_valid_prefect_keys():
-    from tasks.stage import artifact_key
+    from tasks.stage_task import artifact_key
 
     assert artifact_key("My_Run.v2", "filter", "progress") == "my-run-v2-filter-progress"
 
 
 def test_output_summary_links_and_counts_without_data(tmp_path):
-    from tasks.stage import output_summary
+    from tasks.stage_task import output_summary
 
     rows = [
         {
@@ -143,7 +143,7 @@ def test_transient_failures_are_retried_but_not_our_own_errors():
     from prefect.states import Failed
 
     from mpo_core.plumbing.errors import InputDataError
-    from tasks.stage import is_transient
+    from tasks.stage_task import is_transient
 
     assert is_transient(None, None, Failed(data=OSError("disk hiccup"))) is True
     assert is_transient(None, None, Failed(data=InputDataError("bad row 3"))) is False
@@ -190,7 +190,7 @@ def test_mpo_serve_serves_the_run_folder_on_loopback(tmp_path):
 
 
 def test_progress_reporter_shows_each_phase_and_loop_at_once(monkeypatch):
-    import tasks.stage as stage_module
+    import tasks.stage_task as stage_module
 
     shown = []
     monkeypatch.setattr(stage_module, "create_progress_artifact",

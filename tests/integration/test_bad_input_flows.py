@@ -29,7 +29,7 @@ def _task_runs(flow_state) -> list:
 
 
 def test_a_non_utf8_prompt_file_fails_the_task_once_with_a_named_error(use_server, tmp_path):
-    from flows.stages import mpo_ingest
+    from flows.stage_flows import mpo_ingest
 
     source = tmp_path / "latin1.csv"
     source.write_bytes("prompt_id,text,lang\n1,café,fr\n".encode("latin-1"))
@@ -45,7 +45,7 @@ def test_a_non_utf8_prompt_file_fails_the_task_once_with_a_named_error(use_serve
 
 
 def test_a_stage_folder_linked_out_of_the_run_is_refused_through_the_flow(use_server, tmp_path, shared_data):
-    from flows.stages import mpo_ingest
+    from flows.stage_flows import mpo_ingest
 
     source = shared_data / "multijail" / "MultiJail.csv"
     recipe = _recipe(tmp_path, "linked", source)

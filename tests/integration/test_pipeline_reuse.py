@@ -132,7 +132,7 @@ def test_rerun_skips_every_stage_and_filter_change_reruns_only_downstream(use_se
 
 def test_single_stage_rerun_with_changed_settings(use_server, pipeline_folder):
     """``mpo stage filter --run R --set ...`` (the stage flow) reruns filter only, and records the override."""
-    from flows.stages import mpo_filter
+    from flows.stage_flows import mpo_filter
 
     folder, _ = pipeline_folder
     run = RunFolder(folder / "runs" / "reuse")
@@ -148,7 +148,7 @@ def test_force_recomputes_every_stage_of_a_finished_run(use_server, pipeline_fol
     """``mpo stage <stage> --force`` on each stage that ran (the stage flows): the stage's function runs
     again from an empty folder (every output file is new) and, the stages being deterministic, writes the
     same tables. Before the runner owned reuse, reference and train returned their old outputs."""
-    from flows.stages import STAGE_FLOWS
+    from flows.stage_flows import STAGE_FLOWS
 
     folder, _ = pipeline_folder
     run = RunFolder(folder / "runs" / "reuse")

@@ -5,7 +5,7 @@ Every stage flow takes the run (an existing run folder, or a recipe that creates
 ``inputs`` it reads the outputs the run's earlier stages left (their ``stage.json`` markers). A stage flow
 reruns its stage only when its identity changed, unless ``force`` is set.
 
-Deployment entry points: ``flows/stages.py:mpo_ingest``, ``...:mpo_translate``, ... ``...:mpo_evaluate``; the
+Deployment entry points: ``flows/stage_flows.py:mpo_ingest``, ``...:mpo_translate``, ... ``...:mpo_evaluate``; the
 attribute names equal the flow names (``mpo-ingest``, ...), so ``prefect deploy --name mpo-ingest/cpu`` and
 ``run_deployment("mpo-ingest/cpu")`` name the same deployment.
 """
@@ -17,7 +17,7 @@ from prefect import flow
 from mpo_core.plumbing.runs import open_run, resolve_inputs
 from mpo_core.plumbing.stage_table import STAGES, StageSpec
 from tasks.monitoring import flow_run_namer, tag_flow_run
-from tasks.stage import stage_task_for
+from tasks.stage_task import stage_task_for
 
 
 def stage_flow_name(stage: str) -> str:
