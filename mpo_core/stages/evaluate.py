@@ -203,10 +203,10 @@ def load_pair_set(
     return PairSet(name, rows, gaps)
 
 
-def _read_mgsm_tsv(path: Path, lang: str, limit: int | None) -> list[dict]:
-    """MGSM's ``question<TAB>answer`` lines, read by Arrow's CSV reader (tab-separated, no quoting: a question
-    keeps its quotes); item ``mgsm-<lang>-<line>``. An unreadable file or bad line is named (file, line,
-    column)."""
+def _mgsm_lines(path: Path) -> list[tuple[int, str, str]]:
+    """``(line number, question, answer)`` of MGSM's ``question<TAB>answer`` lines, read by Arrow's CSV reader
+    (tab-separated, no quoting: a question keeps its quotes); blank lines are skipped, a line without exactly
+    one tab is an :class:`InputDataError` naming it."""
     import pyarrow.csv as pacsv
 
     from mpo_core.stages.ingest import read_text
@@ -229,16 +229,19 @@ def _read_mgsm_tsv(path: Path, lang: str, limit: int | None) -> list[dict]:
                                              strings_can_be_null=False),
     )
     if bad_rows:
-        bad = bad_rows[0]
-        raise InputDataError(f"{path}: line {bad.number}: expected 'question<TAB>answer', got {bad.actual_columns} "
-                             "column(s)")
+        raise InputDataError(f"{path}: line {bad_rows[0].number}: expected 'question<TAB>answer', got "
+                             f"{bad_rows[0].actual_columns} column(s)")
     line_numbers = (n for n in range(1, table.num_rows + len(blank_lines) + 1) if n not in blank_lines)
+    return [(line_no, question, answer)
+            for line_no, question, answer in zip(line_numbers, *table.to_pydict().values())
+            if question.strip() or answer.strip()]
+
+
+def _read_mgsm_tsv(path: Path, lang: str, limit: int | None) -> list[dict]:
+    """MGSM items ``mgsm-<lang>-<line>`` of one file (:func:`_mgsm_lines`); a bad answer is named (file, line,
+    column)."""
     items = []
-    for line_no, question, answer in zip(line_numbers, *table.to_pydict().values()):
-        if limit is not None and len(items) >= limit:
-            break
-        if not (question.strip() or answer.strip()):
-            continue
+    for line_no, question, answer in _mgsm_lines(path)[:limit]:
         try:
             gold = parse_gold_answer(answer)
         except ValueError as err:
