@@ -99,11 +99,11 @@ def mpo_backward_step(
     ``L = L1 + lam * L2`` with the reward-gap objective ``L1 = mean_b (beta * RG^t_b - RG^d_b)^2`` and the
     dominant-language representation constraint ``L2 = MSE(pool(h_policy(d)), pool(h_reference(d)))``
     (:mod:`mpo_core.method.losses`). L1 depends only on the target-language sequences and L2 only on the
-    dominant-language ones, so
-    ``grad L = grad L1 + lam * grad L2`` is accumulated as: dominant forward (backbone only), backward of
-    ``lam * L2``; then target forward (chunked LM head on response tokens), backward of ``L1``. Only one side's
-    activations are alive at a time; the gradients are those of the joint loss. Under DistributedDataParallel
-    the forwards go through the wrapper and the gradients are averaged over the ranks once, after the L1 pass.
+    dominant-language ones, so ``grad L = grad L1 + lam * grad L2`` is accumulated as: dominant forward
+    (backbone only), backward of ``lam * L2``; then target forward (chunked LM head on response tokens),
+    backward of ``L1``. Only one side's activations are alive at a time; the gradients are those of the joint
+    loss. Under DistributedDataParallel the forwards go through the wrapper and the gradients are averaged
+    over the ranks once, after the L1 pass.
     Returns the detached loss, the metrics and the per-pair target gaps.
     """
     backward = backward or torch.Tensor.backward
