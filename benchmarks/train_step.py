@@ -5,7 +5,7 @@ Three variants, same batches (``--pairs-per-step`` real quadruples, ``--max-leng
 (a) ``precomputed``: MPO as mpo trains — RG^d and the reference's pooled states read from the reference stage's
     values (computed before timing, as the reference stage does once), no reference model in memory, no LM head
     on the dominant side, the LM head only on target response tokens in chunks, each pair's shared prompt run
-    once, two backward passes (:func:`mpo_core.stages.train.mpo_backward_step`).
+    once, two backward passes (:func:`mpo_core.method.objective.mpo_backward_step`).
 (b) ``online``: MPO as the paper's code does it — a frozen reference model in memory, its forward with full
     logits in every step, full-vocabulary float32 logits for every sequence of the policy, one backward.
 (c) ``trl_dpo``: one step of TRL's ``DPOTrainer`` (sigmoid loss) on the target-language side.
@@ -122,15 +122,9 @@ def run_variant(args) -> dict:
         step_times = run_trl_dpo(args, model, tok, batches)
     else:
         from mpo_core.method.logps import pair_prefix_lengths
+        from mpo_core.method.objective import mpo_backward_step, paper_mpo_loss, side
         from mpo_core.method.reference import reference_outputs
-        from mpo_core.stages.train import (
-            MPOCollator,
-            build_examples,
-            disable_dropout,
-            mpo_backward_step,
-            paper_mpo_loss,
-            side,
-        )
+        from mpo_core.stages.train import MPOCollator, build_examples, disable_dropout
 
         disable_dropout(model)
         collate = MPOCollator(tok.pad_token_id)
@@ -188,8 +182,8 @@ def run_synthetic_variant(args) -> dict:
     import torch
 
     from mpo_core.method.logps import pair_prefix_lengths
+    from mpo_core.method.objective import mpo_backward_step, paper_mpo_loss, side
     from mpo_core.method.reference import reference_outputs
-    from mpo_core.stages.train import mpo_backward_step, paper_mpo_loss, side
 
     cuda = args.device == "cuda"
     base_rss = rss_mib()

@@ -12,9 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from core_pairs import official_pairs
 
+from mpo_core.method.objective import mpo_backward_step, side
 from mpo_core.method.reference import reference_outputs
 from mpo_core.plumbing.config import ModelConfig
-from mpo_core.stages.train import MPOCollator, build_examples, mpo_backward_step, side
+from mpo_core.stages.train import MPOCollator, build_examples
 
 WORLD = 2
 BETA = 1.5

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mpo_core.method.logps import final_hidden_states, paired_final_hidden_states
+from mpo_core.method.objective import mpo_backward_step
 from mpo_core.method.synthetic import SIZES, random_pairs, synthetic_causal_lm, synthetic_mpo_batch
-from mpo_core.stages.train import mpo_backward_step
 
 pytestmark = pytest.mark.gpu
 

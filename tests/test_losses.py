@@ -1,4 +1,5 @@
-"""The MPO loss and the baseline losses against hand-computed values (DESIGN.md equations)."""
+"""The MPO loss, SimPO and the reference formulas of the TRL baselines against hand-computed values (the
+equations of the README's method section)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,9 @@ import math
 
 import pytest
 import torch
+from reference_losses import dpo_margin, dpo_sigmoid_loss, ipo_loss
 
-from mpo_core.method.losses import (
-    MPOLoss,
-    SimPOLoss,
-    dpo_margin,
-    dpo_sigmoid_loss,
-    ipo_loss,
-    masked_mean_pool,
-    mpo_loss,
-    reward_gap,
-    sft_loss,
-    simpo_loss,
-)
+from mpo_core.method.losses import masked_mean_pool, mpo_loss, reward_gap, simpo_loss
 
 
 def _inputs(requires_grad: bool = False) -> dict[str, torch.Tensor]:
@@ -44,7 +35,6 @@ def test_mpo_loss_matches_hand_computation():
     assert metrics["target_gap"].item() == pytest.approx(0.5)
     assert metrics["dominant_gap"].item() == pytest.approx(0.5)
     assert metrics["target_gap_accuracy"].item() == pytest.approx(0.5)
-    assert MPOLoss(beta=1.5, lam=0.5)(*_inputs().values())[0].item() == pytest.approx(l1 + 0.5 * l2)
 
 
 def test_mpo_gradients_reach_only_policy_inputs():
@@ -105,7 +95,3 @@ def test_baseline_losses_match_hand_computation():
     assert simpo_loss(
         torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), 2.0, 0.5
     ).item() == pytest.approx(simpo)
-    assert SimPOLoss(2.0, 0.5)(
-        torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
-    ).item() == pytest.approx(simpo)
-    assert sft_loss(torch.tensor([-6.0, -4.0]), torch.tensor([3, 2])).item() == pytest.approx(2.0)

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mpo_core.method.objective import mpo_backward_step, side
 from mpo_core.method.reference import reference_outputs
 from mpo_core.method.synthetic import SIZES, synthetic_causal_lm, synthetic_mpo_batch
-from mpo_core.stages.train import mpo_backward_step, side
 
 WORLD = 2
 BETA = 1.5

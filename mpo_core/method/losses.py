@@ -1,27 +1,29 @@
-"""The MPO objective and the baseline preference losses, as plain functions and small ``nn.Module``s.
+"""The MPO equations as plain tensor functions (README, "The method"; Zhao et al., ACL 2025, arXiv 2505.16869).
 
-Notation (DESIGN.md): ``s(y|x) = (1/|y|) sum_i log pi(y_i | x, y_<i)`` is the length-normalised
+Notation: ``s(y|x) = (1/|y|) sum_i log pi(y_i | x, y_<i)`` is the length-normalised
 log-likelihood of a response over its response tokens; the reward gap of a pair is
 ``RG = s(y_w|x) - s(y_l|x)`` (no reference log-ratio).
 
-MPO (Zhao et al., ACL 2025):
+MPO, its three equations:
 
-- ``L1 = mean_b (beta * RG^t_b - RG^d_b)^2`` with ``RG^t`` from the policy on the target-language pair and
-  ``RG^d`` from the frozen reference on the dominant-language pair (a constant: precomputed once).
-- ``L2 = mean((h_policy - h_ref)^2)`` over the final-layer hidden states of the dominant chosen and
-  rejected sequences, each mean-pooled over its real tokens (:func:`masked_mean_pool`). Deviation from the
-  official code, which pools padding positions too: we exclude padding, so the loss cannot depend on how a
-  batch was padded.
-- ``L = L1 + lam * L2``.
+- the reward-gap objective ``L1 = mean_b (beta * RG^t_b - RG^d_b)^2``, with ``RG^t`` from the policy on
+  the target-language pair and ``RG^d`` from the frozen reference on the dominant-language pair (a constant:
+  precomputed once);
+- the dominant-language representation constraint ``L2 = mean((h_policy - h_ref)^2)`` over the final-layer
+  hidden states of the dominant chosen and rejected sequences, each mean-pooled over its real tokens
+  (:func:`masked_mean_pool`). Deviation from the official code, which pools padding positions too: we
+  exclude padding, so the loss cannot depend on how a batch was padded;
+- the total loss ``L = L1 + lam * L2`` (the paper: ``lam = 1``).
 
-Every function here takes tensors and knows nothing of models or tokenisers.
+SimPO (``-mean log sigmoid(beta * RG - gamma)``) is here because the train stage's own trainer runs it; the
+DPO, IPO and SFT baselines train through TRL. Every function here takes tensors and knows nothing of models
+or tokenisers; :mod:`mpo_core.method.objective` applies them to a model and a batch, as training does.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def masked_mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -89,70 +91,8 @@ def mpo_loss(
     return l1 + lam * l2, mpo_metrics(target_gap, ref_dominant_reward_gap, l1, l2)
 
 
-def dpo_margin(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-) -> torch.Tensor:
-    """The DPO log-ratio margin ``(log pi_w - log ref_w) - (log pi_l - log ref_l)`` per pair."""
-    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-
-
-def dpo_sigmoid_loss(margin: torch.Tensor, beta: float) -> torch.Tensor:
-    """DPO: ``-mean log sigmoid(beta * margin)`` with :func:`dpo_margin` of summed log-probabilities."""
-    return -F.logsigmoid(beta * margin).mean()
-
-
-def ipo_loss(margin: torch.Tensor, beta: float) -> torch.Tensor:
-    """IPO: ``mean (margin - 1/(2 beta))^2`` with :func:`dpo_margin` (TRL uses average log-probabilities)."""
-    return ((margin - 1.0 / (2.0 * beta)) ** 2).mean()
-
-
 def simpo_loss(
     chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, beta: float, gamma: float
 ) -> torch.Tensor:
     """SimPO (reference-free): ``-mean log sigmoid(beta * (s(y_w|x) - s(y_l|x)) - gamma)``."""
     return -F.logsigmoid(beta * reward_gap(chosen_avg_logps, rejected_avg_logps) - gamma).mean()
-
-
-def sft_loss(chosen_token_logps_sum: torch.Tensor, chosen_token_counts: torch.Tensor) -> torch.Tensor:
-    """SFT on chosen: token-level negative log-likelihood ``-sum log pi(y_w) / sum |y_w|`` over the batch."""
-    return -chosen_token_logps_sum.sum() / chosen_token_counts.sum().clamp_min(1)
-
-
-class MPOLoss(nn.Module):
-    """:func:`mpo_loss` with ``beta`` and ``lam`` bound (OpenRLHF-style loss module)."""
-
-    def __init__(self, beta: float, lam: float = 1.0) -> None:
-        super().__init__()
-        self.beta, self.lam = beta, lam
-
-    def forward(
-        self,
-        policy_target_chosen_avg_logps: torch.Tensor,
-        policy_target_rejected_avg_logps: torch.Tensor,
-        ref_dominant_reward_gap: torch.Tensor,
-        policy_dominant_pooled: torch.Tensor,
-        ref_dominant_pooled: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return mpo_loss(
-            policy_target_chosen_avg_logps,
-            policy_target_rejected_avg_logps,
-            ref_dominant_reward_gap,
-            policy_dominant_pooled,
-            ref_dominant_pooled,
-            self.beta,
-            self.lam,
-        )
-
-
-class SimPOLoss(nn.Module):
-    """:func:`simpo_loss` with ``beta`` and the target margin ``gamma`` bound."""
-
-    def __init__(self, beta: float, gamma: float) -> None:
-        super().__init__()
-        self.beta, self.gamma = beta, gamma
-
-    def forward(self, chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor) -> torch.Tensor:
-        return simpo_loss(chosen_avg_logps, rejected_avg_logps, self.beta, self.gamma)

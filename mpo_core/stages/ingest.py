@@ -13,15 +13,14 @@ Formats (``prompts.format``; ``auto`` decides from the file name and its first r
 - ``parquet`` / ``csv`` / ``jsonl``: a plain prompt set with a text column and a language column.
 
 A source ``hf://<repo_id>/<file>`` is fetched from the Hugging Face hub (dataset repos) for users who are
-online; nothing else touches the network. Every bad row is an :class:`InputDataError` naming file, column
-(or field) and row.
+online; nothing else touches the network. CSV and JSON lines are read by Arrow's readers (``pyarrow.csv``,
+``pyarrow.json``). Every bad row is an :class:`InputDataError` naming file, column (or field) and row.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
-import csv
 import gzip
 import hashlib
 import io
@@ -129,8 +128,7 @@ def detect_format(path: Path) -> str:
             keys = set()
         return "hh_rlhf" if {"chosen", "rejected"} <= keys else "jsonl"
     if name.endswith(".csv"):
-        with _reading(path), _open_text(path) as fh:
-            header = [h.strip() for h in next(csv.reader(fh), [])]
+        header = csv_header(read_text(path))
         is_wide = "id" in header and len(wide_language_columns(header)) >= 2 and not {"text", "lang"} & set(header)
         return "multijail" if is_wide else "csv"
     raise InputDataError(f"{path}: cannot tell the format from the name; set prompts.format")
@@ -227,24 +225,58 @@ def split_hh_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str,
     return render_dialogue(turns), chosen[start:].strip(), rejected[start:].strip()
 
 
-def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(row, object)`` for each non-blank line of a ``.jsonl(.gz)`` file (row = line number - 1)."""
-    with _reading(path), _open_text(path) as fh:
-        for row, line in enumerate(fh):
-            if not line.strip():
+def read_json_lines(path: Path) -> list[dict]:
+    """The records of a ``.jsonl(.gz)`` file, read by Arrow's JSON reader (escapes, types, nested values):
+    one ``{field: value}`` per record, without the fields it lacks or holds as null; row ``i`` is the
+    ``i``-th record (blank lines skipped). A line that is not a JSON object, or a field whose JSON type
+    changes between rows, is an :class:`InputDataError` naming the row (found by :func:`_json_lines_error`)."""
+    import pyarrow.json as pajson
+
+    text = read_text(path)
+    if not text.strip():
+        return []
+    data = text.encode("utf-8")
+    options = pajson.ReadOptions(use_threads=False, block_size=max(len(data), 1 << 20))  # one block: no line straddles two
+    try:
+        table = pajson.read_json(io.BytesIO(data), read_options=options)
+    except pa.ArrowInvalid as err:
+        raise _json_lines_error(path, text, err) from None
+    return [{field: value for field, value in record.items() if value is not None} for record in table.to_pylist()]
+
+
+def _json_kind(value: Any) -> str:
+    kinds = ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "list"), (dict, "object"))
+    return next(name for types, name in kinds if isinstance(value, types))
+
+
+def _json_lines_error(path: Path, text: str, err: pa.ArrowInvalid) -> InputDataError:
+    """What Arrow refused in ``text``, found line by line (the error path only): the first line that is not
+    JSON or not an object, or the first field whose JSON type differs from its first row's."""
+    first_kinds: dict[str, tuple[str, int]] = {}
+    row = -1
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        row += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as bad:
+            return InputDataError(f"{path}: row {row} (line {line_no}) is not valid JSON: {bad}")
+        if not isinstance(record, dict):
+            return InputDataError(f"{path}: row {row} is not a JSON object")
+        for field, value in record.items():
+            if value is None:
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputDataError(f"{path}: row {row} (line {row + 1}) is not valid JSON: {err}") from None
-            if not isinstance(record, dict):
-                raise InputDataError(f"{path}: row {row} is not a JSON object")
-            yield row, record
+            kind, (first_kind, first_row) = _json_kind(value), first_kinds.setdefault(field, (_json_kind(value), row))
+            if kind != first_kind:
+                return InputDataError(f"{_where(path, field, row)}: a JSON {kind} where row {first_row} holds a "
+                                      f"{first_kind}; give a field one type in every row")
+    return InputDataError(f"{path}: not readable as JSON lines: {err}")
 
 
 def read_hh_rlhf(path: Path) -> Iterator[tuple[int, str, str, str]]:
     """``(row, prompt, chosen, rejected)`` for each line of an HH-RLHF ``.jsonl(.gz)`` file."""
-    for row, record in json_lines(path):
+    for row, record in enumerate(read_json_lines(path)):
         chosen = _text(record.get("chosen"), path, "chosen", row)
         rejected = _text(record.get("rejected"), path, "rejected", row)
         yield (row, *split_hh_dialogue(chosen, rejected, f"{path}: column 'chosen', row {row}"))
@@ -452,7 +484,7 @@ def read_csv_records(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     import pyarrow.csv as pacsv
 
     text = read_text(path)
-    header = [h.strip() for h in next(csv.reader(io.StringIO(text)), [])]
+    header = csv_header(text)
     if not any(header):
         raise InputDataError(f"{path}: empty CSV file (no header row)")
     repeated = sorted({h for h in header if header.count(h) > 1})
@@ -483,6 +515,24 @@ def read_csv_records(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, table.to_pylist()
 
 
+def csv_header(text: str) -> list[str]:
+    """The column names of CSV ``text`` (stripped), parsed by Arrow's CSV reader from its first block;
+    ``[]`` for an empty text."""
+    import pyarrow.csv as pacsv
+
+    try:
+        reader = pacsv.open_csv(
+            io.BytesIO(text.encode("utf-8")),
+            read_options=pacsv.ReadOptions(use_threads=False),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda row: "skip"),
+        )
+    except pa.ArrowInvalid:
+        if text.strip():
+            raise
+        return []
+    return [name.strip() for name in reader.schema.names]
+
+
 def _multijail_category(tags: str | None, path: Path, row: int) -> str | None:
     if not tags or not tags.strip():
         return None
@@ -508,7 +558,7 @@ def _read_records(path: Path, fmt: str) -> tuple[list[str], Iterator[dict]]:
         header, rows = read_csv_records(path)
         return header, iter(rows)
 
-    records = [record for _, record in json_lines(path)]
+    records = read_json_lines(path)
     if not records:
         raise InputDataError(f"{path}: no JSON records in the file")
     return sorted({k for r in records for k in r}), iter(records)

@@ -7,7 +7,7 @@
   pooled states come from the ``reference`` artifact, so no reference model is ever in memory. Because L1
   and L2 read disjoint sequences, each step runs two backward passes (``lam * L2`` on the dominant side,
   then ``L1`` on the target side), so only one side's activations are alive at a time
-  (:func:`mpo_backward_step`).
+  (:func:`mpo_core.method.objective.mpo_backward_step`).
 - ``dpo`` / ``ipo``: TRL's ``DPOTrainer`` (loss_type ``sigmoid`` / ``ipo``) and ``sft``: TRL's ``SFTTrainer``
   on the chosen responses, all on the target-language side of the same pairs.
 
@@ -30,21 +30,16 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
 
-from mpo_core.method.logps import (
-    collate_pairs,
-    encode_prompt_responses,
-    full_logits_outputs,
-    sequence_outputs,
-)
-from mpo_core.method.losses import mpo_l1_terms, mpo_l2, mpo_loss, mpo_metrics, reward_gap, simpo_loss
+from mpo_core.method.logps import collate_pairs, encode_prompt_responses, sequence_outputs
+from mpo_core.method.losses import mpo_l1_terms, reward_gap, simpo_loss
+from mpo_core.method.objective import mpo_backward_step, mpo_step_loss, side
 from mpo_core.method.premise import check_premise, split_by_reference_gap, training_split
 from mpo_core.method.reference import check_reference_encoding
 from mpo_core.plumbing.artifacts import atomic_directory
@@ -86,11 +81,11 @@ def build_examples(
     examples = []
     for i, row in enumerate(pairs.to_pylist()):
         example: dict[str, Any] = {"pair_id": row["pair_id"], "target_lang": row["target_lang"]}
-        for side in ("target", "dominant"):
-            example[f"{side}_chosen"], example[f"{side}_rejected"] = encode_prompt_responses(
+        for lang_side in ("target", "dominant"):
+            example[f"{lang_side}_chosen"], example[f"{lang_side}_rejected"] = encode_prompt_responses(
                 tokenizer,
-                row[f"{side}_prompt"],
-                [row[f"{side}_chosen"], row[f"{side}_rejected"]],
+                row[f"{lang_side}_prompt"],
+                [row[f"{lang_side}_chosen"], row[f"{lang_side}_rejected"]],
                 max_length,
                 truncation=truncation,
             )
@@ -116,105 +111,16 @@ class MPOCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {"target_lang": [r["target_lang"] for r in rows]}
         sides = ("target", "dominant") if self.with_dominant else ("target",)
-        for side in sides:
-            pairs = [(r[f"{side}_chosen"], r[f"{side}_rejected"]) for r in rows]
+        for lang_side in sides:
+            pairs = [(r[f"{lang_side}_chosen"], r[f"{lang_side}_rejected"]) for r in rows]
             for name, tensor in collate_pairs(pairs, self.pad_token_id).items():
-                batch[f"{side}_{name}"] = tensor
+                batch[f"{lang_side}_{name}"] = tensor
         if "ref_gap" in rows[0]:
             batch["ref_gap"] = torch.tensor([r["ref_gap"] for r in rows], dtype=torch.float32)
             if self.with_dominant:
                 pooled = [r["ref_pooled"][0] for r in rows] + [r["ref_pooled"][1] for r in rows]
                 batch["ref_pooled"] = torch.tensor(pooled, dtype=torch.float32)
         return batch
-
-
-def side(batch: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
-    """The ``input_ids``/``attention_mask``/``response_mask`` of one side (``target``/``dominant``)."""
-    return {key: batch[f"{name}_{key}"] for key in ("input_ids", "attention_mask", "response_mask")}
-
-
-def mpo_step_loss(
-    model: PreTrainedModel, batch: dict[str, Any], beta: float, lam: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """MPO loss of one collated batch with the precomputed reference (one graph; for evaluation and checks).
-    Returns the loss, the metrics and the per-pair target gaps."""
-    n = batch["ref_gap"].shape[0]
-    target = sequence_outputs(model, side(batch, "target"), with_pooled=False, paired=True)["avg_logps"]
-    if lam > 0:
-        dominant = sequence_outputs(model, side(batch, "dominant"), with_logps=False, paired=True)
-        policy_pooled = dominant["pooled"]
-        ref_pooled = batch["ref_pooled"]
-    else:
-        policy_pooled = ref_pooled = target.new_zeros(1)
-    loss, metrics = mpo_loss(target[:n], target[n:], batch["ref_gap"], policy_pooled, ref_pooled, beta, lam)
-    return loss, metrics, reward_gap(target[:n], target[n:]).detach()
-
-
-def paper_mpo_loss(
-    model: PreTrainedModel, reference: PreTrainedModel, batch: dict[str, Any], beta: float, lam: float = 1.0
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The MPO loss as the paper's code computes it, kept as the yardstick for tests and benchmarks: the
-    frozen ``reference`` model runs inside the step, every sequence goes through full-vocabulary logits
-    (:func:`mpo_core.method.logps.full_logits_outputs`), one graph for L1 and L2."""
-    n = batch["target_input_ids"].shape[0] // 2
-    with torch.no_grad():
-        ref = full_logits_outputs(reference, side(batch, "dominant"))
-    target = full_logits_outputs(model, side(batch, "target"))
-    dominant = full_logits_outputs(model, side(batch, "dominant"))
-    return mpo_loss(
-        target["avg_logps"][:n],
-        target["avg_logps"][n:],
-        reward_gap(ref["avg_logps"][:n], ref["avg_logps"][n:]),
-        dominant["pooled"],
-        ref["pooled"],
-        beta,
-        lam,
-    )
-
-
-def _local_gradients(model: torch.nn.Module) -> AbstractContextManager:
-    """Under DistributedDataParallel, a pass whose gradients stay local (``no_sync``): the L2 pass, so that
-    the L1 pass after it averages the sum over the ranks in one all-reduce, with every parameter used."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    return nullcontext()
-
-
-def mpo_backward_step(
-    model: PreTrainedModel,
-    batch: dict[str, Any],
-    beta: float,
-    lam: float,
-    *,
-    backward: Callable[[torch.Tensor], None] | None = None,
-    scale: float = 1.0,
-    forward_context: Callable[[], AbstractContextManager] = nullcontext,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Accumulate ``scale * grad L`` of one batch into the parameters' ``.grad``, in two backward passes.
-
-    L1 depends only on the target-language sequences and L2 only on the dominant-language ones, so
-    ``grad L = grad L1 + lam * grad L2`` is accumulated as: dominant forward (backbone only), backward of
-    ``lam * L2``; then target forward (chunked LM head on response tokens), backward of ``L1``. Only one side's
-    activations are alive at a time; the gradients are those of the joint loss. Under DistributedDataParallel
-    the forwards go through the wrapper and the gradients are averaged over the ranks once, after the L1 pass.
-    Returns the detached loss, the metrics and the per-pair target gaps.
-    """
-    backward = backward or torch.Tensor.backward
-    n = batch["ref_gap"].shape[0]
-    l2 = batch["ref_gap"].new_zeros(())
-    if lam > 0:
-        with _local_gradients(model):
-            with forward_context():
-                dominant = sequence_outputs(model, side(batch, "dominant"), with_logps=False, paired=True)
-                l2 = mpo_l2(dominant["pooled"], batch["ref_pooled"])
-            backward(lam * scale * l2)
-        del dominant
-    with forward_context():
-        target = sequence_outputs(model, side(batch, "target"), with_pooled=False, paired=True)["avg_logps"]
-        gaps = reward_gap(target[:n], target[n:])
-        l1 = mpo_l1_terms(gaps, batch["ref_gap"], beta).mean()
-    backward(scale * l1)
-    return (l1 + lam * l2).detach(), mpo_metrics(gaps, batch["ref_gap"], l1, l2), gaps.detach()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -263,7 +169,7 @@ def _trainer_class():
                 reduce_gradients_in_fp32(self.accelerator.state.fsdp_plugin)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            """MPO: :func:`mpo_backward_step` (two backward passes, same gradients); SimPO: the default."""
+            """MPO: :func:`~mpo_core.method.objective.mpo_backward_step` (two backward passes, same gradients); SimPO: the default."""
             cfg = self.train_cfg
             if cfg.loss != "mpo":
                 return super().training_step(model, inputs, num_items_in_batch)

@@ -15,8 +15,10 @@ import pytest
 
 from mpo_core.plumbing.artifacts import artifact_is_complete, read_manifest
 from mpo_core.plumbing.runs import RunFolder
+from mpo_core.plumbing.schemas import SCHEMAS
 from mpo_core.plumbing.stage_table import get_stage
 from tests.integration.conftest import BIN, ROOT, mpo_run, prefect_env
+from tests.test_artifact_docs import assert_artifacts_documented
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +109,7 @@ def test_rerun_skips_every_stage_and_filter_change_reruns_only_downstream(use_se
         s: ("bypassed" if s in BYPASSED else "ran") for s in ALL_STAGES
     }
     assert Path(first["report"]).exists()
+    assert assert_artifacts_documented(run.path) == set(SCHEMAS)  # each file where docs/artifacts.md says
 
     started = time.perf_counter()
     second = mpo_pipeline(config=str(recipe))
