@@ -184,9 +184,14 @@ def build_pairs(
     return pairs, skipped
 
 
+def rejects_raw_answer(pair: dict) -> bool:
+    """Whether the pair's dominant rejected answer is the raw model's sample (marked in ``source``)."""
+    return RAW_REJECTED_MARK in pair["source"]
+
+
 def dominant_rejected_from_raw(pairs: list[dict]) -> dict[str, int]:
     """Per target language, the pairs whose dominant rejected answer is the raw model's sample."""
-    return dict(sorted(Counter(p["target_lang"] for p in pairs if RAW_REJECTED_MARK in p["source"]).items()))
+    return dict(sorted(Counter(p["target_lang"] for p in pairs if rejects_raw_answer(p)).items()))
 
 
 def pair_supply(pairs: list[dict], held_out_ids: set[str]) -> dict[str, dict[str, int]]:
@@ -197,7 +202,7 @@ def pair_supply(pairs: list[dict], held_out_ids: set[str]) -> dict[str, dict[str
         counts = out[p["target_lang"]]
         held_out = p["prompt_id"] in held_out_ids
         counts["held_out" if held_out else "train"] += 1
-        counts["raw_rejected"] += int(not held_out and RAW_REJECTED_MARK in p["source"])
+        counts["raw_rejected"] += int(not held_out and rejects_raw_answer(p))
     return dict(sorted(out.items()))
 
 
