@@ -17,9 +17,11 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from mpo_core.plumbing.errors import ConfigError, InputDataError
 from mpo_core.plumbing.languages import macro_language, normalize_lang, same_language
+from mpo_core.plumbing.trainer_arguments import trainer_args_errors
 
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -32,6 +34,20 @@ class Section(BaseModel):
 
 
 RUN_LOCATION_FIELDS = {"name", "root"}
+
+
+def checked_trainer_args(section: type[Section], info: ValidationInfo, trainer_args: dict[str, Any]) -> dict[str, Any]:
+    """``trainer_args`` of ``section`` when its trainer accepts them (:mod:`mpo_core.plumbing.trainer_arguments`);
+    else an error whose ``key`` context names the offending key (:func:`_format_errors` adds it to the path)."""
+    if not trainer_args:
+        return trainer_args
+    name, loss_key = ("align", "method") if section is AlignConfig else ("train", "loss")
+    loss = info.data.get(loss_key, section.model_fields[loss_key].default)
+    errors = trainer_args_errors(loss, trainer_args, name, set(section.model_fields))
+    if errors:
+        key, why = errors[0]
+        raise PydanticCustomError("trainer_args", "{why}", {"why": why, "key": key or ""})
+    return trainer_args
 
 
 def language_codes(codes: list[str], key: str = "") -> list[str]:
@@ -257,6 +273,12 @@ class TrainConfig(Section):
     # dpo/ipo: + sft_weight x the NLL of the chosen answers (TRL's "sft" loss term): keeps the chosen answer
     # likely where the preference term alone lowers both answers' likelihoods
     sft_weight: float = Field(default=0.0, ge=0.0)
+    trainer_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _trainer_accepts(cls, trainer_args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return checked_trainer_args(cls, info, trainer_args)
 
 
 class EvaluateConfig(Section):
@@ -313,6 +335,12 @@ class AlignConfig(Section):
     max_length: int = Field(default=256, ge=8)
     save_steps: int = Field(default=50, ge=1)
     sft_weight: float = Field(default=0.0, ge=0.0)  # dpo only: + sft_weight x NLL of the chosen answer
+    trainer_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _trainer_accepts(cls, trainer_args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return checked_trainer_args(cls, info, trainer_args)
 
 
 class PipelineConfig(Section):
@@ -417,8 +445,10 @@ def read_yaml(text: str, origin: str = "<yaml>") -> Any:
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+        path, given = [str(p) for p in e["loc"]], e.get("input")
+        if key := e.get("ctx", {}).get("key"):  # an error about one entry of a mapping (trainer_args)
+            path, given = [*path, key], given.get(key)
+        lines.append(f"  {'.'.join(path) or '<root>'}: {e['msg']} (got {given!r})")
     return "\n".join(lines)
 
 

@@ -484,7 +484,8 @@ def build_trainer(
     reference: pa.Table | None,
     out_dir: Path,
 ):
-    """The trainer of ``config.train.loss`` on ``pairs`` (a ``transformers.Trainer`` or a TRL trainer)."""
+    """The trainer of ``config.train.loss`` on ``pairs`` (a ``transformers.Trainer`` or a TRL trainer); its
+    arguments are mpo's (:func:`_common_arguments` and the loss's own), then ``train.trainer_args`` over them."""
     from mpo_core.common.models import resolve_device
 
     cfg = config.train
@@ -509,7 +510,7 @@ def build_trainer(
         )
         return _trainer_class()(
             model=model,
-            args=TrainingArguments(**common),
+            args=TrainingArguments(**{**common, **cfg.trainer_args}),
             train_dataset=examples,
             data_collator=MPOCollator(
                 tokenizer.pad_token_id, with_dominant=cfg.loss == "mpo" and cfg.lam > 0
@@ -530,21 +531,22 @@ def build_trainer(
     if cfg.loss == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(**common, max_length=cfg.max_length, completion_only_loss=True)
+        args = SFTConfig(**{**common, "max_length": cfg.max_length, "completion_only_loss": True, **cfg.trainer_args})
         return SFTTrainer(args=args, **trl_kwargs)
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(
+    args = DPOConfig(**{
         **common,
-        beta=cfg.beta,
-        loss_type=["sigmoid" if cfg.loss == "dpo" else "ipo"] + (["sft"] if cfg.sft_weight else []),
-        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
-        max_length=cfg.max_length,
-        disable_dropout=True,
+        "beta": cfg.beta,
+        "loss_type": ["sigmoid" if cfg.loss == "dpo" else "ipo"] + (["sft"] if cfg.sft_weight else []),
+        "loss_weights": [1.0, cfg.sft_weight] if cfg.sft_weight else None,
+        "max_length": cfg.max_length,
+        "disable_dropout": True,
         # the reference is the frozen starting model: its log-probabilities once per pair before training, not
         # again at every step (the same values; no second model in memory); FSDP keeps TRL's per-step default
-        precompute_ref_log_probs=not _sharding_arguments(cfg),
-    )
+        "precompute_ref_log_probs": not _sharding_arguments(cfg),
+        **cfg.trainer_args,
+    })
     try:
         trainer = DPOTrainer(args=args, **trl_kwargs)
     except ValueError as err:  # TRL dropped every pair, then precomputed the reference over none (torch.cat)
