@@ -157,13 +157,13 @@ def _publish_train(key: str, run: RunFolder, outputs: dict[str, Path], inputs: d
     from mpo_core.results.report import png_data_uri
     from mpo_core.results.stage_results import (
         plot_training_curve,
-        read_training_log,
+        read_log_history,
         training_curve,
         training_summary,
     )
-    from mpo_core.stages.train import TRAIN_LOG
+    from mpo_core.stages.train import LOG_HISTORY
 
-    curve = training_curve(read_training_log(run.stage_dir("train") / TRAIN_LOG))
+    curve = training_curve(read_log_history(Path(outputs["checkpoint"]) / LOG_HISTORY))
     if not curve:
         return
     create_table_artifact(curve, key=f"{key}-curve", description="Training curve: one row per logged step")

@@ -47,11 +47,11 @@ def test_target_means_line_goes_raw_aligned_trained_over_target_languages():
 
 
 def test_training_curve_line_reads_first_and_last_step(tmp_path):
-    log = tmp_path / "train_log.jsonl"
+    log = tmp_path / "log_history.json"
     lines = [{"step": 1, "loss": 2.0, "l1": 1.5, "l2": 0.5, "target_gap": -0.2},
              {"step": 2, "learning_rate": 1e-5},
              {"step": 4, "loss": 0.5, "l1": 0.4, "l2": 0.1, "target_gap": 0.3}]
-    log.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    log.write_text(json.dumps(lines), encoding="utf-8")
     assert training_curve_line(log) == ("steps 1 -> 4: loss +2.000 -> +0.500, l1 +1.500 -> +0.400, "
                                         "l2 +0.500 -> +0.100, target_gap -0.200 -> +0.300")
-    assert training_curve_line(tmp_path / "missing.jsonl") is None
+    assert training_curve_line(tmp_path / "missing.json") is None

@@ -15,7 +15,8 @@ from core_pairs import official_pairs, write_pairs
 from mpo_core.plumbing.config import CONFIGS_DIR, config_from_dict, load_config
 from mpo_core.stages.reference import reference_outputs, run_reference
 from mpo_core.stages.train import (
-    TRAIN_LOG,
+    LOG_HISTORY,
+    MODEL_DIR,
     MPOCollator,
     build_examples,
     build_trainer,
@@ -120,9 +121,12 @@ def test_precomputed_reference_equals_online_reference(shared_data, default_mode
         torch.testing.assert_close(ours, paper, atol=1e-5, rtol=1e-5)
 
 
+def _log_history(out_dir: Path) -> list[dict]:
+    return json.loads((out_dir / MODEL_DIR / LOG_HISTORY).read_text())
+
+
 def _log_steps(out_dir: Path) -> list[int]:
-    lines = [json.loads(line) for line in (out_dir / TRAIN_LOG).read_text().splitlines()]
-    return [line["step"] for line in lines if "loss" in line]
+    return [entry["step"] for entry in _log_history(out_dir) if "loss" in entry]
 
 
 @pytest.mark.slow
@@ -228,8 +232,7 @@ def test_baselines_run_a_step(loss, shared_data, tmp_path):
     config = _config(tmp_path, loss=loss, max_steps=1, per_device_batch_size=1, max_length=80, beta=0.1)
     out = run_train(config, {"filtered": one_pair}, tmp_path / "run")["checkpoint"]
     assert (out / "model.safetensors").exists()
-    log = [json.loads(line) for line in (tmp_path / "run" / TRAIN_LOG).read_text().splitlines()]
-    assert any("loss" in line and line["step"] == 1 for line in log)
+    assert 1 in _log_steps(tmp_path / "run")
 
 
 def test_pairs_without_reference_rows_are_named(default_model_config):
@@ -248,3 +251,42 @@ def test_pairs_without_reference_rows_are_named(default_model_config):
     )
     with pytest.raises(InputDataError, match="row 0.*pair_id.*'x'"):
         build_examples(tok, pairs, reference, 32)
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_with_each_logged_step_once(real_pairs, reference_path, tmp_path, monkeypatch):
+    """Training killed after step 3 was logged but before it was saved resumes from checkpoint-2: the log
+    history saved beside the model is the trainer's own, restored from the checkpoint (a probe written into
+    checkpoint-2 survives), so step 3 appears once, not twice, and no step is missing."""
+    from transformers import TrainerCallback
+
+    import mpo_core.stages.train as train_stage
+
+    class Interrupt(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("interrupted after logging step 3")
+
+    callbacks = train_stage._callbacks
+    monkeypatch.setattr(train_stage, "_callbacks", lambda: [*callbacks(), Interrupt()])
+    inputs = {"filtered": real_pairs, "reference": reference_path}
+    config = _config(tmp_path, max_steps=4)
+    with pytest.raises(RuntimeError, match="interrupted after logging step 3"):
+        run_train(config, inputs, tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    state_file = checkpoints / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"].insert(0, {"step": 0, "probe": "checkpoint-2"})
+    state_file.write_text(json.dumps(state))
+
+    monkeypatch.setattr(train_stage, "_callbacks", callbacks)
+    run_train(config, inputs, tmp_path)
+    history = _log_history(tmp_path)
+    assert history[0] == {"step": 0, "probe": "checkpoint-2"}, "training restarted instead of resuming"
+    assert _log_steps(tmp_path) == [1, 2, 3, 4]
+    assert "train_runtime" in history[-1] and sum("train_runtime" in entry for entry in history) == 1
+    from mpo_core.plumbing.artifacts import read_artifact
+
+    langs = set(read_artifact(real_pairs, "pairs").column("target_lang").to_pylist())
+    assert all(f"target_gap/{lang}" in history[1] for lang in langs), history[1]
