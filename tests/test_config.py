@@ -56,22 +56,22 @@ def test_trainer_args_pass_through_and_are_part_of_the_train_identity():
 
 
 @pytest.mark.parametrize(
-    ("override", "message"),
+    ("section", "args", "message"),
     [
-        ("train.trainer_args={wieght_decay: 0.1}", r"train\.trainer_args\.wieght_decay: not a field of transformers"),
-        ("train.trainer_args={weight_decay: heavy}", r"train\.trainer_args\.weight_decay: Input should be a valid number"),
-        ("train.trainer_args={optim: adamw_nope}", r"train\.trainer_args\.optim: .*refuses it: adamw_nope is not"),
-        ("train.trainer_args={learning_rate: 0.1}", r"train\.trainer_args\.learning_rate: set by train\.learning_rate"),
-        ("train.trainer_args={output_dir: /tmp/x}", r"train\.trainer_args\.output_dir: set by mpo \(the stage's"),
-        ("train.trainer_args={seed: 3}", r"train\.trainer_args\.seed: set by mpo \(train\.seed / run\.seed\)"),
-        ("train.trainer_args={fsdp_config: {}}", r"train\.trainer_args\.fsdp_config: set by mpo \(train\.sharding\)"),
-        ("align.trainer_args={beta: 2.0}", r"align\.trainer_args\.beta: set by align\.beta"),
-        ("align.trainer_args={lr_scheduler_type: linear}", r"align\.trainer_args\.lr_scheduler_type: set by the align"),
+        ("train", "{wieght_decay: 0.1}", r"wieght_decay: not a field of transformers\.TrainingArguments"),
+        ("train", "{weight_decay: heavy}", r"weight_decay: Input should be a valid number"),
+        ("train", "{optim: adamw_nope}", r"optim: transformers\.TrainingArguments refuses it: adamw_nope is not"),
+        ("train", "{learning_rate: 0.1}", r"learning_rate: set by train\.learning_rate, not through"),
+        ("train", "{output_dir: /tmp/x}", r"output_dir: set by mpo \(the stage's checkpoints folder\)"),
+        ("train", "{seed: 3}", r"seed: set by mpo \(train\.seed / run\.seed\)"),
+        ("train", "{fsdp_config: {}}", r"fsdp_config: set by mpo \(train\.sharding\)"),
+        ("align", "{beta: 2.0}", r"beta: set by align\.beta"),
+        ("align", "{lr_scheduler_type: linear}", r"lr_scheduler_type: set by the align stage itself"),
     ],
 )
-def test_trainer_args_that_the_trainer_or_mpo_refuses_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(overrides=[override])
+def test_trainer_args_that_the_trainer_or_mpo_refuses_name_the_key(section, args, message):
+    with pytest.raises(ConfigError, match=rf"{section}\.trainer_args\.{message}"):
+        load_config(overrides=[f"{section}.trainer_args={args}"])
 
 
 def test_trainer_args_are_checked_against_the_losses_own_arguments():
@@ -80,3 +80,28 @@ def test_trainer_args_are_checked_against_the_losses_own_arguments():
     with pytest.raises(ConfigError, match=r"train\.trainer_args\.precompute_ref_log_probs: not a field of "
                                           r"transformers\.TrainingArguments \(the arguments of loss 'mpo'\)"):
         load_config(overrides=["train.trainer_args={precompute_ref_log_probs: false}"])
+
+
+def test_every_config_key_has_a_description():
+    from mpo_core.plumbing.config import Section
+
+    def sections(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from sections(sub)
+
+    missing = [f"{cls.__name__}.{name}" for cls in sections(Section)
+               for name, field in cls.model_fields.items()
+               if not (field.description or "").strip() or "\n" in field.description]
+    assert len(list(sections(Section))) >= 13 and missing == []
+
+
+def test_config_reference_page_is_up_to_date():
+    from mpo_core.plumbing.config_reference import REFERENCE_PAGE, config_keys, reference_page
+
+    assert REFERENCE_PAGE.read_text(encoding="utf-8") == reference_page(), (
+        "docs/config.md is stale: run `python -m mpo_core.plumbing.config_reference`")
+    keys = {key.key: key for key in config_keys()}
+    assert (keys["train.warmup_ratio"].type, keys["train.warmup_ratio"].default) == ("float", "0.1")
+    row = f"| `filter.max_length_ratio` | float | `20.0` | {keys['filter.max_length_ratio'].description} |"
+    assert row in REFERENCE_PAGE.read_text(encoding="utf-8")
