@@ -55,6 +55,20 @@ def test_trainer_args_pass_through_and_are_part_of_the_train_identity():
     assert section_hash(plain, "align") == section_hash(tuned, "align")
 
 
+def test_checking_trainer_args_sets_up_no_device_state():
+    """The check builds the arguments object with its device answered: no accelerate state, no process group
+    (a launched training sets those up itself, once)."""
+    import subprocess
+    import sys
+
+    code = ("from mpo_core.plumbing.config import load_config; import torch.distributed as dist; "
+            "from accelerate.state import PartialState; "
+            "load_config(overrides=['train.trainer_args={weight_decay: 0.1}', 'train.loss=dpo']); "
+            "print(PartialState._shared_state == {}, dist.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
+
+
 @pytest.mark.parametrize(
     ("section", "args", "message"),
     [

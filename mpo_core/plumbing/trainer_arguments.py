@@ -4,13 +4,19 @@
 class the loss trains with (:func:`arguments_class`: ``TrainingArguments`` for mpo/simpo, TRL's ``SFTConfig``
 for sft, ``DPOConfig`` for dpo/ipo): weight decay, optimizer, max grad norm, ``report_to``... The fields mpo
 sets from its own keys (:data:`SECTION_ARGUMENTS`) or must own for resuming, sharding and its collator
-(:data:`MPO_ARGUMENTS`) are refused. :func:`trainer_args_errors` checks a mapping at config load by building the arguments object, with
-its devices left alone (no accelerator state, no process group), importing transformers/TRL only then.
+(:data:`MPO_ARGUMENTS`) are refused. :func:`trainer_args_errors` checks a mapping at config load by building
+the arguments object with its devices left alone (no accelerator state, no process group), importing
+transformers/TRL only then.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from pydantic.errors import PydanticSchemaGenerationError
 
 # Field -> the key of the ``train``/``align`` section that sets it.
 SECTION_ARGUMENTS: dict[str, str] = {
@@ -83,9 +89,6 @@ def _built_without_devices(cls: type, kwargs: dict[str, Any]) -> Any:
 
 def _type_error(hint: Any, value: Any) -> str | None:
     """Why ``value`` does not fit the field type ``hint`` (strict: no str -> number), or None."""
-    from pydantic import TypeAdapter, ValidationError
-    from pydantic.errors import PydanticSchemaGenerationError
-
     try:
         adapter = TypeAdapter(hint)
     except PydanticSchemaGenerationError:  # a field typed by a class pydantic cannot check: the build will
@@ -103,9 +106,6 @@ def trainer_args_errors(
     """``(key, why)`` for every key of ``trainer_args`` that is owned by mpo, not a field of the arguments
     class of ``loss``, or of the wrong type; else one error where building the object fails (key None when several were given).
     [] when the arguments build."""
-    import dataclasses
-    import typing
-
     cls = arguments_class(loss)
     name = f"{cls.__module__.split('.')[0]}.{cls.__name__}"
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
