@@ -235,3 +235,53 @@ def test_every_argument_mpo_sets_from_its_keys_is_refused_in_trainer_args(tmp_pa
     monkeypatch.setenv("WORLD_SIZE", "4")
     arguments = _common_arguments(_config(train={"sharding": "fsdp2"}).train, tmp_path, True, 0)
     assert set(arguments) - OWNED_ARGUMENTS == {"report_to", "disable_tqdm", "dataloader_num_workers"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer, tmp_path_factory) -> Path:
+    """A random-weight model of hidden size :data:`HIDDEN` with the real tokenizer, saved like any local model."""
+    from mpo_core.method.synthetic import synthetic_causal_lm
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    synthetic_causal_lm(vocab_size=len(tokenizer), hidden_size=HIDDEN).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_interrupted_training_resumes_with_each_logged_step_once(pairs, tiny_model, tmp_path, monkeypatch):
+    """Training killed after step 3 was logged but before it was saved resumes from checkpoint-2: the log
+    history saved beside the model is the trainer's own, restored from the checkpoint (a probe written into
+    checkpoint-2 survives), so step 3 appears once, not twice, and no step is missing."""
+    import json
+
+    from transformers import TrainerCallback
+
+    import mpo_core.stages.train as train_stage
+
+    class Interrupt(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("interrupted after logging step 3")
+
+    config = _config(model={"name_or_path": str(tiny_model)}, train={"max_steps": 4, "save_steps": 1})
+    inputs = {"filtered": write_pairs(pairs, tmp_path / "pairs.parquet"),
+              "reference": _reference(pairs, tmp_path / "reference.parquet", config, 48)}
+    callbacks = train_stage._callbacks
+    monkeypatch.setattr(train_stage, "_callbacks", lambda: [*callbacks(), Interrupt()])
+    with pytest.raises(RuntimeError, match="interrupted after logging step 3"):
+        train_stage.run_train(config, inputs, tmp_path / "train")
+    checkpoints = tmp_path / "train" / train_stage.CHECKPOINT_DIR
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    state_file = checkpoints / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"].insert(0, {"step": 0, "probe": "checkpoint-2"})
+    state_file.write_text(json.dumps(state))
+
+    monkeypatch.setattr(train_stage, "_callbacks", callbacks)
+    model = train_stage.run_train(config, inputs, tmp_path / "train")["checkpoint"]
+    history = json.loads((model / train_stage.LOG_HISTORY).read_text())
+    assert history[0] == {"step": 0, "probe": "checkpoint-2"}, "training restarted instead of resuming"
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
+    assert "train_runtime" in history[-1] and sum("train_runtime" in entry for entry in history) == 1
+    langs = set(pairs.column("target_lang").to_pylist())
+    assert all(f"target_gap/{lang}" in history[1] for lang in langs), history[1]
