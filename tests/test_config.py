@@ -53,6 +53,8 @@ def test_trainer_args_pass_through_and_are_part_of_the_train_identity():
                                         "report_to": ["tensorboard"]}
     assert section_hash(plain, "train") != section_hash(tuned, "train")
     assert section_hash(plain, "align") == section_hash(tuned, "align")
+    one = load_config(overrides=["train.trainer_args.weight_decay=0.01"])  # one field from the command line
+    assert one.train.trainer_args == {"weight_decay": 0.01}
 
 
 def test_checking_trainer_args_sets_up_no_device_state():
