@@ -108,7 +108,8 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
     assert not list(first.glob("*.safetensors")), "resume checkpoints hold shards, not a gathered model"
     assert list(first.rglob("*.distcp")), sorted(p.name for p in first.rglob("*"))
     state = json.loads((first / "trainer_state.json").read_text())
-    (first / "trainer_state.json").write_text(json.dumps({**state, "log_history": [{"probe": 1}, *state["log_history"]]}))
+    state["log_history"].insert(0, {"probe": 1})
+    (first / "trainer_state.json").write_text(json.dumps(state))
     # a longer run in the same folder resumes from the sharded checkpoint-2 instead of starting again
     resumed = _config(tmp_path, "sharded", tiny_model, max_steps=4, per_device=2 // WORLD)
     outputs = _launch(run, resumed, inputs)

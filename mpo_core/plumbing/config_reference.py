@@ -29,7 +29,7 @@ class ConfigKey:
 
 
 def type_name(annotation: Any) -> str:
-    """A field type as a recipe author reads it (``"cosine" | "linear"``, ``list[str] | null``, ``section``)."""
+    """A field type as a recipe author reads it: ``"cosine" | "linear"``, ``list[str] | null``, ..."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
         return " | ".join(json.dumps(arg) for arg in args)

@@ -104,8 +104,8 @@ def trainer_args_errors(
     loss: str, trainer_args: dict[str, Any], section: str = "train", section_keys: set[str] = frozenset()
 ) -> list[tuple[str | None, str]]:
     """``(key, why)`` for every key of ``trainer_args`` that is owned by mpo, not a field of the arguments
-    class of ``loss``, or of the wrong type; else one error where building the object fails (key None when several were given).
-    [] when the arguments build."""
+    class of ``loss``, or of the wrong type; else the one error of building the object (its key None when
+    several were given); [] when the arguments build."""
     cls = arguments_class(loss)
     name = f"{cls.__module__.split('.')[0]}.{cls.__name__}"
     fields = {f.name for f in dataclasses.fields(cls) if f.init}

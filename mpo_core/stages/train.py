@@ -482,7 +482,7 @@ def build_trainer(
     out_dir: Path,
 ):
     """The trainer of ``config.train.loss`` on ``pairs`` (a ``transformers.Trainer`` or a TRL trainer); its
-    arguments are mpo's (:func:`_common_arguments` and the loss's own), then ``train.trainer_args`` over them."""
+    arguments are mpo's (:func:`_common_arguments` and the loss's own), ``train.trainer_args`` over them."""
     from mpo_core.common.models import resolve_device
 
     cfg = config.train
@@ -528,7 +528,8 @@ def build_trainer(
     if cfg.loss == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(**{**common, "max_length": cfg.max_length, "completion_only_loss": True, **cfg.trainer_args})
+        sft = {"max_length": cfg.max_length, "completion_only_loss": True}
+        args = SFTConfig(**{**common, **sft, **cfg.trainer_args})
         return SFTTrainer(args=args, **trl_kwargs)
     from trl import DPOConfig, DPOTrainer
 
@@ -654,7 +655,8 @@ def fit(
     info: dict[str, Any],
 ) -> Path:
     """Train ``model_cfg`` with ``config.train`` on ``pairs`` in ``out_dir``, resuming from its latest
-    checkpoint, and save the result with ``info`` (plus step and loss) and the log history to ``out_dir/model``."""
+    checkpoint, and save the result with ``info`` (plus step and loss) and the log history to
+    ``out_dir/model``."""
     from mpo_core.common.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_cfg, padding_side="right")

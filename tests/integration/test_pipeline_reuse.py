@@ -192,7 +192,7 @@ def test_killed_during_training_resumes_from_last_checkpoint(pipeline_folder, pr
     assert info["global_step"] == 4
     lines = json.loads((run_dir / "train" / "model" / "log_history.json").read_text(encoding="utf-8"))
     assert any(line.get("probe") for line in lines), f"training restarted instead of resuming from {saved}"
-    steps = [line["step"] for line in lines if "loss" in line]  # per-step entries (not the probe, not the summary)
+    steps = [line["step"] for line in lines if "loss" in line]  # per-step entries (not probe, not summary)
     assert steps == [1, 2, 3, 4], f"steps logged twice or missing: {steps}"
     assert "Report:" in second.stdout and "Prefect UI:" in second.stdout
     assert_no_half_written_artifact(run_dir)
