@@ -81,7 +81,7 @@ def keys_text(section: str | None = None) -> str:
 
 def _cell(text: str) -> str:
     """``text`` safe in a Markdown table cell (no column break, no HTML tag)."""
-    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "\\|").replace("<", "&lt;")
 
 
 def reference_page() -> str:
