@@ -40,7 +40,7 @@ def checked_trainer_args(
     section: type[Section], info: ValidationInfo, trainer_args: dict[str, Any]
 ) -> dict[str, Any]:
     """``trainer_args`` of ``section`` when its trainer accepts them (:mod:`.trainer_arguments`); else an
-    error whose ``key`` context names the offending key (:func:`_format_errors` adds it to the path)."""
+    error whose ``entry`` context names the offending key (:func:`_format_errors` adds it to the path)."""
     if not trainer_args:
         return trainer_args
     name, loss_key = ("align", "method") if section is AlignConfig else ("train", "loss")
@@ -48,7 +48,7 @@ def checked_trainer_args(
     errors = trainer_args_errors(loss, trainer_args, name, set(section.model_fields))
     if errors:
         key, why = errors[0]
-        raise PydanticCustomError("trainer_args", "{why}", {"why": why, "key": key or ""})
+        raise PydanticCustomError("trainer_args", "{why}", {"why": why, "entry": key or ""})
     return trainer_args
 
 
@@ -712,7 +712,7 @@ def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         path, given = [str(p) for p in e["loc"]], e.get("input")
-        if key := e.get("ctx", {}).get("key"):  # an error about one entry of a mapping (trainer_args)
+        if key := e.get("ctx", {}).get("entry"):  # an error about one entry of a mapping (trainer_args)
             path, given = [*path, key], given.get(key)
         lines.append(f"  {'.'.join(path) or '<root>'}: {e['msg']} (got {given!r})")
     return "\n".join(lines)
