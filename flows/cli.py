@@ -7,6 +7,7 @@
     mpo stage NAME --run RUN [--set key=value ...] [--force]
     mpo runs [--root DIR]
     mpo serve --run RUN [--port PORT]
+    mpo config keys [SECTION]
 """
 
 from __future__ import annotations
@@ -138,6 +139,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    """Print every config key (of one section) with its type, default and description."""
+    from mpo_core.plumbing.config import PipelineConfig
+    from mpo_core.plumbing.config_reference import keys_text
+
+    sections = list(PipelineConfig.model_fields)
+    if args.section is not None and args.section not in sections:
+        raise MPOError(f"unknown config section {args.section!r}; sections: {', '.join(sections)}")
+    print(keys_text(args.section), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpo", description="MPO pipeline on Prefect")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,12 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--run", required=True, help="run folder, e.g. runs/default")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
     serve.set_defaults(func=cmd_serve)
+
+    config = sub.add_parser("config", help="describe the recipe keys (docs/config.md is the same as a page)")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    keys = config_sub.add_parser("keys", help="every config key: type, default and what it does")
+    keys.add_argument("section", nargs="?", help="only this section (run, model, ..., evaluate, align)")
+    keys.set_defaults(func=cmd_config_keys)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("runs", "serve"):
+    if args.command not in ("runs", "serve", "config"):
         from tasks.environment import apply_defaults
 
         apply_defaults()

@@ -41,7 +41,7 @@ from mpo_core.results.stage_results import (
     headline,
     metrics_table,
     plot_training_curve,
-    read_training_log,
+    read_log_history,
     reference_gaps,
     training_curve,
     training_summary,
@@ -163,9 +163,9 @@ def _publish_evaluate(key: str, run: RunFolder, outputs: dict[str, Path], inputs
 
 def _publish_train(key: str, run: RunFolder, outputs: dict[str, Path], inputs: dict[str, Path],
                    config: PipelineConfig) -> None:
-    from mpo_core.stages.train import TRAIN_LOG
+    from mpo_core.stages.train import LOG_HISTORY
 
-    curve = training_curve(read_training_log(run.stage_dir("train") / TRAIN_LOG))
+    curve = training_curve(read_log_history(Path(outputs["checkpoint"]) / LOG_HISTORY))
     if not curve:
         return
     create_table_artifact(curve, key=f"{key}-curve", description="Training curve: one row per logged step")

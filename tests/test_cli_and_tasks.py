@@ -25,6 +25,22 @@ def test_import_of_the_cli_is_light():
     assert out.stdout.strip() == "False"
 
 
+def test_config_keys_prints_each_key_with_type_default_and_description(capsys):
+    """``mpo config keys [SECTION]`` lists the keys (one section, or all) without Prefect or torch."""
+    code = ("import sys; from flows.cli import main; main(['config', 'keys', 'train']); "
+            "print(any(m in sys.modules for m in ('prefect', 'torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "False"
+    at = lines.index('train.loss  "mpo" | "dpo" | "simpo" | "ipo" | "sft" = "mpo"')
+    assert lines[at + 1].startswith("    Objective: mpo, or a baseline")
+    assert "train.trainer_args  dict[str, any] = {}" in lines and "train.lora.r  int = 16" in lines
+    assert not any(line.startswith(("run.", "align.")) for line in lines)
+    assert main(["config", "keys"]) == 0 and "align.trainer_args  dict[str, any] = {}" in capsys.readouterr().out
+    assert main(["config", "keys", "trian"]) == 2
+    assert "unknown config section 'trian'; sections: run, model" in capsys.readouterr().err
+
+
 def test_parser_commands():
     parser = build_parser()
     run = parser.parse_args(["run", "--config", "c.yaml", "--set", "train.beta=1.5", "--set", "run.name=x"])

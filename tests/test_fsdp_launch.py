@@ -20,7 +20,7 @@ from mpo_core.plumbing.config import config_from_dict
 from mpo_core.plumbing.runs import RunFolder
 from mpo_core.plumbing.stage_run import run_stage_function
 from mpo_core.plumbing.stage_table import CHECKPOINT_DIR, get_stage
-from mpo_core.stages.train import MODEL_DIR, TRAIN_INFO, TRAIN_LOG
+from mpo_core.stages.train import LOG_HISTORY, MODEL_DIR, TRAIN_INFO
 from tasks.launch import launcher_for
 
 WORLD = 2
@@ -86,8 +86,8 @@ def _launch(run: RunFolder, config, inputs: dict[str, Path]) -> dict[str, Path]:
 
 
 def _logged(train_dir: Path, key: str) -> list[float]:
-    lines = [json.loads(line) for line in (train_dir / TRAIN_LOG).read_text().splitlines()]
-    return [line[key] for line in lines if "loss" in line]
+    history = json.loads((train_dir / MODEL_DIR / LOG_HISTORY).read_text())
+    return [entry[key] for entry in history if "loss" in entry]
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -107,13 +107,17 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
     first = train_dir / CHECKPOINT_DIR / "checkpoint-2"
     assert not list(first.glob("*.safetensors")), "resume checkpoints hold shards, not a gathered model"
     assert list(first.rglob("*.distcp")), sorted(p.name for p in first.rglob("*"))
+    state = json.loads((first / "trainer_state.json").read_text())
+    state["log_history"].insert(0, {"probe": 1})
+    (first / "trainer_state.json").write_text(json.dumps(state))
     # a longer run in the same folder resumes from the sharded checkpoint-2 instead of starting again
     resumed = _config(tmp_path, "sharded", tiny_model, max_steps=4, per_device=2 // WORLD)
     outputs = _launch(run, resumed, inputs)
     assert outputs["checkpoint"].resolve() == (train_dir / MODEL_DIR).resolve()
 
-    log = [json.loads(line) for line in (train_dir / TRAIN_LOG).read_text().splitlines()]
-    assert sum("train_runtime" in line for line in log) == 2, "the second launch resumed, keeping steps 1-2"
+    history = json.loads((train_dir / MODEL_DIR / LOG_HISTORY).read_text())
+    assert history[0] == {"probe": 1}, "the second launch resumed from checkpoint-2, keeping its log history"
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
     info = json.loads((train_dir / MODEL_DIR / TRAIN_INFO).read_text())
     assert info["global_step"] == 4
     layout = info["distributed"]

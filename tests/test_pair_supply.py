@@ -7,7 +7,7 @@ import json
 from mpo_core.plumbing.artifacts import write_artifact
 from mpo_core.plumbing.config import config_from_dict
 from mpo_core.plumbing.seed import load_seed_prompts
-from mpo_core.stages.evaluate import pair_supply_line, target_means_line, training_curve_line
+from mpo_core.stages.evaluate import pair_supply_line, pipeline_meta, target_means_line, training_curve_line
 
 
 def _pair(prompt_id, lang, source="generated:m"):
@@ -47,11 +47,24 @@ def test_target_means_line_goes_raw_aligned_trained_over_target_languages():
 
 
 def test_training_curve_line_reads_first_and_last_step(tmp_path):
-    log = tmp_path / "train_log.jsonl"
+    log = tmp_path / "log_history.json"
     lines = [{"step": 1, "loss": 2.0, "l1": 1.5, "l2": 0.5, "target_gap": -0.2},
              {"step": 2, "learning_rate": 1e-5},
              {"step": 4, "loss": 0.5, "l1": 0.4, "l2": 0.1, "target_gap": 0.3}]
-    log.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    log.write_text(json.dumps(lines), encoding="utf-8")
     assert training_curve_line(log) == ("steps 1 -> 4: loss +2.000 -> +0.500, l1 +1.500 -> +0.400, "
                                         "l2 +0.500 -> +0.100, target_gap -0.200 -> +0.300")
-    assert training_curve_line(tmp_path / "missing.jsonl") is None
+    assert training_curve_line(tmp_path / "missing.json") is None
+
+
+def test_report_reads_the_log_history_saved_beside_the_trained_model(tmp_path):
+    from mpo_core.stages.train import LOG_HISTORY, TRAIN_INFO
+
+    model = tmp_path / "train" / "model"
+    model.mkdir(parents=True)
+    (model / TRAIN_INFO).write_text(json.dumps({"global_step": 2}), encoding="utf-8")
+    history = [{"step": 1, "loss": 2.0, "l1": 1.5}, {"step": 2, "loss": 1.0, "l1": 0.5},
+               {"step": 2, "train_runtime": 3.0, "train_loss": 1.5}]
+    (model / LOG_HISTORY).write_text(json.dumps(history), encoding="utf-8")
+    curve = pipeline_meta({"checkpoint": model})["training curve (first -> last logged step)"]
+    assert curve == "steps 1 -> 2: loss +2.000 -> +1.000, l1 +1.500 -> +0.500"

@@ -17,7 +17,7 @@ from mpo_core.results.stage_results import (
     headline,
     metrics_table,
     plot_training_curve,
-    read_training_log,
+    read_log_history,
     reference_gaps,
     training_curve,
     training_log_line,
@@ -54,7 +54,7 @@ def test_headline_is_three_lines_averaged_over_target_languages():
 
 
 def test_training_curve_summary_and_log_line(tmp_path):
-    log = tmp_path / "train_log.jsonl"
+    log = tmp_path / "log_history.json"
     lines = [
         {"step": 1, "epoch": 0.5, "loss": 0.9, "l1": 0.8, "l2": 0.1, "target_gap": -0.5, "learning_rate": 1e-5,
          "target_gap/zh": -0.4, "target_gap/ja": -0.6, "target_gap_accuracy/zh": 0.0},
@@ -62,14 +62,14 @@ def test_training_curve_summary_and_log_line(tmp_path):
          "target_gap/zh": 0.5, "target_gap/ja": 0.0},
         {"step": 2, "train_runtime": 12.0, "train_loss": 0.7},  # the trainer's closing summary: not a step
     ]
-    log.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
-    curve = training_curve(read_training_log(log))
+    log.write_text(json.dumps(lines), encoding="utf-8")
+    curve = training_curve(read_log_history(log))
     assert [row["step"] for row in curve] == [1, 2]
     assert curve[0] == {"step": 1, "epoch": 0.5, "loss": 0.9, "l1": 0.8, "l2": 0.1, "target_gap": -0.5,
                         "learning_rate": 1e-5, "target_gap/ja": -0.6, "target_gap/zh": -0.4}
     assert training_summary(curve) == {"step": 2, "loss": 0.5, "l1": 0.45, "l2": 0.05, "target_gap": 0.25,
                                        "target_gap/ja": 0.0, "target_gap/zh": 0.5}
-    assert training_summary([]) == {} and read_training_log(tmp_path / "absent.jsonl") == []
+    assert training_summary([]) == {} and read_log_history(tmp_path / "absent.json") == []
     text = training_log_line(lines[0], 1, 12)
     assert text == ("step 1/12 | loss 0.9000 | L1 0.8000 | L2 0.1000 | RG^t -0.5000 | lr 1e-05 | "
                     "RG^t by language ja -0.600, zh -0.400")

@@ -17,7 +17,7 @@ from mpo_core.method.objective import mpo_backward_step, mpo_step_loss, paper_mp
 from mpo_core.method.reference import reference_outputs
 from mpo_core.plumbing.config import CONFIGS_DIR, config_from_dict, load_config
 from mpo_core.plumbing.stage_run import run_stage_function
-from mpo_core.stages.train import TRAIN_LOG, MPOCollator, build_examples, build_trainer
+from mpo_core.stages.train import LOG_HISTORY, MODEL_DIR, MPOCollator, build_examples, build_trainer
 
 ALLOWED_MODEL_FILES = {".safetensors", ".json", ".jinja", ".txt", ".model"}
 
@@ -113,9 +113,12 @@ def test_precomputed_reference_equals_online_reference(shared_data, default_mode
         torch.testing.assert_close(ours, paper, atol=1e-5, rtol=1e-5)
 
 
+def _log_history(out_dir: Path) -> list[dict]:
+    return json.loads((out_dir / MODEL_DIR / LOG_HISTORY).read_text())
+
+
 def _log_steps(out_dir: Path) -> list[int]:
-    lines = [json.loads(line) for line in (out_dir / TRAIN_LOG).read_text().splitlines()]
-    return [line["step"] for line in lines if "loss" in line]
+    return [entry["step"] for entry in _log_history(out_dir) if "loss" in entry]
 
 
 @pytest.mark.slow
@@ -221,8 +224,7 @@ def test_baselines_run_a_step(loss, shared_data, tmp_path):
     config = _config(tmp_path, loss=loss, max_steps=1, per_device_batch_size=1, max_length=80, beta=0.1)
     out = run_stage_function("train", config, {"filtered": one_pair}, tmp_path / "run")["checkpoint"]
     assert (out / "model.safetensors").exists()
-    log = [json.loads(line) for line in (tmp_path / "run" / TRAIN_LOG).read_text().splitlines()]
-    first = next(line for line in log if "loss" in line and line["step"] == 1)
+    first = next(entry for entry in _log_history(tmp_path / "run") if "loss" in entry and entry["step"] == 1)
     if loss in ("dpo", "ipo"):  # TRL's loss against the reference formula: at step 1 the policy is the reference
         expected = {"dpo": dpo_sigmoid_loss, "ipo": ipo_loss}[loss](torch.zeros(1), 0.1).item()
         assert first["loss"] == pytest.approx(expected, rel=1e-3)
@@ -244,3 +246,4 @@ def test_pairs_without_reference_rows_are_named(default_model_config):
     )
     with pytest.raises(InputDataError, match="row 0.*pair_id.*'x'"):
         build_examples(tok, pairs, reference, 32)
+

@@ -188,3 +188,100 @@ def test_paper_learning_rate_moves_fp32_master_weights(tokenizer, pairs, tmp_pat
     after = trainer.model.model.layers[0].mlp.up_proj.weight.detach()
     assert after.dtype == torch.float32
     assert (after != before).float().mean() > 0.5
+
+
+def test_trainer_args_reach_the_trainer_and_its_reporters_get_per_language_metrics(tokenizer, pairs, tmp_path):
+    """``train.trainer_args`` override mpo's defaults in the built trainer (optimizer, weight decay, gradient
+    clipping, reporting); what the trainer logs, per target language included, is what every reporting
+    integration receives (TensorBoard's and W&B's callbacks write each number of ``on_log``)."""
+    from transformers import TrainerCallback
+
+    trainer = _trainer(tokenizer, pairs, tmp_path, trainer_args={
+        "optim": "adafactor", "weight_decay": 0.05, "max_grad_norm": 0.25, "report_to": "none"})
+    assert (trainer.args.optim, trainer.args.weight_decay, trainer.args.max_grad_norm) == ("adafactor", 0.05, 0.25)
+    assert trainer.args.report_to == [] and trainer.args.seed == 0  # "none": no integration; mpo keeps the seed
+    reported: list[dict] = []
+
+    class Reporter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            reported.append(dict(logs))
+
+    trainer.add_callback(Reporter())
+    trainer.train()
+    assert type(trainer.optimizer.optimizer).__name__ == "Adafactor"
+    langs = set(pairs.column("target_lang").to_pylist())
+    assert len(langs) > 1 and {f"target_gap/{lang}" for lang in langs} <= set(reported[0]), reported[0]
+
+
+def test_per_language_metrics_reach_tensorboard(tokenizer, pairs, tmp_path):
+    """``report_to: [tensorboard]`` writes the per-language gaps as TensorBoard scalars (where tensorboard is
+    installed; it is not a dependency of mpo)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(tokenizer, pairs, tmp_path, trainer_args={"report_to": ["tensorboard"]})
+    trainer.train()
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent)).Reload()
+    langs = set(pairs.column("target_lang").to_pylist())
+    assert {f"train/target_gap/{lang}" for lang in langs} <= set(events.Tags()["scalars"])
+
+
+def test_every_argument_mpo_sets_from_its_keys_is_refused_in_trainer_args(tmp_path, monkeypatch):
+    """What mpo's keys set (:func:`_common_arguments`, sharding included) cannot also be set through
+    ``trainer_args``; only mpo's plain defaults can be overridden there."""
+    from mpo_core.plumbing.trainer_arguments import OWNED_ARGUMENTS
+    from mpo_core.stages.train import _common_arguments
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    arguments = _common_arguments(_config(train={"sharding": "fsdp2"}).train, tmp_path, True, 0)
+    assert set(arguments) - OWNED_ARGUMENTS == {"report_to", "disable_tqdm", "dataloader_num_workers"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer, tmp_path_factory) -> Path:
+    """A random-weight model of hidden size :data:`HIDDEN` with the real tokenizer, saved like any local model."""
+    from mpo_core.method.synthetic import synthetic_causal_lm
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    synthetic_causal_lm(vocab_size=len(tokenizer), hidden_size=HIDDEN).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_interrupted_training_resumes_with_each_logged_step_once(pairs, tiny_model, tmp_path, monkeypatch):
+    """Training killed after step 3 was logged but before it was saved resumes from checkpoint-2: the log
+    history saved beside the model is the trainer's own, restored from the checkpoint (a probe written into
+    checkpoint-2 survives), so step 3 appears once, not twice, and no step is missing."""
+    import json
+
+    from transformers import TrainerCallback
+
+    import mpo_core.stages.train as train_stage
+
+    class Interrupt(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("interrupted after logging step 3")
+
+    config = _config(model={"name_or_path": str(tiny_model)}, train={"max_steps": 4, "save_steps": 1})
+    inputs = {"filtered": write_pairs(pairs, tmp_path / "pairs.parquet"),
+              "reference": _reference(pairs, tmp_path / "reference.parquet", config, 48)}
+    callbacks = train_stage._callbacks
+    monkeypatch.setattr(train_stage, "_callbacks", lambda: [*callbacks(), Interrupt()])
+    with pytest.raises(RuntimeError, match="interrupted after logging step 3"):
+        train_stage.run_train(config, inputs, tmp_path / "train")
+    checkpoints = tmp_path / "train" / train_stage.CHECKPOINT_DIR
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    state_file = checkpoints / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"].insert(0, {"step": 0, "probe": "checkpoint-2"})
+    state_file.write_text(json.dumps(state))
+
+    monkeypatch.setattr(train_stage, "_callbacks", callbacks)
+    model = train_stage.run_train(config, inputs, tmp_path / "train")["checkpoint"]
+    history = json.loads((model / train_stage.LOG_HISTORY).read_text())
+    assert history[0] == {"step": 0, "probe": "checkpoint-2"}, "training restarted instead of resuming"
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
+    assert "train_runtime" in history[-1] and sum("train_runtime" in entry for entry in history) == 1
+    langs = set(pairs.column("target_lang").to_pylist())
+    assert all(f"target_gap/{lang}" in history[1] for lang in langs), history[1]

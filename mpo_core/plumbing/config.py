@@ -17,9 +17,11 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from mpo_core.plumbing.errors import ConfigError, InputDataError
 from mpo_core.plumbing.languages import macro_language, normalize_lang, same_language
+from mpo_core.plumbing.trainer_arguments import trainer_args_errors
 
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -32,6 +34,22 @@ class Section(BaseModel):
 
 
 RUN_LOCATION_FIELDS = {"name", "root"}
+
+
+def checked_trainer_args(
+    section: type[Section], info: ValidationInfo, trainer_args: dict[str, Any]
+) -> dict[str, Any]:
+    """``trainer_args`` of ``section`` when its trainer accepts them (:mod:`.trainer_arguments`); else an
+    error whose ``entry`` context names the offending key (:func:`_format_errors` adds it to the path)."""
+    if not trainer_args:
+        return trainer_args
+    name, loss_key = ("align", "method") if section is AlignConfig else ("train", "loss")
+    loss = info.data.get(loss_key, section.model_fields[loss_key].default)
+    errors = trainer_args_errors(loss, trainer_args, name, set(section.model_fields))
+    if errors:
+        key, why = errors[0]
+        raise PydanticCustomError("trainer_args", "{why}", {"why": why, "entry": key or ""})
+    return trainer_args
 
 
 def language_codes(codes: list[str], key: str = "") -> list[str]:
@@ -54,11 +72,23 @@ def language_codes(codes: list[str], key: str = "") -> list[str]:
 class RunConfig(Section):
     """Where a run lives and what it is about."""
 
-    name: str = "default"
-    root: str = "runs"
-    seed: int = 0
-    dominant_lang: str = "en"
-    target_langs: list[str] = Field(default_factory=lambda: ["zh", "ja", "ko", "ar", "bn", "sw"])
+    name: str = Field(
+        "default",
+        description="The run's folder name under run.root (letters, digits, '.', '_', '-').",
+    )
+    root: str = Field("runs", description="Folder that holds the runs (relative or absolute, no '..').")
+    seed: int = Field(
+        0,
+        description="Seed of the whole run: sampling, splits, align data and (unless train.seed) training.",
+    )
+    dominant_lang: str = Field(
+        "en",
+        description="The language whose safety is transferred (usually en); a column of the pairs.",
+    )
+    target_langs: list[str] = Field(
+        default_factory=lambda: ["zh", "ja", "ko", "ar", "bn", "sw"],
+        description="The languages MPO makes safe (codes such as zh, ja, ko; aliases like zh-CN accepted).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -99,16 +129,34 @@ class ModelConfig(Section):
     Weights are read and written as safetensors only; ``trust_remote_code`` stays off unless set here.
     """
 
-    name_or_path: str = EMBEDDED_DEFAULT_MODEL
-    revision: str | None = None
-    trust_remote_code: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # how the reference and train stages encode a pair (one setting for both, so that they agree):
-    # ``chat_template`` a Jinja template replacing the tokenizer's (the paper recipes set the official
-    # code's); ``truncation`` mpo's cut or the official code's (mpo_core.method.logps.encode_prompt_responses)
-    chat_template: str | None = None
-    truncation: Literal["prompt_left", "llama_factory"] = "prompt_left"
+    name_or_path: str = Field(
+        EMBEDDED_DEFAULT_MODEL,
+        description="Starting model: the embedded default, a hub id or a local folder (safetensors only).",
+    )
+    revision: str | None = Field(
+        None,
+        description="Hub revision (branch, tag or commit) of name_or_path; None: the default branch.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the model repository's own Python code (off unless you trust it).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights' dtype on load; auto: bfloat16 on a GPU that has it, else float32.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where models run; auto: cuda when available, else cpu.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template replacing the tokenizer's (reference and train stages alike).",
+    )
+    truncation: Literal["prompt_left", "llama_factory"] = Field(
+        "prompt_left",
+        description="How a pair is cut to max_length: mpo's cut or the official code's (llama_factory).",
+    )
 
 
 class PromptsConfig(Section):
@@ -120,51 +168,106 @@ class PromptsConfig(Section):
     taken in turn from harmful and benign prompts.
     """
 
-    source: str = "seed"
-    format: Literal["auto", "seed", "parquet", "csv", "jsonl", "multijail", "mpo_json", "hh_rlhf"] = "auto"
-    langs: list[str] | None = None
-    limit: int | None = Field(default=None, ge=1)
-    text_column: str = "text"
-    lang_column: str = "lang"
-    id_column: str = "prompt_id"
-    split_eval_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
-    default_harmful: bool = True
+    source: str = Field(
+        "seed",
+        description="Prompt set: seed (packaged), a local file, or hf://<owner>/<dataset>/<file>.",
+    )
+    format: Literal["auto", "seed", "parquet", "csv", "jsonl", "multijail", "mpo_json", "hh_rlhf"] = Field(
+        "auto",
+        description="Format of source; auto guesses it from the name and content.",
+    )
+    langs: list[str] | None = Field(
+        None,
+        description="Languages to keep from the source; None: the run's dominant and target languages.",
+    )
+    limit: int | None = Field(
+        default=None, ge=1,
+        description="Keep the first N prompt ids (all their languages), alternating harmful and benign.",
+    )
+    text_column: str = Field("text", description="Column of the prompt text in plain Parquet/CSV/JSONL sets.")
+    lang_column: str = Field(
+        "lang",
+        description="Column of the language code in plain Parquet/CSV/JSONL sets.",
+    )
+    id_column: str = Field(
+        "prompt_id",
+        description="Column of the prompt id (shared by a prompt's translations) in plain sets.",
+    )
+    split_eval_fraction: float = Field(
+        default=0.2, ge=0.0, le=1.0,
+        description="Share of prompt ids (stable hash) put in the eval split where the source has none.",
+    )
+    default_harmful: bool = Field(
+        True,
+        description="Whether a prompt without a harmful flag counts as harmful.",
+    )
 
 
 class TranslateConfig(Section):
     """How prompts reach the target languages: already there, the LLM, or an MT model."""
 
-    backend: Literal["provided", "llm", "seq2seq"] = "provided"
-    model: str | None = None
-    batch_size: int = Field(default=8, ge=1)
-    max_new_tokens: int = Field(default=256, ge=1)
+    backend: Literal["provided", "llm", "seq2seq"] = Field(
+        "provided",
+        description="provided: the set has translations; llm: the model translates; seq2seq: an MT model.",
+    )
+    model: str | None = Field(
+        None,
+        description="seq2seq: the MT model id (required); llm: the LLM (None: the run's model).",
+    )
+    batch_size: int = Field(default=8, ge=1, description="Prompts translated per batch.")
+    max_new_tokens: int = Field(default=256, ge=1, description="Longest translation, in tokens.")
 
 
 class GenerateConfig(Section):
     """Sampling k responses per prompt per language."""
 
-    backend: Literal["transformers", "vllm"] = "transformers"
-    num_samples: int = Field(default=2, ge=1)
-    max_new_tokens: int = Field(default=48, ge=1)
-    temperature: float = Field(default=0.8, ge=0.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    batch_size: int = Field(default=16, ge=1)
-    seed: int = 0
-    harmful_only: bool = True  # pairs are built from harmful prompts only; benign ones are for evaluation
-    held_out_pairs: bool = False  # also sample the eval-split prompts: their pairs measure RG, never train
-    # after align: k samples per dominant-language prompt from the raw (pre-align) model too; the pair stage
-    # takes a dominant rejected (unsafe) answer from them only where the aligned model never complied
-    raw_dominant_samples: int = Field(default=0, ge=0)
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="Generation backend: transformers (CPU/GPU) or vllm (GPU).",
+    )
+    num_samples: int = Field(default=2, ge=1, description="Responses sampled per prompt per language (k).")
+    max_new_tokens: int = Field(default=48, ge=1, description="Longest response, in tokens.")
+    temperature: float = Field(default=0.8, ge=0.0, description="Sampling temperature (0: greedy).")
+    top_p: float = Field(
+        default=0.95, gt=0.0, le=1.0,
+        description="Nucleus sampling: smallest token set with this total probability.",
+    )
+    batch_size: int = Field(default=16, ge=1, description="Prompts per generation batch.")
+    seed: int = Field(0, description="Sampling seed.")
+    harmful_only: bool = Field(
+        True,
+        description="Pairs are built from harmful prompts only; benign ones are for evaluation.",
+    )
+    held_out_pairs: bool = Field(
+        False,
+        description="Also sample eval-split prompts: their pairs measure RG, never train.",
+    )
+    raw_dominant_samples: int = Field(
+        default=0, ge=0,
+        description="After align: samples per dominant prompt from the raw model (rejected answers).",
+    )
 
 
 class LabelConfig(Section):
     """Which judge labels responses."""
 
-    judge: Literal["refusal_patterns", "llama_guard_3", "qwen3guard"] = "refusal_patterns"
-    model: str | None = None  # LLM judges: a hub id or path (default: the official 8B checkpoint)
-    batch_size: int = Field(default=8, ge=1)
-    backend: Literal["transformers", "vllm"] = "transformers"  # how LLM judges run
-    patterns: str | None = None  # refusal_patterns: a pattern file replacing the packaged one
+    judge: Literal["refusal_patterns", "llama_guard_3", "qwen3guard"] = Field(
+        "refusal_patterns",
+        description="Judge: offline refusal_patterns, or the LLM judges llama_guard_3 / qwen3guard.",
+    )
+    model: str | None = Field(
+        None,
+        description="LLM judge: a hub id or path; None: the official 8B checkpoint.",
+    )
+    batch_size: int = Field(default=8, ge=1, description="Responses judged per batch (LLM judges).")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="How LLM judges run: transformers or vllm.",
+    )
+    patterns: str | None = Field(
+        None,
+        description="refusal_patterns: a pattern file replacing the packaged one.",
+    )
 
 
 class PairConfig(Section):
@@ -172,15 +275,31 @@ class PairConfig(Section):
     ``target_noise`` of the target pairs per language get chosen and rejected swapped (seed ``noise_seed``,
     the dominant side untouched; see :mod:`mpo_core.common.label_noise`)."""
 
-    fallback_refusal: bool = True  # no safe sample: use the language's configured refusal, else skip
-    fallback_texts: dict[str, str] = Field(default_factory=dict)  # per-language refusal overrides
-    source: str | None = None  # ready-made quadruples (mpo_official JSON, HH-RLHF...): skip building
-    source_format: Literal["auto", "mpo_json", "hh_rlhf"] = "auto"  # for mpo_core.stages.ingest.load_pairs
-    target_noise: float = Field(default=0.0, ge=0.0, le=1.0)  # share of target pairs with labels swapped
-    noise_seed: int = 0  # which pairs are flipped (mpo_core.common.label_noise)
-    # a safe sample that language id reads as another language than its prompt's is never chosen (the
-    # language's refusal stands in): MPO must not teach a target language to refuse in English
-    chosen_in_language: bool = False
+    fallback_refusal: bool = Field(
+        True,
+        description="No safe sample: use the language's configured refusal as chosen, else skip the pair.",
+    )
+    fallback_texts: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per-language refusal texts overriding the packaged fallback refusals.",
+    )
+    source: str | None = Field(
+        None,
+        description="Ready-made quadruples (mpo_official JSON, HH-RLHF...): skip building pairs.",
+    )
+    source_format: Literal["auto", "mpo_json", "hh_rlhf"] = Field(
+        "auto",
+        description="Format of source (read by mpo_core.stages.ingest.load_pairs); auto guesses it.",
+    )
+    target_noise: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Share of target pairs per language with chosen and rejected swapped (label noise).",
+    )
+    noise_seed: int = Field(0, description="Which pairs target_noise flips (mpo_core.common.label_noise).")
+    chosen_in_language: bool = Field(
+        False,
+        description="Never choose a safe sample that language id reads as another language than its prompt.",
+    )
 
 
 TruncatedField = Literal["dominant_chosen", "dominant_rejected", "target_chosen", "target_rejected"]
@@ -194,69 +313,169 @@ class FilterConfig(Section):
     48-token generation; list fields here to drop texts that end mid-word.
     """
 
-    langid_enabled: bool = True
-    langid_min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
-    langid_max_chars: int = Field(default=120, ge=16)
-    langid_quick_chars: int = Field(default=64, ge=8)
-    langid_fallback_below: float = Field(default=0.5, ge=0.0, le=1.0)
-    langid_processes: int = Field(default=2, ge=1)
-    langid_parallel_min_rows: int = Field(default=2000, ge=1)
-    langid_worker_share: float = Field(default=0.7, gt=0.0, lt=1.0)
-    max_length_ratio: float = Field(default=20.0, gt=1.0)
-    truncated_fields: list[TruncatedField] = Field(default_factory=list)
-    truncated_min_chars: int = Field(default=200, ge=1)
-    judge_min_chosen_score: float = Field(default=0.5, ge=0.0, le=1.0)
-    judge_max_rejected_score: float = Field(default=0.5, ge=0.0, le=1.0)
-    batch_size: int = Field(default=8192, ge=1)
+    langid_enabled: bool = Field(
+        True,
+        description="Check that every text is in its pair's language (wrong_language drops).",
+    )
+    langid_min_confidence: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Language id confidence needed to call a text another language.",
+    )
+    langid_max_chars: int = Field(
+        default=120, ge=16,
+        description="Characters of a text that language id reads.",
+    )
+    langid_quick_chars: int = Field(
+        default=64, ge=8,
+        description="Characters of a first look that settles texts read as the expected language.",
+    )
+    langid_fallback_below: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="fastText confidence below which py3langid is asked too.",
+    )
+    langid_processes: int = Field(
+        default=2, ge=1,
+        description="Processes sharing language identification (this one included).",
+    )
+    langid_parallel_min_rows: int = Field(
+        default=2000, ge=1,
+        description="Fewest rows in a batch before identification runs in parallel.",
+    )
+    langid_worker_share: float = Field(
+        default=0.7, gt=0.0, lt=1.0,
+        description="Starting share of a batch's identification given to the worker process.",
+    )
+    max_length_ratio: float = Field(
+        default=20.0, gt=1.0,
+        description="Drop a target text over this many times longer or shorter than its dominant one.",
+    )
+    truncated_fields: list[TruncatedField] = Field(
+        default_factory=list,
+        description="Texts dropped when they end mid-word (empty: none; generation caps cut most).",
+    )
+    truncated_min_chars: int = Field(
+        default=200, ge=1,
+        description="Shortest text that counts as cut off when it ends mid-word.",
+    )
+    judge_min_chosen_score: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Drop a pair whose chosen response the judge scores below this.",
+    )
+    judge_max_rejected_score: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Drop a pair whose rejected response the judge scores above this.",
+    )
+    batch_size: int = Field(default=8192, ge=1, description="Pairs per filter batch.")
 
 
 class LoraSettings(Section):
     """LoRA through peft; ``None`` in :class:`TrainConfig` means full fine-tuning."""
 
-    r: int = Field(default=16, ge=1)
-    alpha: int = Field(default=32, ge=1)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | str = "all-linear"
+    r: int = Field(default=16, ge=1, description="LoRA rank.")
+    alpha: int = Field(default=32, ge=1, description="LoRA scaling alpha.")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branches.")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Modules given adapters: all-linear or a list of module names.",
+    )
 
 
 class ReferenceConfig(Section):
     """The frozen reference pass over the dominant-language side of every pair."""
 
-    batch_size: int = Field(default=8, ge=1)
-    max_length: int = Field(default=1024, ge=8)
-    min_safe_share: float = Field(default=0.6, ge=0.0, le=1.0)  # share of training pairs with RG^d > 0
-    drop_unsafe_pairs: bool = False  # train without the pairs whose RG^d <= 0 (written down as dropped)
+    batch_size: int = Field(default=8, ge=1, description="Pairs per reference forward batch.")
+    max_length: int = Field(
+        default=1024, ge=8,
+        description="Longest encoded sequence (prompt + response), in tokens; train must match it.",
+    )
+    min_safe_share: float = Field(
+        default=0.6, ge=0.0, le=1.0,
+        description="MPO's premise: least share of training pairs with RG^d > 0, else training refuses.",
+    )
+    drop_unsafe_pairs: bool = Field(
+        False,
+        description="Train without the pairs whose RG^d <= 0 (written down as dropped).",
+    )
 
 
 class TrainConfig(Section):
     """Training with the MPO loss or a baseline on the same data (paper settings as defaults)."""
 
-    loss: Literal["mpo", "dpo", "simpo", "ipo", "sft"] = "mpo"
-    beta: float = Field(default=1.0, gt=0.0)
-    lam: float = Field(default=1.0, ge=0.0)
-    learning_rate: float = Field(default=6e-7, gt=0.0)
-    num_epochs: float = Field(default=2.0, gt=0.0)
-    max_steps: int = -1
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
-    per_device_batch_size: int = Field(default=1, ge=1)
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
-    max_length: int = Field(default=1024, ge=8)
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    lora: LoraSettings | None = None
-    save_steps: int = Field(default=50, ge=1)
-    save_total_limit: int = Field(default=2, ge=1)
-    logging_steps: int = Field(default=1, ge=1)
-    simpo_gamma: float = Field(default=0.5, ge=0.0)
+    loss: Literal["mpo", "dpo", "simpo", "ipo", "sft"] = Field(
+        "mpo",
+        description="Objective: mpo, or a baseline on the same pairs (dpo, simpo, ipo, sft on chosen).",
+    )
+    beta: float = Field(
+        default=1.0, gt=0.0,
+        description="MPO: weight of RG^t in L1; dpo/ipo/simpo: their beta.",
+    )
+    lam: float = Field(default=1.0, ge=0.0, description="MPO: weight lambda of the hidden-state loss L2.")
+    learning_rate: float = Field(default=6e-7, gt=0.0, description="Peak learning rate.")
+    num_epochs: float = Field(
+        default=2.0, gt=0.0,
+        description="Epochs over the training pairs (ignored when max_steps > 0).",
+    )
+    max_steps: int = Field(-1, description="Optimizer steps to train; -1: num_epochs decides.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine",
+        description="Learning-rate schedule.",
+    )
+    warmup_ratio: float = Field(
+        default=0.1, ge=0.0, le=1.0,
+        description="Share of the steps spent warming the learning rate up.",
+    )
+    per_device_batch_size: int = Field(default=1, ge=1, description="Pairs per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1,
+        description="Micro-batches accumulated per optimizer step.",
+    )
+    max_length: int = Field(
+        default=1024, ge=8,
+        description="Longest encoded sequence (prompt + response), in tokens.",
+    )
+    bf16: bool = Field(
+        False,
+        description="Compute in bf16 (weights stay as loaded; fp32 master weights under sharding).",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in backward to save memory.",
+    )
+    lora: LoraSettings | None = Field(
+        None,
+        description="LoRA adapters through peft (merged on save); None: full fine-tuning.",
+    )
+    save_steps: int = Field(default=50, ge=1, description="Steps between resume checkpoints.")
+    save_total_limit: int = Field(default=2, ge=1, description="Resume checkpoints kept.")
+    logging_steps: int = Field(
+        default=1, ge=1,
+        description="Steps between logged metrics (loss, L1, L2, gaps per language).",
+    )
+    simpo_gamma: float = Field(default=0.5, ge=0.0, description="SimPO's target reward margin gamma.")
     # fsdp2: parameters, gradients and AdamW states sharded over the processes of `accelerate launch` /
     # torchrun (torch fully_shard through accelerate), fp32 master weights (accelerate upcasts bf16 weights)
     # with bf16 compute where train.bf16 is on; a single process without a launcher trains unsharded
-    sharding: Literal["none", "fsdp2"] = "none"
-    seed: int | None = None  # training's own seed (data order); None: run.seed. Sweeps vary it alone
-    # dpo/ipo: + sft_weight x the NLL of the chosen answers (TRL's "sft" loss term): keeps the chosen answer
-    # likely where the preference term alone lowers both answers' likelihoods
-    sft_weight: float = Field(default=0.0, ge=0.0)
+    sharding: Literal["none", "fsdp2"] = Field(
+        "none",
+        description="fsdp2: shard weights, gradients and optimizer states over launched processes.",
+    )
+    seed: int | None = Field(
+        None,
+        description="Training's own seed (data order); None: run.seed. Sweeps vary it alone.",
+    )
+    sft_weight: float = Field(
+        default=0.0, ge=0.0,
+        description="dpo/ipo: + sft_weight x the NLL of the chosen answers (TRL's sft loss term).",
+    )
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="TrainingArguments / TRL config fields passed to the trainer over mpo's defaults.",
+    )
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _trainer_accepts(cls, trainer_args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return checked_trainer_args(cls, info, trainer_args)
 
 
 class EvaluateConfig(Section):
@@ -270,22 +489,58 @@ class EvaluateConfig(Section):
     file, or the hub id ``juletxara/mgsm``; multiple choice is M-MMLU-style CSV/JSONL files.
     """
 
-    safety_sets: list[str] = Field(default_factory=lambda: ["seed"])
-    langs: list[str] | None = None
-    max_prompts_per_lang: int | None = Field(default=None, ge=1)
-    max_new_tokens: int = Field(default=48, ge=1)
-    bootstrap_samples: int = Field(default=1000, ge=10)
-    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
-    pairs: str | None = None
-    max_pairs_per_lang: int | None = Field(default=64, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    max_length: int = Field(default=512, ge=8)
-    mgsm: list[str] = Field(default_factory=list)
-    mgsm_max_per_lang: int | None = Field(default=50, ge=1)
-    mgsm_max_new_tokens: int = Field(default=256, ge=1)
-    multiple_choice: list[str] = Field(default_factory=list)
-    mc_max_per_lang: int | None = Field(default=100, ge=1)
-    roles: list[str] | None = None  # which models to evaluate (e.g. [trained]); None: all the run has
+    safety_sets: list[str] = Field(
+        default_factory=lambda: ["seed"],
+        description="Safety prompt sets: seed, a MultiJail-style CSV, a prompt-set path or a hub id.",
+    )
+    langs: list[str] | None = Field(
+        None,
+        description="Languages evaluated; None: the run's dominant and target languages.",
+    )
+    max_prompts_per_lang: int | None = Field(
+        default=None, ge=1,
+        description="Safety prompts per language (the same first prompts in every language); None: all.",
+    )
+    max_new_tokens: int = Field(
+        default=48, ge=1,
+        description="Longest greedy answer to a safety prompt, in tokens.",
+    )
+    bootstrap_samples: int = Field(
+        default=1000, ge=10,
+        description="Bootstrap resamples behind every interval.",
+    )
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0, description="Confidence level of the intervals.")
+    pairs: str | None = Field(
+        None,
+        description="Held-out pair file measuring the reward gap; None: the run's filtered pairs.",
+    )
+    max_pairs_per_lang: int | None = Field(
+        default=64, ge=1,
+        description="Pairs per language for the reward gap; None: all.",
+    )
+    batch_size: int = Field(default=8, ge=1, description="Sequences per evaluation batch.")
+    max_length: int = Field(default=512, ge=8, description="Longest encoded pair sequence, in tokens.")
+    mgsm: list[str] = Field(
+        default_factory=list,
+        description="MGSM sets (a folder of mgsm_<lang>.tsv, one file, or juletxara/mgsm); empty: off.",
+    )
+    mgsm_max_per_lang: int | None = Field(
+        default=50, ge=1,
+        description="MGSM questions per language; None: all.",
+    )
+    mgsm_max_new_tokens: int = Field(default=256, ge=1, description="Longest MGSM answer, in tokens.")
+    multiple_choice: list[str] = Field(
+        default_factory=list,
+        description="Multiple-choice utility files (M-MMLU-style CSV/JSONL); empty: off.",
+    )
+    mc_max_per_lang: int | None = Field(
+        default=100, ge=1,
+        description="Multiple-choice questions per language; None: all.",
+    )
+    roles: list[str] | None = Field(
+        None,
+        description="Models evaluated (raw, base, trained); None: all the run has.",
+    )
 
 
 class AlignConfig(Section):
@@ -298,38 +553,77 @@ class AlignConfig(Section):
     ``refusals``: a file of refusals, one a line, or ``None`` for the packaged set.
     """
 
-    enabled: bool = False
-    method: Literal["sft", "dpo"] = "sft"
-    prompts: Literal["run", "seed"] = "run"
-    refusals: str | None = None
-    max_harmful: int | None = Field(default=None, ge=1)
-    max_benign: int | None = Field(default=None, ge=1)
-    answer_max_new_tokens: int = Field(default=48, ge=1)
-    beta: float = Field(default=0.1, gt=0.0)  # dpo only
-    learning_rate: float = Field(default=2e-5, gt=0.0)
-    num_epochs: float = Field(default=1.0, gt=0.0)
-    max_steps: int = -1
-    per_device_batch_size: int = Field(default=8, ge=1)
-    max_length: int = Field(default=256, ge=8)
-    save_steps: int = Field(default=50, ge=1)
-    sft_weight: float = Field(default=0.0, ge=0.0)  # dpo only: + sft_weight x NLL of the chosen answer
+    enabled: bool = Field(False, description="Run the align stage: make the dominant language safe first.")
+    method: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft on refusals and own answers, or dpo on preference pairs.",
+    )
+    prompts: Literal["run", "seed"] = Field(
+        "run",
+        description="Align prompts: run (the run's train split) or seed (the packaged seed set's).",
+    )
+    refusals: str | None = Field(
+        None,
+        description="File of refusals, one a line (or HH-RLHF JSONL); None: the packaged set.",
+    )
+    max_harmful: int | None = Field(default=None, ge=1, description="Most harmful prompts used; None: all.")
+    max_benign: int | None = Field(default=None, ge=1, description="Most benign prompts used; None: all.")
+    answer_max_new_tokens: int = Field(
+        default=48, ge=1,
+        description="Longest own answer generated for a benign prompt, in tokens.",
+    )
+    beta: float = Field(default=0.1, gt=0.0, description="dpo only: DPO's beta.")
+    learning_rate: float = Field(
+        default=2e-5, gt=0.0,
+        description="Peak learning rate (cosine schedule, warmup 0.1).",
+    )
+    num_epochs: float = Field(
+        default=1.0, gt=0.0,
+        description="Epochs over the align rows (ignored when max_steps > 0).",
+    )
+    max_steps: int = Field(-1, description="Optimizer steps; -1: num_epochs decides.")
+    per_device_batch_size: int = Field(default=8, ge=1, description="Rows per device per batch.")
+    max_length: int = Field(default=256, ge=8, description="Longest encoded sequence, in tokens.")
+    save_steps: int = Field(default=50, ge=1, description="Steps between resume checkpoints.")
+    sft_weight: float = Field(
+        default=0.0, ge=0.0,
+        description="dpo only: + sft_weight x NLL of the chosen answer.",
+    )
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="TrainingArguments / TRL config fields passed to the align trainer over mpo's defaults.",
+    )
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _trainer_accepts(cls, trainer_args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return checked_trainer_args(cls, info, trainer_args)
 
 
 class PipelineConfig(Section):
     """A whole recipe: one section per stage."""
 
-    run: RunConfig = Field(default_factory=RunConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
-    translate: TranslateConfig = Field(default_factory=TranslateConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    label: LabelConfig = Field(default_factory=LabelConfig)
-    pair: PairConfig = Field(default_factory=PairConfig)
-    filter: FilterConfig = Field(default_factory=FilterConfig)
-    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    align: AlignConfig = Field(default_factory=AlignConfig)
+    run: RunConfig = Field(default_factory=RunConfig, description="Where the run lives and what it is about.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The starting model.")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Ingest: the prompt set.")
+    translate: TranslateConfig = Field(
+        default_factory=TranslateConfig,
+        description="How prompts reach the target languages.",
+    )
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Sampling responses.")
+    label: LabelConfig = Field(default_factory=LabelConfig, description="The judge of responses.")
+    pair: PairConfig = Field(default_factory=PairConfig, description="Building MPO quadruples.")
+    filter: FilterConfig = Field(default_factory=FilterConfig, description="Noisy-pair filter.")
+    reference: ReferenceConfig = Field(
+        default_factory=ReferenceConfig,
+        description="The frozen reference pass.",
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training (MPO or a baseline).")
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig,
+        description="Evaluation sets and metrics.",
+    )
+    align: AlignConfig = Field(default_factory=AlignConfig, description="The optional align stage.")
 
     @field_validator("run")
     @classmethod
@@ -417,8 +711,10 @@ def read_yaml(text: str, origin: str = "<yaml>") -> Any:
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+        path, given = [str(p) for p in e["loc"]], e.get("input")
+        if key := e.get("ctx", {}).get("entry"):  # an error about one entry of a mapping (trainer_args)
+            path, given = [*path, key], given.get(key)
+        lines.append(f"  {'.'.join(path) or '<root>'}: {e['msg']} (got {given!r})")
     return "\n".join(lines)
 
 

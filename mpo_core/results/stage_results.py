@@ -100,16 +100,17 @@ def headline(eval_rows: pa.Table | Iterable[dict[str, Any]], dominant_lang: str)
     return lines
 
 
-def read_training_log(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON lines of a training log (``train_log.jsonl``); [] when there is none."""
+def read_log_history(path: str | Path) -> list[dict[str, Any]]:
+    """The trainer's log history saved beside a trained model (``log_history.json``, a list of what the
+    trainer logged, each with its ``step``); [] when there is none."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def training_curve(log: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per logged training step (the lines with a ``loss``): step, epoch, the :data:`CURVE_KEYS`
+    """One row per logged training step (the entries with a ``loss``): step, epoch, the :data:`CURVE_KEYS`
     present and the per-language ``target_gap/<lang>`` columns."""
     rows = []
     for line in log:

@@ -162,7 +162,7 @@ def align_train_config(config: PipelineConfig) -> PipelineConfig:
         loss=cfg.method, beta=cfg.beta, learning_rate=cfg.learning_rate, num_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps, lr_scheduler="cosine", warmup_ratio=0.1,
         per_device_batch_size=cfg.per_device_batch_size, max_length=cfg.max_length, save_steps=cfg.save_steps,
-        save_total_limit=1, sft_weight=cfg.sft_weight,
+        save_total_limit=1, sft_weight=cfg.sft_weight, trainer_args=cfg.trainer_args,
     )
     return config.model_copy(update={"train": train})
 

@@ -53,7 +53,7 @@ from mpo_core.results.metrics import (
     summarize_reward_gaps,
 )
 from mpo_core.results.report import write_report
-from mpo_core.results.stage_results import read_training_log, training_curve
+from mpo_core.results.stage_results import read_log_history, training_curve
 from mpo_core.stages.align import align_record
 from mpo_core.stages.ingest import load_pairs, load_prompts, read_csv_records, read_json_lines, read_text
 
@@ -758,9 +758,9 @@ def pair_supply_line(filtered: Path, translated: Path) -> str:
 
 def training_curve_line(log_path: Path) -> str | None:
     """``loss``, ``l1``, ``l2``, the training pairs' mean target and dominant gaps at the first and the last
-    logged step of a training log (None without one): whether training moved what it optimises."""
+    logged step of a trainer's log history (None without one): whether training moved what it optimises."""
 
-    curve = training_curve(read_training_log(log_path))
+    curve = training_curve(read_log_history(log_path))
     if not curve:
         return None
     first, last = curve[0], curve[-1]
@@ -773,7 +773,7 @@ def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
     """Report lines on how the models came to be: what ``align`` trained on, and MPO's premise (mean RG^d
     and share of pairs with RG^d > 0 per target language) on the pairs the train stage used, else on every
     pair the reference stage saw."""
-    from mpo_core.stages.train import TRAIN_INFO, TRAIN_LOG
+    from mpo_core.stages.train import LOG_HISTORY, TRAIN_INFO
 
     meta = {}
     if "aligned" in inputs and (record := align_record(inputs["aligned"])):
@@ -792,7 +792,7 @@ def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
         premise, where = json.loads(info_path.read_text(encoding="utf-8")).get("premise"), "training pairs"
     if premise is None and "reference" in inputs:
         premise, where = read_manifest(inputs["reference"]).extra.get("premise"), "all pairs"
-    if info_path is not None and (curve := training_curve_line(info_path.parent.parent / TRAIN_LOG)):
+    if info_path is not None and (curve := training_curve_line(info_path.parent / LOG_HISTORY)):
         meta["training curve (first -> last logged step)"] = curve
     if premise:
         meta[f"MPO premise ({where}): share RG^d > 0, mean RG^d"] = "; ".join(

@@ -13,8 +13,10 @@
 
 Common to all: full fine-tuning or LoRA (peft), dropout off (paper), bf16 and gradient checkpointing only
 where the config turns them on, FSDP2 sharding with fp32 master weights where ``train.sharding`` asks, gradient accumulation, checkpoints in ``out_dir/checkpoints`` with automatic
-resume from the latest one, a JSONL training log, and the final model saved as safetensors with its tokenizer
-into ``out_dir/model`` atomically (a LoRA adapter is merged first, so the result loads like any model).
+resume from the latest one, and the final model saved as safetensors with its tokenizer into ``out_dir/model``
+atomically (a LoRA adapter is merged first, so the result loads like any model), with the trainer's own log
+history beside it (``log_history.json``: ``trainer.state.log_history``, which every checkpoint's
+``trainer_state.json`` holds and a resumed run restores, so each logged step appears once).
 
 Checkpoints for resuming hold the model as safetensors; the optimizer, scheduler and RNG states are written
 by ``transformers`` with ``torch.save`` and read back with ``torch.load(weights_only=True)`` (tensors and
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MODEL_DIR = "model"
-TRAIN_LOG = "train_log.jsonl"
+LOG_HISTORY = "log_history.json"
 TRAIN_INFO = "mpo_train.json"
 OWN_TRAINER_LOSSES = ("mpo", "simpo")
 
@@ -244,13 +246,12 @@ def _trainer_class():
     return MPOTrainer
 
 
-def _callbacks(log_path: Path) -> list:
+def _callbacks() -> list:
     from transformers import TrainerCallback
 
     class ProgressAndLog(TrainerCallback):
-        """Progress through :mod:`mpo_core.plumbing.progress`, every log line appended to the JSONL training log (and
-        logged at INFO: every ``train.logging_steps``), the pickled ``training_args.bin`` removed from each
-        checkpoint."""
+        """Progress through :mod:`mpo_core.plumbing.progress`, every logged step at INFO (every
+        ``train.logging_steps``), the pickled ``training_args.bin`` removed from each checkpoint."""
 
         tracker: Tracker | None = None
 
@@ -263,12 +264,8 @@ def _callbacks(log_path: Path) -> list:
                 self.tracker.update(1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            if logs and "loss" in logs:
+            if state.is_world_process_zero and logs and "loss" in logs:
                 logger.info("train: %s", training_log_line(logs, state.global_step, state.max_steps))
-            with open(log_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **(logs or {})}) + "\n")
 
         def on_save(self, args, state, control, **kwargs):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -395,14 +392,15 @@ def build_trainer(
     reference: pa.Table | None,
     out_dir: Path,
 ):
-    """The trainer of ``config.train.loss`` on ``pairs`` (a ``transformers.Trainer`` or a TRL trainer)."""
+    """The trainer of ``config.train.loss`` on ``pairs`` (a ``transformers.Trainer`` or a TRL trainer); its
+    arguments are mpo's (:func:`_common_arguments` and the loss's own), ``train.trainer_args`` over them."""
     from mpo_core.common.models import resolve_device
 
     cfg = config.train
     use_cpu = resolve_device(config.model.device) == "cpu"
     seed = config.run.seed if cfg.seed is None else cfg.seed
     common = _common_arguments(cfg, out_dir / CHECKPOINT_DIR, use_cpu, seed)
-    callbacks = _callbacks(out_dir / TRAIN_LOG)
+    callbacks = _callbacks()
     disable_dropout(model)
     if cfg.sharding == "fsdp2" and cfg.lora is None:
         model = model.float()  # fp32 master weights on every launch (FSDP2 keeps them sharded, compute in bf16)
@@ -420,7 +418,7 @@ def build_trainer(
         )
         return _trainer_class()(
             model=model,
-            args=TrainingArguments(**common),
+            args=TrainingArguments(**{**common, **cfg.trainer_args}),
             train_dataset=examples,
             data_collator=MPOCollator(
                 tokenizer.pad_token_id, with_dominant=cfg.loss == "mpo" and cfg.lam > 0
@@ -441,21 +439,23 @@ def build_trainer(
     if cfg.loss == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(**common, max_length=cfg.max_length, completion_only_loss=True)
+        sft = {"max_length": cfg.max_length, "completion_only_loss": True}
+        args = SFTConfig(**{**common, **sft, **cfg.trainer_args})
         return SFTTrainer(args=args, **trl_kwargs)
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(
+    args = DPOConfig(**{
         **common,
-        beta=cfg.beta,
-        loss_type=["sigmoid" if cfg.loss == "dpo" else "ipo"] + (["sft"] if cfg.sft_weight else []),
-        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
-        max_length=cfg.max_length,
-        disable_dropout=True,
+        "beta": cfg.beta,
+        "loss_type": ["sigmoid" if cfg.loss == "dpo" else "ipo"] + (["sft"] if cfg.sft_weight else []),
+        "loss_weights": [1.0, cfg.sft_weight] if cfg.sft_weight else None,
+        "max_length": cfg.max_length,
+        "disable_dropout": True,
         # the reference is the frozen starting model: its log-probabilities once per pair before training, not
         # again at every step (the same values; no second model in memory); FSDP keeps TRL's per-step default
-        precompute_ref_log_probs=not _sharding_arguments(cfg),
-    )
+        "precompute_ref_log_probs": not _sharding_arguments(cfg),
+        **cfg.trainer_args,
+    })
     try:
         trainer = DPOTrainer(args=args, **trl_kwargs)
     except ValueError as err:  # TRL dropped every pair, then precomputed the reference over none (torch.cat)
@@ -481,18 +481,6 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return Path(last) if last else None
 
 
-def _truncate_log(log_path: Path, resumed_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    if not log_path.exists():
-        return
-    kept = [
-        line
-        for line in log_path.read_text(encoding="utf-8").splitlines()
-        if json.loads(line)["step"] <= resumed_step
-    ]
-    log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
 def unsharded_model(model: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
     """A plain model of ``model``'s architecture holding the gathered ``state_dict`` (its tensors, no copy).
 
@@ -508,10 +496,16 @@ def unsharded_model(model: PreTrainedModel, state_dict: dict[str, torch.Tensor])
 
 
 def save_model_atomically(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, info: dict, state_dict=None
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    target: Path,
+    info: dict,
+    state_dict=None,
+    log_history: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Save ``model`` (LoRA merged) as safetensors + tokenizer + ``mpo_train.json`` into ``target``, via a
-    temporary sibling folder renamed into place; ``state_dict``: the full weights of a sharded model."""
+    """Save ``model`` (LoRA merged) as safetensors + tokenizer + ``mpo_train.json`` (+ ``log_history.json``,
+    the trainer's log history) into ``target``, via a temporary sibling folder renamed into place;
+    ``state_dict``: the full weights of a sharded model."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if state_dict is not None:
@@ -520,6 +514,8 @@ def save_model_atomically(
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / TRAIN_INFO).write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
+        if log_history is not None:
+            (tmp / LOG_HISTORY).write_text(json.dumps(log_history, indent=1), encoding="utf-8")
     return target
 
 
@@ -570,7 +566,8 @@ def fit(
     info: dict[str, Any],
 ) -> Path:
     """Train ``model_cfg`` with ``config.train`` on ``pairs`` in ``out_dir``, resuming from its latest
-    checkpoint, and save the result with ``info`` (plus step and loss) to ``out_dir/model``."""
+    checkpoint, and save the result with ``info`` (plus step and loss) and the log history to
+    ``out_dir/model``."""
     from mpo_core.common.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_cfg, padding_side="right")
@@ -579,11 +576,6 @@ def fit(
 
     resume = latest_checkpoint(out_dir)
     main_process = trainer.is_world_process_zero()  # under torchrun / accelerate launch, one rank writes
-    if main_process:
-        if resume is not None:
-            _truncate_log(out_dir / TRAIN_LOG, int(resume.name.rsplit("-", 1)[-1]))
-        else:
-            (out_dir / TRAIN_LOG).unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     info = {
         **info,
@@ -597,7 +589,7 @@ def fit(
     state_dict = full_state_dict(trainer.model)
     target = out_dir / MODEL_DIR
     if main_process:
-        save_model_atomically(trainer.model, tokenizer, target, info, state_dict)
+        save_model_atomically(trainer.model, tokenizer, target, info, state_dict, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
     return target
 
