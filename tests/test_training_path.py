@@ -269,7 +269,7 @@ def test_interrupted_training_resumes_with_each_logged_step_once(pairs, tiny_mod
     callbacks = train_stage._callbacks
     monkeypatch.setattr(train_stage, "_callbacks", lambda: [*callbacks(), Interrupt()])
     with pytest.raises(RuntimeError, match="interrupted after logging step 3"):
-        train_stage.run_train(config, inputs, tmp_path / "train")
+        run_stage_function("train", config, inputs, tmp_path / "train")
     checkpoints = tmp_path / "train" / train_stage.CHECKPOINT_DIR
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]
     state_file = checkpoints / "checkpoint-2" / "trainer_state.json"
@@ -278,7 +278,7 @@ def test_interrupted_training_resumes_with_each_logged_step_once(pairs, tiny_mod
     state_file.write_text(json.dumps(state))
 
     monkeypatch.setattr(train_stage, "_callbacks", callbacks)
-    model = train_stage.run_train(config, inputs, tmp_path / "train")["checkpoint"]
+    model = run_stage_function("train", config, inputs, tmp_path / "train")["checkpoint"]
     history = json.loads((model / train_stage.LOG_HISTORY).read_text())
     assert history[0] == {"step": 0, "probe": "checkpoint-2"}, "training restarted instead of resuming"
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
