@@ -81,8 +81,7 @@ def _prepared_run(config, shared_data: Path, tmp_path: Path) -> tuple[RunFolder,
 def _launch(run: RunFolder, config, inputs: dict[str, Path]) -> dict[str, Path]:
     """The train stage as the train task starts it under ``MPO_TRAIN_LAUNCHER`` (reading the run's config)."""
     run.save_config(config)
-    spec = get_stage("train")
-    return launcher_for(spec)(spec, config, inputs, run.stage_dir("train"))
+    return run_stage_function("train", config, inputs, run.stage_dir("train"), launcher_for(get_stage("train")))
 
 
 def _logged(train_dir: Path, key: str) -> list[float]:

@@ -8,7 +8,7 @@ validated against the schema of the stage that wrote them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,11 +152,13 @@ def check_outputs(stage: StageRun) -> dict[str, Path]:
 
 
 def run_stage_function(
-    name: str, config: PipelineConfig, inputs: dict[str, Path], out_dir: Path
+    name: str, config: PipelineConfig, inputs: dict[str, Path], out_dir: Path,
+    launcher: Callable[[StageRun], None] | None = None,
 ) -> dict[str, Path]:
-    """Run stage ``name`` on ``inputs`` into ``out_dir`` without a run folder: no reuse check and no marker,
-    the folder's present content kept (a stage resumes from what it finds there). For notebooks, scripts
-    and tests; pipelines go through :func:`mpo_core.plumbing.runs.execute_stage`."""
+    """Run stage ``name`` on ``inputs`` into ``out_dir`` without reuse check or marker, the folder's present
+    content kept (a stage resumes from what it finds there), in this process or through ``launcher`` (a
+    multi-process launch, :func:`tasks.launch.launcher_for`). For notebooks, scripts and tests; pipelines go
+    through :func:`mpo_core.plumbing.runs.execute_stage`."""
     spec = get_stage(name)
     inputs = {k: Path(v) for k, v in inputs.items()}
     hashes = stage_input_hashes(spec, config, inputs)
@@ -164,5 +166,8 @@ def run_stage_function(
     resume = out_dir.is_dir() and any(out_dir.iterdir())
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = StageRun(spec, config, StageInputs(inputs), out_dir, resume, stage_identity(spec, config, hashes), hashes)
-    call_stage(stage)
+    if launcher is None:
+        call_stage(stage)
+    else:
+        launcher(stage)
     return check_outputs(stage)
