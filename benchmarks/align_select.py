@@ -42,6 +42,12 @@ CANDIDATES: dict[str, dict] = {
     "dpo_sft_12": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 12, "sft_weight": 1.0},
     "dpo_12_lr1e-4": {"method": "dpo", "beta": 0.1, "learning_rate": 1e-4, "max_steps": 12},
     "dpo_12_b05": {"method": "dpo", "beta": 0.5, "learning_rate": 5e-5, "max_steps": 12},
+    # longer or stronger DPO (save_steps = max_steps: one checkpoint, as the default recipe writes)
+    "dpo_24": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 24, "save_steps": 24},
+    "dpo_36": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 36, "save_steps": 36},
+    "dpo_24_lr1e-4": {"method": "dpo", "beta": 0.1, "learning_rate": 1e-4, "max_steps": 24, "save_steps": 24},
+    "dpo_sft_24": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 24, "save_steps": 24,
+                   "sft_weight": 1.0},
 }
 METRICS = ("asr", "over_refusal", "selectivity", "response_lang_share")
 
