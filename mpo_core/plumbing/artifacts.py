@@ -72,16 +72,12 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def write_bytes_atomically(path: Path, blob: bytes) -> None:
     """Write ``blob`` to a temporary file beside ``path``, fsync, rename: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _temp_path(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        tmp.write_bytes(blob)
+        _publish(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -357,13 +353,7 @@ def write_artifact(
 
 def write_manifest(path: str | Path, manifest: Manifest) -> None:
     blob = json.dumps(asdict(manifest), indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    target = manifest_path(path)
-    tmp = _temp_path(target)
-    try:
-        tmp.write_bytes(blob)
-        _publish(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomically(manifest_path(path), blob)
 
 
 # ------------------------------------------------------------------------------------------- reading

@@ -505,11 +505,12 @@ def stale_stages(run: RunFolder) -> dict[str, str]:
             continue
         if not marker or marker.get("status") != "complete":
             continue
-        needed = stage_inputs_needed(spec, config)
-        if any(name not in available for name in needed):
-            stale[spec.name] = "an input is missing"
+        try:
+            inputs = resolve_inputs(spec, config, available)
+        except ArtifactError as err:
+            stale[spec.name] = str(err)
             continue
-        check = check_stage(spec, config, run, {name: available[name] for name in needed})
+        check = check_stage(spec, config, run, inputs)
         if not check.current:
             stale[spec.name] = check.reason
     return stale

@@ -80,10 +80,6 @@ def _entry(entry: str):
     return getattr(importlib.import_module(module), func)
 
 
-def _out(name: str, file: str, kind: str) -> OutputSpec:
-    return OutputSpec(name, file, kind)
-
-
 # Where a training stage (align, train) keeps its resume checkpoints (optimizer state included).
 CHECKPOINT_DIR = "checkpoints"
 
@@ -94,51 +90,51 @@ REFERENCE_READS = ("pair_id", "prompt_id", "dominant_lang", "target_lang", "domi
 # Order is the pipeline's order. ``model`` sections are part of every stage that runs the model.
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
-        "ingest", "mpo_core.stages.ingest:run_ingest", (), (_out("prompts", "prompts.parquet", "prompts"),),
+        "ingest", "mpo_core.stages.ingest:run_ingest", (), (OutputSpec("prompts", "prompts.parquet", "prompts"),),
         ("run", "prompts"), "cpu", external="mpo_core.stages.ingest:source_files",
     ),
     StageSpec(
         "translate", "mpo_core.stages.translate:run_translate", ("prompts",),
-        (_out("translated", "translated.parquet", "prompts"),), ("run", "model", "translate"), "cpu",
+        (OutputSpec("translated", "translated.parquet", "prompts"),), ("run", "model", "translate"), "cpu",
     ),
     StageSpec(
-        "align", "mpo_core.stages.align:run_align", ("translated",), (_out("aligned", "model", "folder"),),
+        "align", "mpo_core.stages.align:run_align", ("translated",), (OutputSpec("aligned", "model", "folder"),),
         ("run", "model", "align"), "gpu", external="mpo_core.stages.align:external_align_files",
         resume_files=(CHECKPOINT_DIR,),
     ),
     StageSpec(
         "generate", "mpo_core.stages.generate:run_generate", ("translated", "aligned"),
-        (_out("responses", "responses.parquet", "responses"),), ("run", "model", "generate"), "gpu",
+        (OutputSpec("responses", "responses.parquet", "responses"),), ("run", "model", "generate"), "gpu",
     ),
     StageSpec(
         "label", "mpo_core.stages.label:run_label", ("responses",),
-        (_out("labelled", "labelled.parquet", "responses"),), ("label",), "gpu",
+        (OutputSpec("labelled", "labelled.parquet", "responses"),), ("label",), "gpu",
     ),
     StageSpec(
-        "pair", "mpo_core.stages.pair:run_pair", ("labelled",), (_out("pairs", "pairs.parquet", "pairs"),),
+        "pair", "mpo_core.stages.pair:run_pair", ("labelled",), (OutputSpec("pairs", "pairs.parquet", "pairs"),),
         ("run", "pair"), "cpu", external="mpo_core.stages.pair:source_files",
     ),
     StageSpec(
         "filter", "mpo_core.stages.filter:run_filter", ("pairs",),
-        (_out("filtered", "filtered.parquet", "pairs"), _out("dropped", "dropped.parquet", "dropped"),
-         _out("filter_report", "filter_report.md", "file")),
+        (OutputSpec("filtered", "filtered.parquet", "pairs"), OutputSpec("dropped", "dropped.parquet", "dropped"),
+         OutputSpec("filter_report", "filter_report.md", "file")),
         ("filter", "reference", "label", "model"), "cpu",
     ),
     StageSpec(
         "reference", "mpo_core.stages.reference:run_reference", ("filtered", "aligned"),
-        (_out("reference", "reference.parquet", "reference"),), ("model", "reference"), "gpu",
+        (OutputSpec("reference", "reference.parquet", "reference"),), ("model", "reference"), "gpu",
         reads_columns=(("filtered", REFERENCE_READS),),
     ),
     StageSpec(
         "train", "mpo_core.stages.train:run_train", ("filtered", "reference", "aligned", "translated"),
-        (_out("checkpoint", "model", "folder"),),
+        (OutputSpec("checkpoint", "model", "folder"),),
         ("run", "model", "reference.min_safe_share", "reference.drop_unsafe_pairs", "train"), "gpu",
         resume_files=(CHECKPOINT_DIR,),
     ),
     StageSpec(
         "evaluate", "mpo_core.stages.evaluate:run_evaluate",
         ("translated", "filtered", "reference", "checkpoint", "aligned"),
-        (_out("eval", "eval.parquet", "eval"), _out("report", "report/report.md", "file")),
+        (OutputSpec("eval", "eval.parquet", "eval"), OutputSpec("report", "report/report.md", "file")),
         ("run", "model", "generate", "label", "evaluate"), "gpu",
     ),
 )
