@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=8, help="optimizer steps per cell (batch 2)")
     parser.add_argument("--eval-tokens", type=int, default=12,
                         help="greedy tokens per evaluation answer (a refusal shows in the first few)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="lanes of cells side by side, each stage in its own process (1: in this process)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key.sub=value")
     return parser.parse_args(argv)
 
@@ -97,19 +99,23 @@ def timing_lines(seconds: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def projection_line(seconds: dict[str, dict[str, float]], wall: float, full_cells: int, full_pairs_runs: int) -> str:
+def projection_line(seconds: dict[str, dict[str, float]], wall: float, full_cells: int, full_pairs_runs: int,
+                    workers: int) -> str:
     """The measured cost per cell (train + evaluate) and per pairs run (pair + filter), the rest of the wall
-    time (shared stages, the starting models' evaluation, Prefect), and what ``full_cells`` cells and
-    ``full_pairs_runs`` pairs runs would take at the same load: how the defaults are sized."""
+    time (shared stages, the starting models' evaluation, Prefect, lanes waiting for each other), and what
+    ``full_cells`` cells in ``workers`` lanes and ``full_pairs_runs`` pairs runs would take at the same load:
+    how the defaults are sized."""
     cells = [s for run, s in seconds.items() if "train" in s]
     pairs_runs = [s for run, s in seconds.items() if run.startswith("pairs-")]
     per_cell = sum(s.get("train", 0.0) + s.get("evaluate", 0.0) for s in cells) / max(len(cells), 1)
     per_pairs = sum(s.get("pair", 0.0) + s.get("filter", 0.0) for s in pairs_runs) / max(len(pairs_runs), 1)
-    rest = wall - per_cell * len(cells) - per_pairs * len(pairs_runs)
-    full = rest + per_cell * full_cells + per_pairs * full_pairs_runs
-    return (f"- cost: {per_cell:.0f} s per cell (train + evaluate, mean of {len(cells)}), {per_pairs:.0f} s per "
-            f"pairs run, {rest:.0f} s for the rest (shared stages, starting models' evaluation, Prefect); "
-            f"{full_cells} cells and {full_pairs_runs} pairs runs would take about {full / 60:.0f} min at this load")
+    lanes = min(workers, max(len(cells), 1))
+    rest = wall - per_cell * len(cells) / lanes - per_pairs * len(pairs_runs)
+    full = rest + per_cell * full_cells / min(workers, full_cells) + per_pairs * full_pairs_runs
+    return (f"- cost: {per_cell:.0f} s per cell (train + evaluate, mean of {len(cells)}; {lanes} lane(s) side by "
+            f"side), {per_pairs:.0f} s per pairs run, {rest:.0f} s for the rest (shared stages, starting models' "
+            f"evaluation, Prefect); {full_cells} cells in {min(workers, full_cells)} lane(s) and {full_pairs_runs} "
+            f"pairs runs would take about {full / 60:.0f} min at this load")
 
 
 def noise_lines(runs_dir: Path) -> list[str]:
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config, overrides)
     started = time.perf_counter()
     evals = transfer_sweep(sweep_dir=str(sweep_dir), config=args.config, overrides=overrides,
-                           methods=args.methods, noise_levels=args.noise, seeds=args.seeds)
+                           methods=args.methods, noise_levels=args.noise, seeds=args.seeds, workers=args.workers)
     wall = time.perf_counter() - started
 
     cells = {(c.method, c.noise, c.seed): read_artifact(evals[c.name], "eval").to_pylist()
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
              if config.align.enabled else "off")
     meta = [
         (f"- cells: methods {args.methods} x noise {args.noise} x seeds {args.seeds} "
-        f"({len(cells)} pipeline runs under `{runs_root(sweep_dir)}`)"),
+        f"({len(cells)} pipeline runs under `{runs_root(sweep_dir)}`, in {min(args.workers, len(cells))} lane(s))"),
         (f"- step budget per cell: train.max_steps={config.train.max_steps}, batch "
         f"{config.train.per_device_batch_size}, lr {config.train.learning_rate}, beta {config.train.beta}; "
         f"align (once, shared): {align}"),
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         "- seconds per stage where it ran:",
         *timing_lines(stage_seconds(runs_root(sweep_dir))),
         projection_line(stage_seconds(runs_root(sweep_dir)), wall, len(DEFAULT_CELLS),
-                        len({c.pairs_run for c in DEFAULT_CELLS} - {SHARED_RUN})),
+                        len({c.pairs_run for c in DEFAULT_CELLS} - {SHARED_RUN}), args.workers),
     ]
     path = write_outputs(sweep_dir, results, figures, meta)
     (sweep_dir / "transfer" / "cells.json").write_text(

@@ -155,6 +155,47 @@ def test_accelerate_launch_command(tmp_path, monkeypatch):
     assert launcher_for(get_stage("filter")) is run_in_process
 
 
+def test_a_stage_in_a_child_process_writes_what_it_writes_in_process(tmp_path, shared_data, monkeypatch):
+    """The transfer sweep's lanes run every stage in a child process (``in_child_process``) set for one
+    thread (``stages_launched_by``): same outputs as in this process, the override beats the environment and
+    stays in its thread."""
+    import threading
+
+    from core_pairs import official_pairs, write_pairs
+
+    from mpo_core.plumbing.artifacts import read_artifact
+    from mpo_core.plumbing.config import config_from_dict
+    from mpo_core.plumbing.runs import RunFolder, run_in_process
+    from mpo_core.plumbing.stage_run import run_stage_function
+    from tasks.launch import in_child_process, launcher_for, stages_launched_by
+
+    pairs = write_pairs(official_pairs(shared_data, 12, step=7), tmp_path / "pairs.parquet")
+    config = config_from_dict({"run": {"root": str(tmp_path / "runs"), "name": "child"},
+                               "filter": {"max_length_ratio": 3.0}})
+    run = RunFolder.for_config(config)
+    run.path.mkdir(parents=True)
+    run.save_config(config)
+    here = run_stage_function("filter", config, {"pairs": pairs}, tmp_path / "here")
+    child = run_stage_function("filter", config, {"pairs": pairs}, run.stage_dir("filter"), in_child_process(1))
+    assert child["filtered"].parent == run.stage_dir("filter")
+    for name, kind in (("filtered", "pairs"), ("dropped", "dropped")):
+        assert read_artifact(child[name], kind).equals(read_artifact(here[name], kind)), name
+    assert child["filter_report"].read_text() == here["filter_report"].read_text()
+
+    monkeypatch.setenv("MPO_TRAIN_LAUNCHER", "accelerate launch")
+    child_launcher = in_child_process(2)
+    seen_elsewhere = []
+    with stages_launched_by(child_launcher):
+        assert launcher_for(get_stage("train")) is child_launcher is launcher_for(get_stage("filter"))
+        other = threading.Thread(target=lambda: seen_elsewhere.append(launcher_for(get_stage("filter"))))
+        other.start()
+        other.join()
+    assert seen_elsewhere == [run_in_process]
+    assert launcher_for(get_stage("filter")) is run_in_process
+    with pytest.raises(ValueError, match="at least 1"):
+        in_child_process(0)
+
+
 def test_transient_failures_are_retried_but_not_our_own_errors():
     from prefect.states import Failed
 

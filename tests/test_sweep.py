@@ -21,6 +21,7 @@ from mpo_core.plumbing.sweep import (
     prune_resume_checkpoints,
     run_overrides,
     shared_stages,
+    split_lanes,
     sweep_cells,
 )
 from mpo_core.results.transfer import collect, headline, headline_line, markdown_table
@@ -191,8 +192,21 @@ def test_transfer_benchmark_projects_the_default_grid_from_a_reduced_run():
                "pairs-noise40-s0": {"pair": 1.0, "filter": 3.0},
                "mpo-noise00-s0": {"train": 50.0, "evaluate": 70.0},
                "dpo-noise40-s0": {"train": 40.0, "evaluate": 80.0}}
-    line = bench.projection_line(seconds, wall=600.0, full_cells=30, full_pairs_runs=4)
+    line = bench.projection_line(seconds, wall=600.0, full_cells=30, full_pairs_runs=4, workers=1)
     # rest = 600 - 2 x 120 - 1 x 4 = 356; full = 356 + 30 x 120 + 4 x 4 = 3972 s = 66 min
     assert "120 s per cell" in line and "4 s per pairs run" in line and "356 s for the rest" in line
-    assert line.endswith("30 cells and 4 pairs runs would take about 66 min at this load")
+    assert line.endswith("30 cells in 1 lane(s) and 4 pairs runs would take about 66 min at this load")
+    # two lanes: the two cells ran side by side, rest = 600 - 120 - 4 = 476; full = 476 + 15 x 120 + 16 = 2292 s
+    line = bench.projection_line(seconds, wall=600.0, full_cells=30, full_pairs_runs=4, workers=2)
+    assert "476 s for the rest" in line and line.endswith("in 2 lane(s) and 4 pairs runs would take about 38 min at this load")
     assert len(bench.DEFAULT_CELLS) == 30
+
+
+def test_cells_are_dealt_into_lanes_of_the_same_mix():
+    cells = sweep_cells(["mpo", "dpo", "sft"], [0.0, 0.4], [0, 1])
+    lanes = split_lanes(cells, 2)
+    assert [len(lane) for lane in lanes] == [6, 6] and sorted((c for lane in lanes for c in lane), key=cells.index) == cells
+    assert {c.seed for c in lanes[0]} == {0} and {c.seed for c in lanes[1]} == {1}  # the same methods and noise
+    assert [c.method for c in lanes[0]] == [c.method for c in lanes[1]]
+    assert split_lanes(cells[:1], 4) == [cells[:1]] and split_lanes(cells, 1) == [cells]
+    assert [len(lane) for lane in split_lanes(cells, 5)] == [3, 3, 2, 2, 2]

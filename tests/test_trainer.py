@@ -230,6 +230,41 @@ def test_baselines_run_a_step(loss, shared_data, tmp_path):
         assert first["loss"] == pytest.approx(expected, rel=1e-3)
 
 
+def test_dpo_precomputes_the_reference_only_when_it_trains_on_every_pair(monkeypatch):
+    from mpo_core.plumbing.config import TrainConfig
+    from mpo_core.stages.train import _trains_on_every_row
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _trains_on_every_row(TrainConfig(max_steps=-1, num_epochs=1.0), 50)
+    assert not _trains_on_every_row(TrainConfig(max_steps=-1, num_epochs=0.5), 50)
+    short = TrainConfig(max_steps=8, per_device_batch_size=2)  # the transfer sweep's cells: 16 of about 50
+    assert not _trains_on_every_row(short, 50) and _trains_on_every_row(short, 16)
+    assert _trains_on_every_row(TrainConfig(max_steps=8, per_device_batch_size=2, gradient_accumulation_steps=4), 50)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert _trains_on_every_row(short, 50)
+
+
+@pytest.mark.slow
+def test_dpo_short_of_an_epoch_has_the_same_reference_per_step(shared_data, tmp_path):
+    """One step on one of two pairs: the reference runs per step (not over both pairs first), and at step 1
+    the policy is still the reference, so TRL's loss is the formula's at a zero margin."""
+    candidates = official_pairs(shared_data, 60)
+    sizes = [len(p.encode()) for p in candidates.column("target_prompt").to_pylist()]
+    shortest = sorted(range(len(sizes)), key=sizes.__getitem__)[:2]
+    two_pairs = write_pairs(candidates.take(shortest), tmp_path / "two.parquet")
+    config = _config(tmp_path, loss="dpo", max_steps=1, per_device_batch_size=1, max_length=80, beta=0.1)
+    from mpo_core.common.models import load_model, load_tokenizer
+    from mpo_core.stages.train import build_trainer
+
+    trainer = build_trainer(config, load_model(config.model), load_tokenizer(config.model),
+                            candidates.take(shortest), None, tmp_path / "built")
+    assert trainer.ref_model is not None and "ref_chosen_logps" not in trainer.train_dataset.column_names
+    del trainer
+    run_stage_function("train", config, {"filtered": two_pairs}, tmp_path / "run")
+    first = next(entry for entry in _log_history(tmp_path / "run") if "loss" in entry and entry["step"] == 1)
+    assert first["loss"] == pytest.approx(dpo_sigmoid_loss(torch.zeros(1), 0.1).item(), rel=1e-3)
+
+
 def test_pairs_without_reference_rows_are_named(default_model_config):
     from mpo_core.common.models import load_tokenizer
     from mpo_core.plumbing.errors import InputDataError

@@ -75,6 +75,13 @@ def sweep_cells(methods: list[str], noise_levels: list[float], seeds: list[int])
     return [Cell(m, float(n), s) for m, n, s in product(methods, noise_levels, seeds)]
 
 
+def split_lanes(cells: list[Cell], workers: int) -> list[list[Cell]]:
+    """``cells`` dealt round-robin into at most ``workers`` non-empty lanes (seeds vary fastest in
+    :func:`sweep_cells`, so lanes get the same methods and noise levels and so about the same cost)."""
+    lanes = [cells[i::workers] for i in range(min(workers, len(cells)))]
+    return lanes or [[]]
+
+
 def runs_root(sweep_dir: str | Path) -> Path:
     """Where a sweep's pipeline runs live (their ``run.root``)."""
     return Path(sweep_dir) / "runs"

@@ -278,6 +278,18 @@ def _callbacks() -> list:
     return [ProgressAndLog()]
 
 
+def _trains_on_every_row(cfg: TrainConfig, rows: int) -> bool:
+    """Whether training reaches every one of ``rows`` pairs at least once. The reference is the frozen
+    starting model: where it does, TRL computes the reference's log-probabilities once per pair before
+    training (no second model in memory, no reference pass per step); where ``max_steps`` stops short of an
+    epoch (the transfer sweep's cells: 8 steps of 2 over about 50 pairs), a reference pass per step costs
+    only the pairs trained on. FSDP keeps TRL's per-step default either way."""
+    if cfg.max_steps < 0:
+        return cfg.num_epochs >= 1.0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return cfg.max_steps * cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world >= rows
+
+
 def _sharding_arguments(cfg: TrainConfig) -> dict[str, Any]:
     """FSDP2 through accelerate for ``train.sharding: fsdp2`` under a launcher with several processes
     (``WORLD_SIZE`` > 1): every decoder layer and the root sharded, parameters resharded after forward.
@@ -444,6 +456,7 @@ def build_trainer(
         return SFTTrainer(args=args, **trl_kwargs)
     from trl import DPOConfig, DPOTrainer
 
+    rows = len(trl_kwargs["train_dataset"])
     args = DPOConfig(**{
         **common,
         "beta": cfg.beta,
@@ -451,9 +464,7 @@ def build_trainer(
         "loss_weights": [1.0, cfg.sft_weight] if cfg.sft_weight else None,
         "max_length": cfg.max_length,
         "disable_dropout": True,
-        # the reference is the frozen starting model: its log-probabilities once per pair before training, not
-        # again at every step (the same values; no second model in memory); FSDP keeps TRL's per-step default
-        "precompute_ref_log_probs": not _sharding_arguments(cfg),
+        "precompute_ref_log_probs": not _sharding_arguments(cfg) and _trains_on_every_row(cfg, rows),
         **cfg.trainer_args,
     })
     try:

@@ -1,7 +1,8 @@
 """The transfer sweep flow on a real Prefect server and the real default model, at the smallest scale: two
 methods (MPO, SimPO) x clean and noisy labels x one seed on a dozen official quadruples. The shared stages run once,
 the noisy pairs run reruns pair and filter only, every cell skips the shared stages and runs train and
-evaluate; the benchmark's table and last line come out of the cells' eval artifacts."""
+evaluate, in two lanes side by side whose stages run in child processes; the benchmark's table and last line
+come out of the cells' eval artifacts."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def test_sweep_shares_stages_and_feeds_the_table(use_server, tmp_path, shared_da
     # verdict; the un-aligned model fails MPO's premise (this test is about plumbing, not about safety)
     overrides = ["filter.max_length_ratio=1000.0", "reference.min_safe_share=0.0"]
     evals = transfer_sweep(sweep_dir=str(sweep_dir), config=str(recipe), methods=methods, noise_levels=noise,
-                           seeds=seeds, overrides=overrides)
+                           seeds=seeds, overrides=overrides, workers=2)
     cells = sweep_cells(methods, noise, seeds)
     assert set(evals) == {"starting"} | {c.name for c in cells}
 
@@ -44,6 +45,7 @@ def test_sweep_shares_stages_and_feeds_the_table(use_server, tmp_path, shared_da
         statuses = RunFolder(root / cell.name).stage_statuses()
         assert {s: statuses[s] for s in SHARED} == dict.fromkeys(SHARED, "skipped"), cell.name
         assert statuses["train"] == statuses["evaluate"] == "ran"
+        assert (root / cell.name / "train" / "model" / "model.safetensors").is_file()
 
     rows = {(c.method, c.noise, c.seed): read_artifact(evals[c.name], "eval").to_pylist() for c in cells}
     assert all({r["model"] for r in cell_rows} <= {"trained", "reference"} for cell_rows in rows.values())
