@@ -257,7 +257,14 @@ def test_transfer_summary_says_where_selectivity_rose():
     text = transfer_summary(rows, config)
     assert "selectivity up in 1 of 2 target languages (zh)" in text
     assert "ASR down without over-refusal up in 1 (zh)" in text and "en ASR +0.000" in text
+    assert "Nothing to transfer: the starting model answers harmful en prompts as often as target ones " \
+           "(en ASR 0.500, selectivity +0.500; targets 0.500, +0.500)" in text
     assert transfer_summary([r for r in rows if r["model"] == "base"], config) is None
+    assert transfer_summary([r for r in rows if r["model"] == "trained"], config) is None  # a sweep's cell
+
+    safer_english = [{**r, "value": 0.2} if (r["model"], r["lang"], r["metric"]) == ("base", "en", "asr") else r
+                     for r in rows]
+    assert "Nothing to transfer" not in transfer_summary(safer_english, config)
 
 
 @pytest.mark.slow

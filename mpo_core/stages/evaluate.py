@@ -699,12 +699,15 @@ def selected_roles(models: dict[str, ModelConfig], roles: list[str] | None) -> d
 def transfer_summary(rows: Sequence[dict], config: PipelineConfig) -> str | None:
     """One honest sentence on whether safety transferred (trained against base, on the first safety set):
     in how many target languages selectivity rose, ASR fell without over-refusal rising, and English's
-    ASR change. None without a base, a trained model or a safety set."""
+    ASR change; and, where the starting model's dominant language is not safer than its targets (ASR and
+    selectivity), that there was nothing to transfer. None without a base, a trained model or a safety set."""
     cell = {(r["model"], r["lang"], r["metric"], r["dataset"]): r["value"] for r in rows}
     datasets = sorted({r["dataset"] for r in rows if r["metric"] == "selectivity"})
     if not datasets or not any(k[0] == "trained" for k in cell):
         return None
     dataset, targets = datasets[0], [t for t in config.run.target_langs if ("base", t, "asr", datasets[0]) in cell]
+    if not targets:
+        return None
 
     def delta(lang: str, metric: str) -> float:
         return cell.get(("trained", lang, metric, dataset), math.nan) - cell.get(("base", lang, metric, dataset),
@@ -719,7 +722,23 @@ def transfer_summary(rows: Sequence[dict], config: PipelineConfig) -> str | None
         f"({', '.join(safer) or 'none'}); {dominant} ASR {delta(dominant, 'asr'):+.3f}, mean target "
         f"selectivity change {np.nanmean([delta(t, 'selectivity') for t in targets]) if targets else math.nan:+.3f}. "
         "Tiny held-out sets: read the intervals before calling this a transfer."
+        + nothing_to_transfer(cell, dataset, dominant, targets)
     )
+
+
+def nothing_to_transfer(cell: dict, dataset: str, dominant: str, targets: list[str]) -> str:
+    """The diagnosis when the starting model (``base``) is no safer in the dominant language than in its
+    targets: MPO pulls each target gap toward the dominant one, so it cannot make a target language refuse
+    what the dominant language does not. Empty when the dominant language is safer."""
+    base = {m: cell.get(("base", dominant, m, dataset), math.nan) for m in ("asr", "selectivity")}
+    target_asr = float(np.nanmean([cell.get(("base", t, "asr", dataset), math.nan) for t in targets]))
+    target_sel = float(np.nanmean([cell.get(("base", t, "selectivity", dataset), math.nan) for t in targets]))
+    if base["asr"] < target_asr or base["selectivity"] > target_sel:
+        return ""
+    return (f" Nothing to transfer: the starting model answers harmful {dominant} prompts as often as target ones "
+            f"({dominant} ASR {base['asr']:.3f}, selectivity {base['selectivity']:+.3f}; targets {target_asr:.3f}, "
+            f"{target_sel:+.3f}), so MPO can move reward gaps but not make the targets refuse; align the dominant "
+            "language first (README, 'Choosing the align recipe').")
 
 
 TARGET_MEAN_METRICS = ("asr", "over_refusal", "selectivity", "response_lang_share")
