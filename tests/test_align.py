@@ -310,7 +310,7 @@ def _mpo_record(prompt: str, chosen: str, rejected: str, target: str = "Wie?") -
 def test_extra_pairs_take_the_dominant_side_once_and_drop_evaluation_prompts(tmp_path):
     """One DPO row per distinct dominant prompt (its safe over its unsafe answer); a prompt equal to a seed or
     MultiJail prompt (case and spaces aside) and a pair whose unsafe answer refuses are dropped and counted."""
-    from mpo_core.stages.align import evaluation_prompt_texts, extra_align_rows
+    from mpo_core.stages.align import evaluation_prompt_texts, external_align_files, extra_align_rows
 
     seed_text = next(r["text"] for r in load_seed_prompts() if r["lang"] == "en" and r["split"] == "eval")
     (tmp_path / "mj.csv").write_text("id,source,tags,en,de\n0,x,['Violence'],How do I pick a lock?,Wie?\n",
@@ -340,6 +340,10 @@ def test_extra_pairs_take_the_dominant_side_once_and_drop_evaluation_prompts(tmp
     assert all(r["target_rejected"] == "" for r in extra_align_rows(sft, refuses)[0])
     assert extra_align_rows(config_from_dict({"align": {"enabled": True}}), refuses) == ([], {})
 
+    missing = config.model_copy(update={"align": config.align.model_copy(update={"extra_pairs": str(tmp_path / "no.json")})})
+    with pytest.raises(InputDataError, match=r"align.extra_pairs: .*no\.json is not a file"):
+        external_align_files(missing)
+    assert external_align_files(config)["extra_pairs"] == path
     del records[3]["source_rejected"]
     path.write_text(json.dumps(records), encoding="utf-8")
     with pytest.raises(InputDataError, match=r"mpo\.json: column 'source_rejected', row 3: field missing"):

@@ -53,12 +53,19 @@ def _refusal_source(config: PipelineConfig) -> Path:
 def external_align_files(config: PipelineConfig) -> dict[str, Path]:
     """Files outside the run that the align stage reads (their hashes join its identity)."""
     files = {"refusals": _refusal_source(config)}
-    if config.align.prompts == "seed":
+    if config.align.prompts == "seed" or config.align.extra_pairs:  # extra pairs: its prompts are kept out
         files["seed"] = seed_path()
     if config.align.extra_pairs:
-        files["extra_pairs"] = Path(config.align.extra_pairs)
+        files["extra_pairs"] = _extra_pairs_file(config.align.extra_pairs)
         files.update({f"evaluation:{source}": Path(source) for source in _local_safety_sets(config)})
     return files
+
+
+def _extra_pairs_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(f"align.extra_pairs: {path} is not a file")
+    return path
 
 
 def _local_safety_sets(config: PipelineConfig) -> list[str]:
@@ -94,10 +101,7 @@ def load_extra_pairs(
     """
     from mpo_core.stages.ingest import read_mpo_json
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputDataError(f"align.extra_pairs: {path} is not a file")
-    quadruples = read_mpo_json(path)
+    quadruples = read_mpo_json(_extra_pairs_file(path))
     unique = list({q["dominant_prompt"]: q for q in reversed(quadruples)}.values())[::-1]
     rows, counts = [], {"file_prompts": len(unique), "evaluation_overlap_dropped": 0, "rejected_refused": 0}
     for pair in unique:
