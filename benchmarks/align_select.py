@@ -27,12 +27,21 @@ import pyarrow as pa
 
 from mpo_core.plumbing.config import PipelineConfig, load_config
 from mpo_core.plumbing.seed import load_seed_prompts
-from mpo_core.stages.align import align_train_config, build_align_rows, load_refusals, validation_split
+from mpo_core.stages.align import (
+    align_train_config,
+    build_align_rows,
+    extra_align_rows,
+    load_refusals,
+    validation_split,
+)
 from mpo_core.stages.evaluate import PromptSet, evaluate_model, seed_holdout, summary_rows
 from mpo_core.stages.label import RefusalPatternJudge
 from mpo_core.stages.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+MPO_PAIRS = str(SHARED_DATA / "mpo_official" / "llama_mpo_data.json")  # 100 English harmful prompts
+MULTIJAIL = SHARED_DATA / "multijail" / "MultiJail.csv"  # its English prompts are kept out of extra pairs
 
 # name -> align overrides (on top of --config's align section)
 CANDIDATES: dict[str, dict] = {
@@ -48,6 +57,11 @@ CANDIDATES: dict[str, dict] = {
     "dpo_24_lr1e-4": {"method": "dpo", "beta": 0.1, "learning_rate": 1e-4, "max_steps": 24, "save_steps": 24},
     "dpo_sft_24": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 24, "save_steps": 24,
                    "sft_weight": 1.0},
+    # + the MPO paper's English pairs (align.extra_pairs): about 45 + 97 rows, each seen about once at batch 8
+    "dpo_extra_18": {"method": "dpo", "beta": 0.1, "learning_rate": 5e-5, "max_steps": 18, "save_steps": 18,
+                     "extra_pairs": MPO_PAIRS},
+    "dpo_extra_18_lr1e-4": {"method": "dpo", "beta": 0.1, "learning_rate": 1e-4, "max_steps": 18,
+                            "save_steps": 18, "extra_pairs": MPO_PAIRS},
 }
 METRICS = ("asr", "over_refusal", "selectivity", "response_lang_share")
 
@@ -71,10 +85,14 @@ def train_candidate(config: PipelineConfig, harmful: list[dict], benign: list[di
     """Align ``config.model`` on ``harmful``/``benign`` as the align stage does; (model, row counts, seconds)."""
     judge = RefusalPatternJudge()
     lang = config.run.dominant_lang
-    rows, counts = build_align_rows(
-        harmful, benign, answers, load_refusals(config.align.refusals), config.align.method,
-        is_refusal=lambda text: judge.judge_one(text, lang).verdict == "refusal", seed=config.run.seed,
-    )
+    def is_refusal(text: str) -> bool:
+        return judge.judge_one(text, lang).verdict == "refusal"
+
+    rows, counts = build_align_rows(harmful, benign, answers, load_refusals(config.align.refusals),
+                                    config.align.method, is_refusal=is_refusal, seed=config.run.seed)
+    extra_rows, extra_counts = extra_align_rows(config, is_refusal, [MULTIJAIL] if MULTIJAIL.is_file() else [])
+    rows += extra_rows
+    counts = {**counts, **{f"extra_{k}": v for k, v in extra_counts.items()}}
     start = time.perf_counter()
     model = fit(align_train_config(config), config.model, pa.Table.from_pylist(rows), None, out_dir, {})
     return model, counts, time.perf_counter() - start

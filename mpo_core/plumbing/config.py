@@ -550,7 +550,8 @@ class AlignConfig(Section):
     benign ones with the starting model's own greedy answer (``sft``); ``dpo`` also makes preference pairs
     (harmful: refusal over the model's answer; benign: the model's answer over a refusal). ``prompts``:
     ``run`` takes the run's prompts, ``seed`` every train-split prompt of the packaged seed set.
-    ``refusals``: a file of refusals, one a line, or ``None`` for the packaged set.
+    ``refusals``: a file of refusals, one a line, or ``None`` for the packaged set. ``extra_pairs``: more
+    harmful dominant-language prompts with a real safe and unsafe answer from an MPO-format file.
     """
 
     enabled: bool = Field(False, description="Run the align stage: make the dominant language safe first.")
@@ -566,6 +567,12 @@ class AlignConfig(Section):
         None,
         description="File of refusals, one a line (or HH-RLHF JSONL); None: the packaged set.",
     )
+    extra_pairs: str | None = Field(
+        None,
+        description="MPO-format JSON (mpo_official): its dominant-side pairs (prompt, source_chosen over "
+        "source_rejected) join align's data; prompts equal to a seed or MultiJail prompt are dropped. None: none.",
+    )
+    max_extra_pairs: int | None = Field(default=None, ge=1, description="Most extra pairs used; None: all.")
     max_harmful: int | None = Field(default=None, ge=1, description="Most harmful prompts used; None: all.")
     max_benign: int | None = Field(default=None, ge=1, description="Most benign prompts used; None: all.")
     answer_max_new_tokens: int = Field(

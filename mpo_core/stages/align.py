@@ -10,6 +10,11 @@ MPO assumes the reference already prefers the safe answer in the dominant langua
   the final assistant turns of ``chosen`` that the refusal-pattern judge calls refusals). Benign prompts get
   the starting model's own greedy answer, so helpfulness is kept; an answer that is itself a refusal is
   left out (it would teach refusing benign prompts).
+- ``align.extra_pairs``: more harmful dominant-language prompts from an MPO-format file (the paper's
+  ``mpo_official`` quadruples, deduplicated by dominant prompt): its real safe answer ``source_chosen`` over
+  its real unsafe one ``source_rejected`` (an off-policy pair, but a real unsafe answer the model's own would
+  only approximate, and no generation time). A prompt equal (case and spaces aside) to a seed prompt or a
+  prompt of a local ``evaluate.safety_sets`` file is dropped, counted in the record.
 - ``align.method: sft``: supervised fine-tuning on (prompt, target) through the project's trainer (TRL SFT,
   completion-only loss). ``dpo``: TRL DPO on preference pairs, harmful: refusal over the model's own
   answer; benign: the model's answer over a refusal (against over-refusal).
@@ -48,9 +53,69 @@ def _refusal_source(config: PipelineConfig) -> Path:
 def external_align_files(config: PipelineConfig) -> dict[str, Path]:
     """Files outside the run that the align stage reads (their hashes join its identity)."""
     files = {"refusals": _refusal_source(config)}
-    if config.align.prompts == "seed":
+    if config.align.prompts == "seed" or config.align.extra_pairs:  # extra pairs: its prompts are kept out
         files["seed"] = seed_path()
+    if config.align.extra_pairs:
+        files["extra_pairs"] = _extra_pairs_file(config.align.extra_pairs)
+        files.update({f"evaluation:{source}": Path(source) for source in _local_safety_sets(config)})
     return files
+
+
+def _extra_pairs_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(f"align.extra_pairs: {path} is not a file")
+    return path
+
+
+def _local_safety_sets(config: PipelineConfig) -> list[str]:
+    return [s for s in config.evaluate.safety_sets if s != "seed" and Path(s).is_file()]
+
+
+def normalized_prompt(text: str) -> str:
+    """``text`` case-folded with runs of white space made one space: the key two prompts are equal on."""
+    return " ".join(text.split()).casefold()
+
+
+def evaluation_prompt_texts(config: PipelineConfig, sources: list[str | Path] = ()) -> set[str]:
+    """Normalised dominant-language texts of every prompt align must never train on: the packaged seed set
+    (all splits), the local files of ``evaluate.safety_sets`` and ``sources`` (e.g. MultiJail's CSV)."""
+    from mpo_core.stages.evaluate import ingest_prompt_set
+
+    lang = config.run.dominant_lang
+    rows = load_seed_prompts()
+    for source in [*_local_safety_sets(config), *map(str, sources)]:
+        rows += ingest_prompt_set(config, source)
+    return {normalized_prompt(r["text"]) for r in rows if r["lang"] == lang}
+
+
+def load_extra_pairs(
+    path: str | Path, excluded: set[str], *, is_refusal: Any, limit: int | None = None
+) -> tuple[list[dict], dict[str, int]]:
+    """Align rows (``kind`` ``extra``) from the dominant side of an MPO-format file, and their counts.
+
+    One row per distinct dominant prompt: ``source_chosen`` over ``source_rejected``. Dropped and counted: a
+    prompt whose normalised text is in ``excluded`` (an evaluation prompt) and a pair whose rejected answer
+    itself refuses (nothing to prefer). At most ``limit`` rows, in file order. A malformed file is an
+    :class:`InputDataError` naming file, field and row (:func:`mpo_core.stages.ingest.read_mpo_json`).
+    """
+    from mpo_core.stages.ingest import read_mpo_json
+
+    quadruples = read_mpo_json(_extra_pairs_file(path))
+    unique = list({q["dominant_prompt"]: q for q in reversed(quadruples)}.values())[::-1]
+    rows, counts = [], {"file_prompts": len(unique), "evaluation_overlap_dropped": 0, "rejected_refused": 0}
+    for pair in unique:
+        if limit is not None and len(rows) >= limit:
+            break
+        if normalized_prompt(pair["dominant_prompt"]) in excluded:
+            counts["evaluation_overlap_dropped"] += 1
+        elif not pair["dominant_rejected"].strip() or is_refusal(pair["dominant_rejected"]):
+            counts["rejected_refused"] += 1
+        else:
+            rows.append({"kind": "extra", "target_prompt": pair["dominant_prompt"],
+                         "target_chosen": pair["dominant_chosen"], "target_rejected": pair["dominant_rejected"]})
+    counts["extra"] = len(rows)
+    return rows, counts
 
 
 def _last_assistant_turn(dialogue: str) -> str:
@@ -167,6 +232,21 @@ def align_train_config(config: PipelineConfig) -> PipelineConfig:
     return config.model_copy(update={"train": train})
 
 
+def extra_align_rows(
+    config: PipelineConfig, is_refusal: Any, sources: list[str | Path] = ()
+) -> tuple[list[dict], dict[str, int]]:
+    """The ``align.extra_pairs`` rows (none when unset) and their counts; ``sources``: more evaluation prompt
+    files whose prompts are kept out (see :func:`evaluation_prompt_texts`). SFT keeps only the chosen answer."""
+    cfg = config.align
+    if not cfg.extra_pairs:
+        return [], {}
+    rows, counts = load_extra_pairs(cfg.extra_pairs, evaluation_prompt_texts(config, sources),
+                                    is_refusal=is_refusal, limit=cfg.max_extra_pairs)
+    if cfg.method == "sft":
+        rows = [{**r, "target_rejected": ""} for r in rows]
+    return rows, counts
+
+
 def own_answers(config: PipelineConfig, prompts: list[dict]) -> dict[str, str]:
     """The starting model's greedy answer to each prompt, by prompt id."""
     from mpo_core.stages.generate import generate_responses
@@ -187,10 +267,13 @@ def run_align(stage: StageRun) -> dict[str, Artifact]:
     answers = own_answers(config, answer_prompts)
     judge = RefusalPatternJudge()
     lang = config.run.dominant_lang
+    is_refusal = lambda text: judge.judge_one(text, lang).verdict == "refusal"
     rows, counts = build_align_rows(
         harmful, benign, answers, load_refusals(_refusal_source(config)), config.align.method,
-        is_refusal=lambda text: judge.judge_one(text, lang).verdict == "refusal", seed=config.run.seed,
+        is_refusal=is_refusal, seed=config.run.seed,
     )
+    extra_rows, extra_counts = extra_align_rows(config, is_refusal)
+    rows += extra_rows
     with open(out_dir / ALIGN_DATA, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     table = pa.Table.from_pylist(rows)
@@ -199,6 +282,7 @@ def run_align(stage: StageRun) -> dict[str, Artifact]:
         "prompts": config.align.prompts,
         "refusals": str(_refusal_source(config).name),
         "rows": counts,
+        **({"extra_pairs": {"file": Path(config.align.extra_pairs).name, **extra_counts}} if extra_counts else {}),
         "learning_rate": config.align.learning_rate,
         "max_steps": config.align.max_steps,
         "batch_size": config.align.per_device_batch_size,
