@@ -9,6 +9,9 @@ last line printed::
 
     mpo_drop_clean=<a> dpo_drop_clean=<b> mpo_drop_noisy=<c> dpo_drop_noisy=<d> english_change_mpo=<e> ...
 
+The shared align adds the paper's English pairs (``--align-extra-pairs``, README "More English align data"): the
+recipe that makes English safer than its targets, so there is something to transfer.
+
 Evaluation (held out, greedy, the recipe's judge): the seed hold-out (harmful and benign) and MultiJail
 harmful prompts, per language; ``ja`` is not among the default target languages here because MultiJail has
 no Japanese (it would get fewer than 20 harmful prompts). Budget: see README (benchmarks) for the measured
@@ -59,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=8, help="optimizer steps per cell (batch 2)")
     parser.add_argument("--eval-tokens", type=int, default=12,
                         help="greedy tokens per evaluation answer (a refusal shows in the first few)")
+    parser.add_argument("--align-extra-pairs", default=str(SHARED / "mpo_official" / "llama_mpo_data.json"),
+                        help="align.extra_pairs of the shared align (the paper's English pairs: the recipe that "
+                             "makes English safe, README 'More English align data'); '' for the default recipe's")
+    parser.add_argument("--align-steps", type=int, default=18,
+                        help="align.max_steps with --align-extra-pairs (each of about 140 rows seen once at batch 8)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="lanes of cells side by side, each stage in its own process (1: in this process)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key.sub=value")
@@ -68,7 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sweep_overrides(args: argparse.Namespace) -> list[str]:
     """The recipe's changes for the benchmark: languages, set sizes, step budget, evaluation sets."""
     safety_sets = ["seed"] + ([f"'{args.multijail}'"] if args.multijail else [])
+    align = ([f"align.extra_pairs='{args.align_extra_pairs}'", f"align.max_steps={args.align_steps}",
+              f"align.save_steps={args.align_steps}"] if args.align_extra_pairs else [])
     return [
+        *align,
         f"run.target_langs=[{args.target_langs}]",
         f"prompts.limit={args.prompts_limit}",
         f"train.max_steps={args.train_steps}",
@@ -170,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = sorted({f"{r['lang']}/{r['metric']}/{r['dataset']}: n={r['n']}" for r in starting
                     if r["model"] == "base" and r["metric"] in ("asr", "over_refusal", "reward_gap")})
     load = os.getloadavg()
-    align = (f"{config.align.method}, {config.align.max_steps} steps, lr {config.align.learning_rate}"
+    extra = f", + the English pairs of {Path(config.align.extra_pairs).name}" if config.align.extra_pairs else ""
+    align = (f"{config.align.method}, {config.align.max_steps} steps, lr {config.align.learning_rate}{extra}"
              if config.align.enabled else "off")
     meta = [
         (f"- cells: methods {args.methods} x noise {args.noise} x seeds {args.seeds} "
