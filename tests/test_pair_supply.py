@@ -68,3 +68,22 @@ def test_report_reads_the_log_history_saved_beside_the_trained_model(tmp_path):
     (model / LOG_HISTORY).write_text(json.dumps(history), encoding="utf-8")
     curve = pipeline_meta({"checkpoint": model})["training curve (first -> last logged step)"]
     assert curve == "steps 1 -> 2: loss +2.000 -> +1.000, l1 +1.500 -> +0.500"
+
+
+def test_report_says_what_align_trained_on_extra_pairs_included(tmp_path):
+    from mpo_core.stages.train import TRAIN_INFO
+
+    aligned = tmp_path / "align" / "model"
+    aligned.mkdir(parents=True)
+    record = {"method": "dpo", "rows": {"harmful": 38, "benign": 20, "benign_answer_refused": 0},
+              "extra_pairs": {"file": "llama_mpo_data.json", "file_prompts": 100, "evaluation_overlap_dropped": 1,
+                              "rejected_refused": 3, "extra": 96}}
+    (aligned / TRAIN_INFO).write_text(json.dumps({"global_step": 18, "align": record}), encoding="utf-8")
+    line = pipeline_meta({"aligned": aligned})["align (raw -> base)"]
+    assert line == ("method=dpo, global_step=18; trained on 38 harmful prompts -> refusals, 20 benign prompts -> "
+                    "own answers (0 benign answers that refused left out), 96 harmful prompts of llama_mpo_data.json "
+                    "-> their safe answer over their unsafe one (1 equal to an evaluation prompt and 3 whose unsafe "
+                    "answer refuses left out)")
+    del record["extra_pairs"]
+    (aligned / TRAIN_INFO).write_text(json.dumps({"global_step": 18, "align": record}), encoding="utf-8")
+    assert pipeline_meta({"aligned": aligned})["align (raw -> base)"].endswith("(0 benign answers that refused left out)")

@@ -796,11 +796,14 @@ def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
 
     meta = {}
     if "aligned" in inputs and (record := align_record(inputs["aligned"])):
-        rows = record.pop("rows", {})
+        rows, extra = record.pop("rows", {}), record.pop("extra_pairs", None)
         meta["align (raw -> base)"] = (
             ", ".join(f"{k}={v}" for k, v in record.items())
             + f"; trained on {rows.get('harmful', 0)} harmful prompts -> refusals, {rows.get('benign', 0)} benign "
             f"prompts -> own answers ({rows.get('benign_answer_refused', 0)} benign answers that refused left out)"
+            + (f", {extra.get('extra', 0)} harmful prompts of {extra.get('file')} -> their safe answer over their "
+               f"unsafe one ({extra.get('evaluation_overlap_dropped', 0)} equal to an evaluation prompt and "
+               f"{extra.get('rejected_refused', 0)} whose unsafe answer refuses left out)" if extra else "")
         )
     if "filtered" in inputs and "translated" in inputs:
         meta["pairs after the filter (train / held-out; training pairs rejecting the raw model's answer)"] = (
