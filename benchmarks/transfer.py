@@ -67,8 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "makes English safe, README 'More English align data'); '' for the default recipe's")
     parser.add_argument("--align-steps", type=int, default=18,
                         help="align.max_steps with --align-extra-pairs (each of about 140 rows seen once at batch 8)")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="lanes of cells side by side, each stage in its own process (1: in this process)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="lanes of cells side by side, each stage in its own process (1: in this process; "
+                             "2 lanes on 2 cores measured no faster, README)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key.sub=value")
     return parser.parse_args(argv)
 
