@@ -40,6 +40,7 @@ from mpo_core.plumbing.config import PipelineConfig, TrainConfig
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.plumbing.seed import load_seed_prompts, seed_path
 from mpo_core.plumbing.stage_run import Artifact, StageRun
+from mpo_core.stages.ingest import ingest_prompt_set, read_mpo_json
 
 PACKAGED_REFUSALS = Path(__file__).resolve().parents[1] / "data" / "refusals_en.txt"
 ALIGN_DATA = "align_data.jsonl"
@@ -80,8 +81,6 @@ def normalized_prompt(text: str) -> str:
 def evaluation_prompt_texts(config: PipelineConfig, sources: list[str | Path] = ()) -> set[str]:
     """Normalised dominant-language texts of every prompt align must never train on: the packaged seed set
     (all splits), the local files of ``evaluate.safety_sets`` and ``sources`` (e.g. MultiJail's CSV)."""
-    from mpo_core.stages.evaluate import ingest_prompt_set
-
     lang = config.run.dominant_lang
     rows = load_seed_prompts()
     for source in [*_local_safety_sets(config), *map(str, sources)]:
@@ -99,8 +98,6 @@ def load_extra_pairs(
     itself refuses (nothing to prefer). At most ``limit`` rows, in file order. A malformed file is an
     :class:`InputDataError` naming file, field and row (:func:`mpo_core.stages.ingest.read_mpo_json`).
     """
-    from mpo_core.stages.ingest import read_mpo_json
-
     quadruples = read_mpo_json(_extra_pairs_file(path))
     unique = list({q["dominant_prompt"]: q for q in reversed(quadruples)}.values())[::-1]
     rows, counts = [], {"file_prompts": len(unique), "evaluation_overlap_dropped": 0, "rejected_refused": 0}

@@ -38,7 +38,7 @@ from mpo_core.common.langid import identify
 from mpo_core.common.verdicts import is_attack_success, is_refusal
 from mpo_core.method.premise import held_out_prompt_ids
 from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
-from mpo_core.plumbing.config import LabelConfig, ModelConfig, PipelineConfig, PromptsConfig
+from mpo_core.plumbing.config import LabelConfig, ModelConfig, PipelineConfig
 from mpo_core.plumbing.errors import ConfigError, InputDataError
 from mpo_core.plumbing.progress import phase, round_seconds
 from mpo_core.plumbing.seed import load_seed_prompts
@@ -55,7 +55,13 @@ from mpo_core.results.metrics import (
 from mpo_core.results.report import write_report
 from mpo_core.results.stage_results import read_log_history, training_curve
 from mpo_core.stages.align import align_record
-from mpo_core.stages.ingest import load_pairs, load_prompts, read_csv_records, read_json_lines, read_text
+from mpo_core.stages.ingest import (
+    ingest_prompt_set,
+    load_pairs,
+    read_csv_records,
+    read_json_lines,
+    read_text,
+)
 
 if TYPE_CHECKING:
     from mpo_core.stages.generate import GenerationBackend
@@ -63,8 +69,6 @@ if TYPE_CHECKING:
 
 SEED_SET = "seed"
 MGSM_HUB_ID = "juletxara/mgsm"
-MULTIJAIL_HUB_ID = "DAMO-NLP-SG/MultiJail"
-MULTIJAIL_HUB_SOURCE = "hf://DAMO-NLP-SG/MultiJail/MultiJail.csv"
 MGSM_LANGS = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
 REFUSAL_JUDGE = "refusal_patterns"
 Key = tuple[str, str, str]  # (lang, metric, dataset)
@@ -135,14 +139,6 @@ def seed_holdout(translated: pa.Table | None) -> list[dict]:
     else:
         rows = translated.to_pylist()
     return [r for r in rows if r["split"] == "eval"]
-
-
-def ingest_prompt_set(config: PipelineConfig, source: str) -> list[dict]:
-    """A prompt set (MultiJail CSV, any prompt file, ``hf://`` source or the MultiJail hub id) read by the
-    ingest loader; every row is used, whatever its split."""
-
-    source = MULTIJAIL_HUB_SOURCE if source == MULTIJAIL_HUB_ID else source
-    return load_prompts(PromptsConfig(source=source), seed=config.run.seed).to_pylist()
 
 
 def dataset_name(source: str) -> str:

@@ -43,6 +43,9 @@ from mpo_core.plumbing.schemas import PAIRS, PROMPTS
 from mpo_core.plumbing.seed import load_seed_prompts, seed_path
 from mpo_core.plumbing.stage_run import Artifact, StageRun
 
+MULTIJAIL_HUB_ID = "DAMO-NLP-SG/MultiJail"
+MULTIJAIL_HUB_SOURCE = "hf://DAMO-NLP-SG/MultiJail/MultiJail.csv"
+
 HUB_PREFIX = "hf://"
 _MPO_FIELDS = ("source_conversations", "source_chosen", "source_rejected",
                "target_conversations", "target_chosen", "target_rejected")
@@ -617,6 +620,14 @@ def _first_prompt_ids(rows: list[dict], limit: int) -> list[str]:
             ids.append(row["prompt_id"])
     interleaved = [pid for pair in zip_longest(groups[True], groups[False]) for pid in pair if pid is not None]
     return interleaved[:limit]
+
+
+def ingest_prompt_set(config: PipelineConfig, source: str) -> list[dict]:
+    """A prompt set (MultiJail CSV, any prompt file, ``hf://`` source or the MultiJail hub id) read by the
+    ingest loader; every row is used, whatever its split."""
+
+    source = MULTIJAIL_HUB_SOURCE if source == MULTIJAIL_HUB_ID else source
+    return load_prompts(PromptsConfig(source=source), seed=config.run.seed).to_pylist()
 
 
 def load_prompts(cfg: PromptsConfig, seed: int = 0) -> pa.Table:
