@@ -32,10 +32,10 @@ from mpo_core.stages.align import (
     build_align_rows,
     extra_align_rows,
     load_refusals,
+    refusal_check,
     validation_split,
 )
 from mpo_core.stages.evaluate import PromptSet, evaluate_model, seed_holdout, summary_rows
-from mpo_core.stages.label import RefusalPatternJudge
 from mpo_core.stages.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,11 +83,7 @@ def own_answers_cached(config: PipelineConfig, prompts: list[dict], cache: Path)
 def train_candidate(config: PipelineConfig, harmful: list[dict], benign: list[dict], answers: dict[str, str],
                     out_dir: Path) -> tuple[Path, dict[str, int], float]:
     """Align ``config.model`` on ``harmful``/``benign`` as the align stage does; (model, row counts, seconds)."""
-    judge = RefusalPatternJudge()
-    lang = config.run.dominant_lang
-    def is_refusal(text: str) -> bool:
-        return judge.judge_one(text, lang).verdict == "refusal"
-
+    is_refusal = refusal_check(config.run.dominant_lang)
     rows, counts = build_align_rows(harmful, benign, answers, load_refusals(config.align.refusals),
                                     config.align.method, is_refusal=is_refusal, seed=config.run.seed)
     extra_rows, extra_counts = extra_align_rows(config, is_refusal, [MULTIJAIL] if MULTIJAIL.is_file() else [])

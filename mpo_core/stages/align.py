@@ -31,11 +31,13 @@ import gzip
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from mpo_core.common import verdicts
 from mpo_core.plumbing.config import PipelineConfig, TrainConfig
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.plumbing.seed import load_seed_prompts, seed_path
@@ -115,6 +117,15 @@ def load_extra_pairs(
     return rows, counts
 
 
+def refusal_check(lang: str) -> Callable[[str], bool]:
+    """Whether a ``lang`` text is a refusal by the refusal-pattern judge: what align keeps as a refusal and
+    keeps out as a benign or unsafe answer."""
+    from mpo_core.stages.label import RefusalPatternJudge
+
+    judge = RefusalPatternJudge()
+    return lambda text: verdicts.is_refusal(judge.judge_one(text, lang).verdict)
+
+
 def _last_assistant_turn(dialogue: str) -> str:
     return dialogue.rsplit("\n\nAssistant:", 1)[-1].strip()
 
@@ -125,9 +136,7 @@ def load_refusals(path: str | Path | None = None) -> list[str]:
     if not path.is_file():
         raise InputDataError(f"align.refusals: {path} is not a file")
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        from mpo_core.stages.label import RefusalPatternJudge
-
-        judge = RefusalPatternJudge()
+        refuses = refusal_check("en")
         opener = gzip.open if path.suffix == ".gz" else open
         texts = []
         with opener(path, "rt", encoding="utf-8") as fh:
@@ -139,7 +148,7 @@ def load_refusals(path: str | Path | None = None) -> list[str]:
                 answer = re.sub(r"\s+", " ", _last_assistant_turn(chosen))
                 if "Human:" in answer or not 0 < len(answer) <= HH_MAX_REFUSAL_CHARS:
                     continue  # a dialogue ending on the human's turn, or a long answer
-                if judge.judge_one(answer, "en").verdict == "refusal":
+                if refuses(answer):
                     texts.append(answer)
     else:
         texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -255,16 +264,13 @@ def own_answers(config: PipelineConfig, prompts: list[dict]) -> dict[str, str]:
 
 def run_align(stage: StageRun) -> dict[str, Artifact]:
     """Stage ``align``: ``translated`` -> ``aligned`` (a checkpoint folder), resumable like training."""
-    from mpo_core.stages.label import RefusalPatternJudge
     from mpo_core.stages.train import fit
 
     config, out_dir = stage.config, stage.out_dir
     harmful, benign = align_prompts(config, stage.inputs.table("translated"))
     answer_prompts = benign + (harmful if config.align.method == "dpo" else [])
     answers = own_answers(config, answer_prompts)
-    judge = RefusalPatternJudge()
-    lang = config.run.dominant_lang
-    is_refusal = lambda text: judge.judge_one(text, lang).verdict == "refusal"
+    is_refusal = refusal_check(config.run.dominant_lang)
     rows, counts = build_align_rows(
         harmful, benign, answers, load_refusals(_refusal_source(config)), config.align.method,
         is_refusal=is_refusal, seed=config.run.seed,
