@@ -351,6 +351,9 @@ def test_extra_pairs_take_the_dominant_side_once_and_drop_evaluation_prompts(tmp
     with pytest.raises(InputDataError, match=r"align.extra_pairs: .*no\.json is not a file"):
         external_align_files(missing)
     assert external_align_files(config)["extra_pairs"] == path
+    no_refusals = config.model_copy(update={"align": config.align.model_copy(update={"refusals": str(tmp_path / "r.txt")})})
+    with pytest.raises(InputDataError, match=r"align.refusals: .*r\.txt is not a file"):
+        external_align_files(no_refusals)
     del records[3]["source_rejected"]
     path.write_text(json.dumps(records), encoding="utf-8")
     with pytest.raises(InputDataError, match=r"mpo\.json: column 'source_rejected', row 3: field missing"):

@@ -50,7 +50,7 @@ HH_MAX_REFUSAL_CHARS = 300
 
 
 def _refusal_source(config: PipelineConfig) -> Path:
-    return Path(config.align.refusals) if config.align.refusals else PACKAGED_REFUSALS
+    return _input_file("align.refusals", config.align.refusals) if config.align.refusals else PACKAGED_REFUSALS
 
 
 def external_align_files(config: PipelineConfig) -> dict[str, Path]:
@@ -59,15 +59,17 @@ def external_align_files(config: PipelineConfig) -> dict[str, Path]:
     if config.align.prompts == "seed" or config.align.extra_pairs:  # extra pairs: its prompts are kept out
         files["seed"] = seed_path()
     if config.align.extra_pairs:
-        files["extra_pairs"] = _extra_pairs_file(config.align.extra_pairs)
+        files["extra_pairs"] = _input_file("align.extra_pairs", config.align.extra_pairs)
         files.update({f"evaluation:{source}": Path(source) for source in _local_safety_sets(config)})
     return files
 
 
-def _extra_pairs_file(path: str | Path) -> Path:
+def _input_file(setting: str, path: str | Path) -> Path:
+    """``path`` when it is a file, else an :class:`InputDataError` naming the setting (raised before the stage
+    hashes its inputs, so nothing is written)."""
     path = Path(path)
     if not path.is_file():
-        raise InputDataError(f"align.extra_pairs: {path} is not a file")
+        raise InputDataError(f"{setting}: {path} is not a file")
     return path
 
 
@@ -100,7 +102,7 @@ def load_extra_pairs(
     itself refuses (nothing to prefer). At most ``limit`` rows, in file order. A malformed file is an
     :class:`InputDataError` naming file, field and row (:func:`mpo_core.stages.ingest.read_mpo_json`).
     """
-    quadruples = read_mpo_json(_extra_pairs_file(path))
+    quadruples = read_mpo_json(_input_file("align.extra_pairs", path))
     unique = list({q["dominant_prompt"]: q for q in reversed(quadruples)}.values())[::-1]
     rows, counts = [], {"file_prompts": len(unique), "evaluation_overlap_dropped": 0, "rejected_refused": 0}
     for pair in unique:
