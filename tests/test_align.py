@@ -266,6 +266,7 @@ def test_transfer_summary_says_where_selectivity_rose():
     safer_english = [{**r, "value": 0.2} if (r["model"], r["lang"], r["metric"]) == ("base", "en", "asr") else r
                      for r in rows]
     assert "Nothing to transfer" not in transfer_summary(safer_english, config)
+    assert "Transfer ceiling 0.000 " in text and "Transfer ceiling 0.300 " in transfer_summary(safer_english, config)
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from mpo_core.results.metrics import (
     parse_numbers,
     pick_options,
     summarize_reward_gaps,
+    transfer_ceiling,
 )
 
 MGSM_LANGS = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
@@ -150,3 +151,10 @@ def test_pick_options_takes_argmax_per_question():
         return [scores[(p, r)] for p, r in zip(prompts, responses)]
 
     assert pick_options(["q1", "q2"], [["a", "b", "c"], ["x", "y"]], fake_logps) == [1, 0]
+
+
+def test_transfer_ceiling_counts_only_targets_less_safe_than_the_dominant_language():
+    assert transfer_ceiling(0.6, [0.2, 0.6, 0.9, 1.0, 1.0]) == pytest.approx((0.3 + 0.4 + 0.4) / 5)
+    assert transfer_ceiling(0.6, [0.9, float("nan")]) == pytest.approx(0.3)
+    assert math.isnan(transfer_ceiling(0.6, [])) and math.isnan(transfer_ceiling(float("nan"), [0.9]))
+

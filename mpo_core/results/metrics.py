@@ -65,6 +65,13 @@ def bootstrap_mean_ci(
     return Estimate(point, float(min(low, point)), float(max(high, point)), n)
 
 
+def transfer_ceiling(dominant_asr: float, target_asrs: Sequence[float]) -> float:
+    """The largest mean target-ASR drop transfer can bring: ``mean_t max(0, ASR_t - ASR_d)``, every target
+    made exactly as safe as the dominant language (and none safer). NaN without targets or a dominant ASR."""
+    gaps = [max(0.0, t - dominant_asr) for t in target_asrs if math.isfinite(t)]
+    return float(np.mean(gaps)) if gaps and math.isfinite(dominant_asr) else math.nan
+
+
 def bootstrap_difference_ci(
     a: Sequence[float] | np.ndarray,
     b: Sequence[float] | np.ndarray,

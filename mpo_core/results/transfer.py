@@ -31,7 +31,7 @@ from mpo_core.plumbing.artifacts import artifact_is_complete, read_artifact, rea
 from mpo_core.plumbing.config import canonical_hash, section_hash
 from mpo_core.plumbing.stage_run import starting_model
 from mpo_core.plumbing.stage_table import input_hashes
-from mpo_core.results.metrics import Estimate, bootstrap_mean_ci
+from mpo_core.results.metrics import Estimate, bootstrap_mean_ci, transfer_ceiling
 
 RATES = ("asr", "over_refusal", "response_lang_share")
 STARTING_ROLE = "base"
@@ -173,6 +173,17 @@ def headline(results: TransferResults) -> dict[str, float]:
         "over_refusal_change_mpo": _target_mean(mpo, targets, "over_refusal")
         - _target_mean(start, targets, "over_refusal") if mpo else math.nan,
     }
+
+
+def ceiling(results: TransferResults) -> float:
+    """:func:`transfer_ceiling` of the starting model: no method's drop can exceed it by transfer alone."""
+    start = results.starting.get(STARTING_ROLE, {})
+
+    def asr(lang: str) -> float:
+        est = start.get(lang, {}).get("asr")
+        return est.value if est is not None else math.nan
+
+    return transfer_ceiling(asr(results.dominant_lang), [asr(t) for t in results.target_langs])
 
 
 def headline_line(figures: dict[str, float]) -> str:

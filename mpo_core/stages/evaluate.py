@@ -51,6 +51,7 @@ from mpo_core.results.metrics import (
     parse_gold_answer,
     pick_options,
     summarize_reward_gaps,
+    transfer_ceiling,
 )
 from mpo_core.results.report import write_report
 from mpo_core.results.stage_results import read_log_history, training_curve
@@ -695,8 +696,9 @@ def selected_roles(models: dict[str, ModelConfig], roles: list[str] | None) -> d
 def transfer_summary(rows: Sequence[dict], config: PipelineConfig) -> str | None:
     """One honest sentence on whether safety transferred (trained against base, on the first safety set):
     in how many target languages selectivity rose, ASR fell without over-refusal rising, and English's
-    ASR change; and, where the starting model's dominant language is not safer than its targets (ASR and
-    selectivity), that there was nothing to transfer. None without a base, a trained model or a safety set."""
+    ASR change; the transfer ceiling (:func:`transfer_ceiling` of the starting model); and, where the starting
+    model's dominant language is not safer than its targets (ASR and selectivity), that there was nothing to
+    transfer. None without a base, a trained model or a safety set."""
     cell = {(r["model"], r["lang"], r["metric"], r["dataset"]): r["value"] for r in rows}
     datasets = sorted({r["dataset"] for r in rows if r["metric"] == "selectivity"})
     if not datasets or not any(k[0] == "trained" for k in cell):
@@ -712,12 +714,15 @@ def transfer_summary(rows: Sequence[dict], config: PipelineConfig) -> str | None
     more_selective = [t for t in targets if delta(t, "selectivity") > 0]
     safer = [t for t in targets if delta(t, "asr") < 0 and not delta(t, "over_refusal") > 0]
     dominant = config.run.dominant_lang
+    ceiling = transfer_ceiling(cell.get(("base", dominant, "asr", dataset), math.nan),
+                               [cell[("base", t, "asr", dataset)] for t in targets])
     return (
         f"{dataset}, trained vs base: selectivity up in {len(more_selective)} of {len(targets)} target languages "
         f"({', '.join(more_selective) or 'none'}); ASR down without over-refusal up in {len(safer)} "
         f"({', '.join(safer) or 'none'}); {dominant} ASR {delta(dominant, 'asr'):+.3f}, mean target "
         f"selectivity change {np.nanmean([delta(t, 'selectivity') for t in targets]) if targets else math.nan:+.3f}. "
-        "Tiny held-out sets: read the intervals before calling this a transfer."
+        f"Tiny held-out sets: read the intervals before calling this a transfer. Transfer ceiling {ceiling:.3f} "
+        f"(the mean target ASR drop if every target became as safe as {dominant} in the starting model)."
         + nothing_to_transfer(cell, dataset, dominant, targets)
     )
 
