@@ -34,11 +34,20 @@ from mpo_core.plumbing.sweep import (
     DEFAULT_METHODS,
     DEFAULT_NOISE,
     DEFAULT_SEEDS,
+    METHOD_OVERRIDES,
     SHARED_RUN,
+    Cell,
     runs_root,
     sweep_cells,
 )
-from mpo_core.results.transfer import collect, headline, headline_line, markdown_table, plot_target_asr
+from mpo_core.results.transfer import (
+    ceiling,
+    collect,
+    headline,
+    headline_line,
+    markdown_table,
+    plot_target_asr,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CELLS = sweep_cells(DEFAULT_METHODS, DEFAULT_NOISE, DEFAULT_SEEDS)
@@ -70,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1,
                         help="lanes of cells side by side, each stage in its own process (1: in this process; "
                              "2 lanes on 2 cores measured no faster, README)")
+    parser.add_argument("--method-override", nargs=2, action="append", default=[], metavar=("METHOD", "KEY=VALUE"),
+                        help="an override for one method's cells (repeatable); a method named here drops its "
+                             "defaults (each baseline's own beta, mpo_core.plumbing.sweep.METHOD_OVERRIDES)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key.sub=value")
     return parser.parse_args(argv)
 
@@ -90,6 +102,14 @@ def sweep_overrides(args: argparse.Namespace) -> list[str]:
         f"evaluate.max_new_tokens={args.eval_tokens}",
         *args.overrides,
     ]
+
+
+def method_overrides(args: argparse.Namespace) -> dict[str, list[str]]:
+    """:data:`METHOD_OVERRIDES`, the methods named by ``--method-override`` replaced by what it gives them."""
+    given: dict[str, list[str]] = {}
+    for method, override in args.method_override:
+        given.setdefault(method, []).append(override)
+    return {**METHOD_OVERRIDES, **given}
 
 
 def stage_seconds(runs_dir: Path) -> dict[str, dict[str, float]]:
@@ -166,9 +186,13 @@ def main(argv: list[str] | None = None) -> None:
     sweep_dir = Path(args.root) / args.name
     overrides = sweep_overrides(args)
     config = load_config(args.config, overrides)
+    per_method = method_overrides(args)
+    betas = ", ".join(f"{m} {load_config(args.config, overrides + Cell(m, 0.0, 0).overrides(per_method)).train.beta}"
+                      for m in args.methods if m != "sft")
     started = time.perf_counter()
     evals = transfer_sweep(sweep_dir=str(sweep_dir), config=args.config, overrides=overrides,
-                           methods=args.methods, noise_levels=args.noise, seeds=args.seeds, workers=args.workers)
+                           methods=args.methods, noise_levels=args.noise, seeds=args.seeds, workers=args.workers,
+                           method_overrides=per_method)
     wall = time.perf_counter() - started
 
     cells = {(c.method, c.noise, c.seed): read_artifact(evals[c.name], "eval").to_pylist()
@@ -189,12 +213,15 @@ def main(argv: list[str] | None = None) -> None:
         (f"- cells: methods {args.methods} x noise {args.noise} x seeds {args.seeds} "
         f"({len(cells)} pipeline runs under `{runs_root(sweep_dir)}`, in {min(args.workers, len(cells))} lane(s))"),
         (f"- step budget per cell: train.max_steps={config.train.max_steps}, batch "
-        f"{config.train.per_device_batch_size}, lr {config.train.learning_rate}, beta {config.train.beta}; "
+        f"{config.train.per_device_batch_size}, lr {config.train.learning_rate}, beta: {betas}; "
         f"align (once, shared): {align}"),
+        (f"- transfer ceiling {ceiling(results):.3f}: the mean target ASR drop if every target language became "
+        f"exactly as safe as {config.run.dominant_lang} in the starting model (mean over targets of "
+        f"max(0, ASR_t - ASR_{config.run.dominant_lang})); no drop by transfer exceeds it"),
         f"- judges: {'; '.join(judges)}",
         f"- evaluation sets per model (n per language): {'; '.join(sizes)}",
         ("- intervals: rates pool every prompt of every seed (percentile bootstrap); RG^t averages the seeds' "
-        "values and bounds; abs(beta*RG^t - RG^d) is taken on the language means"),
+        "values and bounds; abs(beta*RG^t - RG^d) is taken on the language means, with MPO's beta for every method"),
         (f"- wall time {wall:.0f} s; load average at the end {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} "
         f"on {os.cpu_count()} cores"),
         "- label noise as applied:",

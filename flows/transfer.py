@@ -75,10 +75,12 @@ class CellProgress:
             get_run_logger().info("cell %s done (%d of %d)", name, self.done, self.total)
 
 
-def run_cell(cell: Cell, sweep_dir: str, config: str, overrides: list[str], pairs_run: str) -> str:
+def run_cell(cell: Cell, sweep_dir: str, config: str, overrides: list[str], pairs_run: str,
+             method_overrides: dict[str, list[str]] | None = None) -> str:
     """One cell: a pipeline run on hard-linked copies of its pairs run; returns its eval artifact's path."""
     logger = get_run_logger()
-    cell_overrides = overrides + cell.overrides() + [CELL_EVAL_ROLES] + run_overrides(sweep_dir, cell.name)
+    cell_overrides = (overrides + cell.overrides(method_overrides) + [CELL_EVAL_ROLES]
+                      + run_overrides(sweep_dir, cell.name))
     folder, _ = open_run(config=config, overrides=cell_overrides)
     linked = link_shared(pairs_run, str(folder.path), shared_stages(folder.load_config()))
     logger.info("cell %s: shared stages %s hard-linked from %s", cell.name, linked, Path(pairs_run).name)
@@ -90,14 +92,16 @@ def run_cell(cell: Cell, sweep_dir: str, config: str, overrides: list[str], pair
 
 @task(name="cell-lane", task_run_name="lane-{lane}", cache_policy=NO_CACHE, persist_result=False)
 def run_lane(lane: int, cells: list[Cell], sweep_dir: str, config: str, overrides: list[str],
-             pairs_runs: dict[str, str], child_threads: int | None, progress: CellProgress) -> dict[str, str]:
+             pairs_runs: dict[str, str], child_threads: int | None, progress: CellProgress,
+             method_overrides: dict[str, list[str]] | None = None) -> dict[str, str]:
     """The lane's cells one after another; with ``child_threads``, every stage in a child process with that
     many torch threads. Returns ``{cell name: eval path}``."""
     launch = stages_launched_by(in_child_process(child_threads)) if child_threads else contextlib.nullcontext()
     results = {}
     with launch:
         for cell in cells:
-            results[cell.name] = run_cell(cell, sweep_dir, config, overrides, pairs_runs[cell.pairs_run])
+            results[cell.name] = run_cell(cell, sweep_dir, config, overrides, pairs_runs[cell.pairs_run],
+                                          method_overrides)
             progress.cell_done(cell.name)
     return results
 
@@ -111,8 +115,12 @@ def transfer_sweep(
     noise_levels: list[float] | None = None,
     seeds: list[int] | None = None,
     workers: int = 1,
+    method_overrides: dict[str, list[str]] | None = None,
 ) -> dict[str, str]:
     """Run the sweep into ``sweep_dir`` and return ``{cell name: eval path, "starting": eval path}``.
+
+    ``method_overrides``: ``key=value`` overrides per training loss, applied after ``overrides`` (default
+    :data:`~mpo_core.plumbing.sweep.METHOD_OVERRIDES`: each baseline at its own beta).
 
     ``workers``: lanes of cells run side by side (each stage of a cell then in its own process with
     ``cpu_count // workers`` torch threads); 1 runs the cells one after another in this process."""
@@ -145,7 +153,7 @@ def transfer_sweep(
                 f", every stage in a child process with {child_threads} thread(s)" if child_threads else "")
     progress = CellProgress(Path(sweep_dir).name, len(cells))
     arguments = {"sweep_dir": sweep_dir, "config": config, "overrides": overrides, "pairs_runs": pairs_runs,
-                 "child_threads": child_threads, "progress": progress}
+                 "child_threads": child_threads, "progress": progress, "method_overrides": method_overrides}
     if len(lanes) == 1:
         lane_results = [run_lane(0, lanes[0], **arguments)]
     else:

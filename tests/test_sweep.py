@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mpo_core.plumbing.artifacts import file_hash, read_artifact
-from mpo_core.plumbing.config import load_config
+from mpo_core.plumbing.config import CONFIGS_DIR, load_config
 from mpo_core.plumbing.runs import RAN, SKIPPED, RunFolder, execute_stage, resolve_inputs, run_in_process
 from mpo_core.plumbing.stage_table import get_stage
 from mpo_core.plumbing.sweep import (
@@ -24,7 +24,7 @@ from mpo_core.plumbing.sweep import (
     split_lanes,
     sweep_cells,
 )
-from mpo_core.results.transfer import collect, headline, headline_line, markdown_table
+from mpo_core.results.transfer import ceiling, collect, headline, headline_line, markdown_table
 
 
 class ReferenceStandIn:
@@ -132,7 +132,13 @@ def test_sweep_cells_and_their_overrides():
     assert Cell("mpo", 0.0, 1).pairs_run == "shared"
     assert Cell("dpo", 0.4, 1).pairs_run == "pairs-noise40-s1" == Cell("mpo", 0.4, 1).pairs_run
     assert Cell("ipo", 0.2, 3).overrides() == ["train.loss=ipo", "train.seed=3", "pair.target_noise=0.2",
-                                               "pair.noise_seed=3"]
+                                               "pair.noise_seed=3", "train.beta=0.1"]
+    assert Cell("mpo", 0.0, 0).overrides() == ["train.loss=mpo", "train.seed=0", "pair.target_noise=0.0"]
+    assert Cell("dpo", 0.0, 0).overrides({"dpo": ["train.beta=0.5"]})[-1] == "train.beta=0.5"
+    assert Cell("dpo", 0.0, 0).overrides({})[-1] == "pair.target_noise=0.0"
+    betas = {m: load_config(CONFIGS_DIR / "default.yaml", Cell(m, 0.0, 0).overrides()).train.beta
+             for m in ("mpo", "dpo", "ipo", "simpo")}
+    assert betas == {"mpo": 1.0, "dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
     assert "pair.noise_seed" not in " ".join(Cell("mpo", 0.0, 3).overrides())
 
 
@@ -172,6 +178,7 @@ def test_table_and_last_line():
     assert math.isnan(figures["dpo_drop_clean"]) and math.isnan(figures["mpo_drop_noisy"])
     assert figures["english_change_mpo"] == pytest.approx(0.0)
     assert figures["over_refusal_change_mpo"] == pytest.approx(0.15 - 0.05)
+    assert ceiling(results) == pytest.approx(((0.8 - 0.2) + (0.6 - 0.2)) / 2)
     line = headline_line(figures)
     assert line == ("mpo_drop_clean=0.250 dpo_drop_clean=nan mpo_drop_noisy=nan dpo_drop_noisy=-0.050 "
                     "english_change_mpo=0.000 over_refusal_change_mpo=0.100")
@@ -182,8 +189,6 @@ def test_table_and_last_line():
 def test_transfer_benchmark_projects_the_default_grid_from_a_reduced_run():
     """The benchmark sizes its defaults from what a reduced sweep measured: per cell, per pairs run, rest."""
     import importlib.util
-
-    from mpo_core.plumbing.config import CONFIGS_DIR
 
     spec = importlib.util.spec_from_file_location("transfer_bench", CONFIGS_DIR.parent / "benchmarks" / "transfer.py")
     bench = importlib.util.module_from_spec(spec)
@@ -200,6 +205,9 @@ def test_transfer_benchmark_projects_the_default_grid_from_a_reduced_run():
     line = bench.projection_line(seconds, wall=600.0, full_cells=30, full_pairs_runs=4, workers=2)
     assert "476 s for the rest" in line and line.endswith("in 2 lane(s) and 4 pairs runs would take about 38 min at this load")
     assert len(bench.DEFAULT_CELLS) == 30
+    args = bench.parse_args(["--method-override", "dpo", "train.beta=0.5", "--method-override", "dpo", "train.lam=0"])
+    assert bench.method_overrides(args) == {"dpo": ["train.beta=0.5", "train.lam=0"], "ipo": ["train.beta=0.1"],
+                                            "simpo": ["train.beta=2.0"]}
 
 
 def test_cells_are_dealt_into_lanes_of_the_same_mix():
