@@ -157,4 +157,3 @@ def test_transfer_ceiling_counts_only_targets_less_safe_than_the_dominant_langua
     assert transfer_ceiling(0.6, [0.2, 0.6, 0.9, 1.0, 1.0]) == pytest.approx((0.3 + 0.4 + 0.4) / 5)
     assert transfer_ceiling(0.6, [0.9, float("nan")]) == pytest.approx(0.3)
     assert math.isnan(transfer_ceiling(0.6, [])) and math.isnan(transfer_ceiling(float("nan"), [0.9]))
-

@@ -134,9 +134,7 @@ def _last_assistant_turn(dialogue: str) -> str:
 
 def load_refusals(path: str | Path | None = None) -> list[str]:
     """Distinct refusals from a text file (one a line) or HH-RLHF dialogues (``.jsonl``/``.jsonl.gz``)."""
-    path = Path(path) if path else PACKAGED_REFUSALS
-    if not path.is_file():
-        raise InputDataError(f"align.refusals: {path} is not a file")
+    path = _input_file("align.refusals", path or PACKAGED_REFUSALS)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         refuses = refusal_check("en")
         opener = gzip.open if path.suffix == ".gz" else open
