@@ -83,7 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="an override for one method's cells (repeatable); a method named here drops its "
                              "defaults (each baseline's own beta, mpo_core.plumbing.sweep.METHOD_OVERRIDES)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key.sub=value")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = sorted({method for method, _ in args.method_override} - set(DEFAULT_METHODS))
+    if unknown:
+        parser.error(f"--method-override names {unknown}; the methods are {DEFAULT_METHODS}")
+    return args
 
 
 def sweep_overrides(args: argparse.Namespace) -> list[str]:

@@ -208,6 +208,8 @@ def test_transfer_benchmark_projects_the_default_grid_from_a_reduced_run():
     args = bench.parse_args(["--method-override", "dpo", "train.beta=0.5", "--method-override", "dpo", "train.lam=0"])
     assert bench.method_overrides(args) == {"dpo": ["train.beta=0.5", "train.lam=0"], "ipo": ["train.beta=0.1"],
                                             "simpo": ["train.beta=2.0"]}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--method-override", "dop", "train.beta=0.5"])
 
 
 def test_cells_are_dealt_into_lanes_of_the_same_mix():
