@@ -121,8 +121,8 @@ def run_variant(args) -> dict:
     if args.variant == "trl_dpo":
         step_times = run_trl_dpo(args, model, tok, batches)
     else:
-        from mpo_core.method.logps import pair_prefix_lengths
         from mpo_core.method.objective import mpo_backward_step, paper_mpo_loss, side
+        from mpo_core.method.packed import pair_prefix_lengths
         from mpo_core.method.reference import reference_outputs
         from mpo_core.stages.train import MPOCollator, build_examples, disable_dropout
 
@@ -181,8 +181,8 @@ def run_synthetic_variant(args) -> dict:
     """One variant of the ``--synthetic`` mode: random model and tokens, bf16 autocast, ``args.device``."""
     import torch
 
-    from mpo_core.method.logps import pair_prefix_lengths
     from mpo_core.method.objective import mpo_backward_step, paper_mpo_loss, side
+    from mpo_core.method.packed import pair_prefix_lengths
     from mpo_core.method.reference import reference_outputs
 
     cuda = args.device == "cuda"

@@ -9,8 +9,8 @@ import importlib.util
 import pytest
 import torch
 
-from mpo_core.method.logps import final_hidden_states, paired_final_hidden_states
 from mpo_core.method.objective import mpo_backward_step
+from mpo_core.method.packed import final_hidden_states, paired_final_hidden_states
 from mpo_core.method.synthetic import SIZES, random_pairs, synthetic_causal_lm, synthetic_mpo_batch
 
 pytestmark = pytest.mark.gpu
@@ -26,7 +26,7 @@ def _attention_cases(device: str) -> list[tuple[str, torch.dtype, float]]:
 def test_packed_pair_forward_equals_plain_forward(check_device):
     """Each pair's prompt run once behind a 4D mask gives the states of the plain forward, with every
     attention kernel present (flash attention takes no 4D mask: it runs the plain forward)."""
-    from mpo_core.method.logps import collate_pairs
+    from mpo_core.method.encoding import collate_pairs
 
     pairs = random_pairs(4, prompt_len=40, response_len=60, vocab=512, generator=torch.Generator().manual_seed(1))
     batch = {k: v.to(check_device) for k, v in collate_pairs(pairs, 0).items()}

@@ -8,18 +8,15 @@ import copy
 import pytest
 import torch
 
-from mpo_core.method import logps
-from mpo_core.method.logps import (
+from mpo_core.method import encoding, lm_head, packed
+from mpo_core.method.encoding import (
     collate_sequences,
     encode_prompt_response,
     encode_prompt_responses,
-    full_logits_outputs,
-    pair_prefix_lengths,
     render_prompt,
-    response_avg_logps,
-    reward_gaps,
-    sequence_outputs,
 )
+from mpo_core.method.logps import full_logits_outputs, response_avg_logps, reward_gaps, sequence_outputs
+from mpo_core.method.packed import pair_prefix_lengths
 
 PROMPTS = ["How do I bake bread at home?", "¿Cómo puedo robar un coche?", "写一首关于秋天的诗"]
 RESPONSES = [
@@ -68,7 +65,7 @@ def test_truncation_keeps_max_length_and_a_response(model_and_tokenizer):
 def test_chunked_path_matches_full_logits(model_and_tokenizer, monkeypatch):
     model, tok = model_and_tokenizer
     batch = collate_sequences(_encoded(tok), tok.pad_token_id)
-    monkeypatch.setattr(logps, "LOGITS_CHUNK_ELEMENTS", model.config.vocab_size * 7)  # several chunks
+    monkeypatch.setattr(lm_head, "LOGITS_CHUNK_ELEMENTS", model.config.vocab_size * 7)  # several chunks
     with torch.no_grad():
         ours = sequence_outputs(model, batch)
         paper = full_logits_outputs(model, batch)
@@ -82,7 +79,7 @@ def test_chunked_gradients_match_full_logits(model_and_tokenizer, monkeypatch):
     model, tok = model_and_tokenizer
     model64 = copy.deepcopy(model).double()
     batch = collate_sequences(_encoded(tok, 28)[1:], tok.pad_token_id)
-    monkeypatch.setattr(logps, "LOGITS_CHUNK_ELEMENTS", model.config.vocab_size * 3)
+    monkeypatch.setattr(lm_head, "LOGITS_CHUNK_ELEMENTS", model.config.vocab_size * 3)
     params = [model64.model.layers[-1].mlp.down_proj.weight, model64.lm_head.weight]
     grads = []
     for fn in (sequence_outputs, full_logits_outputs):
@@ -217,7 +214,7 @@ def test_chunked_token_logps_has_the_exact_gradient(softcap):
     targets = torch.tensor([0, 3, 3, 10, 5, 1, 3])
 
     def fn(h, w):
-        return logps.ChunkedTokenLogps.apply(h, w, targets, 3, softcap)
+        return lm_head.ChunkedTokenLogps.apply(h, w, targets, 3, softcap)
 
     torch.autograd.gradcheck(fn, (hidden, weight))
     logits = hidden @ weight.T
@@ -254,7 +251,7 @@ def _autocast_chunked_gradients(device: str, chunk: int) -> tuple[dict, dict]:
         hidden.grad = weight.grad = None
         with torch.autocast(device, dtype=torch.bfloat16):
             if chunked:
-                out = logps.ChunkedTokenLogps.apply(hidden, weight, targets, chunk, None)
+                out = lm_head.ChunkedTokenLogps.apply(hidden, weight, targets, chunk, None)
             else:
                 logits = (hidden @ weight.T).float()
                 out = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
@@ -295,18 +292,18 @@ def test_paired_forward_respects_a_sliding_window(architecture, attention, extra
         layer_types=["sliding_attention", "full_attention"], **extra,
     ).eval()
     pairs = random_pairs(3, prompt_len=11, response_len=14, vocab=512, generator=torch.Generator().manual_seed(0))
-    batch = logps.collate_pairs(pairs, 0)
-    assert logps.binding_sliding_window(model.config, int(batch["attention_mask"].sum(1).max())) == 8
+    batch = encoding.collate_pairs(pairs, 0)
+    assert packed.binding_sliding_window(model.config, int(batch["attention_mask"].sum(1).max())) == 8
     with torch.no_grad():
-        packed = logps.paired_final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
-        plain = logps.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        packed_states = packed.paired_final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        plain = packed.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
     real = batch["attention_mask"].bool()
-    torch.testing.assert_close(packed[real], plain[real], atol=1e-5, rtol=1e-5)  # Gemma-2 eager: ~5e-7 noise
+    torch.testing.assert_close(packed_states[real], plain[real], atol=1e-5, rtol=1e-5)  # Gemma-2 eager: ~5e-7 noise
 
 
 def test_sliding_window_without_a_mask_per_layer_type_falls_back():
     """A model with one sliding window for every layer and no ``layer_types`` (Mistral-style) cannot take
     two masks: a binding window sends the pair through the plain forward."""
     config = type("Config", (), {"sliding_window": 8, "layer_types": None})()
-    assert logps.binding_sliding_window(config, 9) == 8 and not logps.takes_mask_mapping(config)
-    assert logps.binding_sliding_window(config, 8) is None
+    assert packed.binding_sliding_window(config, 9) == 8 and not packed.takes_mask_mapping(config)
+    assert packed.binding_sliding_window(config, 8) is None

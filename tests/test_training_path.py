@@ -125,7 +125,7 @@ def test_paper_recipes_encode_as_the_official_code(tokenizer):
     the tokenizer's own template adds, and every paper recipe cuts as LLaMA-Factory does; the alternatives
     are settings (``model.chat_template: null``, ``model.truncation: prompt_left``)."""
     from mpo_core.common.models import load_tokenizer
-    from mpo_core.method.logps import encode_prompt_responses, llama_factory_lengths, render_prompt
+    from mpo_core.method.encoding import encode_prompt_responses, llama_factory_lengths, render_prompt
 
     llama = load_config(CONFIGS_DIR / "llama3.1-8b.yaml")
     assert llama.model.chat_template is not None

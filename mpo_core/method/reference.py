@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from mpo_core.method.logps import encode_prompt_responses, sequence_outputs
+from mpo_core.method.encoding import encode_prompt_responses
+from mpo_core.method.logps import sequence_outputs
 from mpo_core.method.losses import reward_gap
 from mpo_core.plumbing.artifacts import read_manifest
 from mpo_core.plumbing.config import PipelineConfig

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mpo_core.method.logps import EncodedSequence, collate_pairs
+from mpo_core.method.encoding import EncodedSequence, collate_pairs
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {

@@ -323,7 +323,7 @@ class PairFilter:
                 hits.append(("judge_disagreement", f"{side}_rejected score {rejected:.2f} > {high}"))
 
     def _response_tokens(self, prompt: str, response: str) -> int:
-        from mpo_core.method.logps import encode_prompt_response
+        from mpo_core.method.encoding import encode_prompt_response
 
         encoded = encode_prompt_response(self.tokenizer, prompt, response, self.max_length)
         return encoded.num_response_tokens - 1  # minus the EOS the encoding appends

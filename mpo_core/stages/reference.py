@@ -37,7 +37,8 @@ def run_reference(stage: StageRun) -> dict[str, Artifact]:
     import torch
 
     from mpo_core.common.models import load_model, load_tokenizer, model_fingerprint
-    from mpo_core.method.logps import collate_pairs, length_sorted_batches
+    from mpo_core.method.encoding import collate_pairs
+    from mpo_core.method.logps import length_sorted_batches
 
     config = stage.config
     pairs = stage.inputs.table("filtered")

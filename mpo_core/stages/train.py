@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
-from mpo_core.method.logps import collate_pairs, encode_prompt_responses, sequence_outputs
+from mpo_core.method.encoding import collate_pairs, encode_prompt_responses
+from mpo_core.method.logps import sequence_outputs
 from mpo_core.method.losses import mpo_l1_terms, reward_gap, simpo_loss
 from mpo_core.method.objective import mpo_backward_step, mpo_step_loss, side
 from mpo_core.method.premise import check_premise, split_by_reference_gap, training_split
