@@ -39,7 +39,7 @@ def sentence_pools(seed: int = 0) -> dict[str, list[str]]:
     """Sentences per language from the official files (target side by its inferred language, plus English),
     kept where language identification agrees with the row's language, shuffled."""
     from mpo_core.common.langid import identify
-    from mpo_core.stages.ingest import load_pairs
+    from mpo_core.readers.pairs import load_pairs
 
     pools: dict[str, set[str]] = defaultdict(set)
     for name in ("llama", "gemma"):
@@ -142,10 +142,11 @@ def main() -> None:
     import pyarrow as pa
 
     from mpo_core.common.langid import identify
+    from mpo_core.pairs.filter_report import report_markdown
+    from mpo_core.pairs.filtering import PairFilter
     from mpo_core.plumbing.artifacts import ArtifactWriter
     from mpo_core.plumbing.config import FilterConfig
     from mpo_core.plumbing.schemas import PAIRS
-    from mpo_core.stages.filter import PairFilter, report_markdown
 
     if not DATA.is_dir():
         sys.exit(f"real data not found at {DATA}")

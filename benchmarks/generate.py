@@ -21,9 +21,10 @@ import time
 
 import torch
 
+from mpo_core.generation.responses import generate_responses
+from mpo_core.generation.transformers_backend import TransformersBackend
 from mpo_core.plumbing.config import GenerateConfig, ModelConfig
 from mpo_core.plumbing.seed import load_seed_prompts
-from mpo_core.stages.generate import TransformersBackend, generate_responses
 
 
 def timed_generation(

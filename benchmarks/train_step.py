@@ -63,7 +63,7 @@ def peak_rss_mib() -> float:
 
 def load_batches(args) -> list:
     """``steps`` lists of ``pairs_per_step`` real quadruples (PAIRS rows), the same for every variant."""
-    from mpo_core.stages.ingest import load_pairs
+    from mpo_core.readers.pairs import load_pairs
 
     table = load_pairs(SHARED_DATA / "mpo_official" / "llama_mpo_data.json")
     rows = table.to_pylist()

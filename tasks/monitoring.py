@@ -31,6 +31,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.cache_policies import NO_CACHE
 
+from mpo_core.pairs.filter_report import reason_rows
 from mpo_core.plumbing.artifacts import manifest_path, read_artifact, read_manifest
 from mpo_core.plumbing.config import PipelineConfig, load_config
 from mpo_core.plumbing.errors import MPOError
@@ -46,7 +47,6 @@ from mpo_core.results.stage_results import (
     training_curve,
     training_summary,
 )
-from mpo_core.stages.filter import reason_rows
 from tasks.secrets import redact
 
 LIBRARY_LOGGER = "mpo_core"

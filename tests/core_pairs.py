@@ -1,6 +1,6 @@
 """Real MPO quadruples for the CORE tests: the paper's released data as PAIRS rows.
 
-Uses DATA's ``mpo_core.stages.ingest.load_pairs`` when it exists; otherwise reads the LLaMA-Factory "ranking" JSON
+Uses DATA's ``mpo_core.readers.pairs.load_pairs`` when it exists; otherwise reads the LLaMA-Factory "ranking" JSON
 directly (the file's fields are documented in ../shared/data/README.md).
 """
 
@@ -18,7 +18,7 @@ def official_pairs(shared_data: Path, n: int, model: str = "llama", step: int = 
     """Every ``step``-th of the first ``n * step`` quadruples of ``mpo_official/<model>_mpo_data.json``."""
     path = shared_data / "mpo_official" / f"{model}_mpo_data.json"
     try:
-        from mpo_core.stages.ingest import load_pairs
+        from mpo_core.readers.pairs import load_pairs
     except ImportError:
         load_pairs = None
     if load_pairs is not None:

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from mpo_core.judges.patterns import RefusalPatternJudge
 from mpo_core.method.premise import (
     DROP_REASON,
     UnsafeReferenceError,
@@ -29,7 +30,6 @@ from mpo_core.plumbing.stage_table import get_stage
 from mpo_core.results.metrics import bootstrap_difference_ci
 from mpo_core.stages.align import align_prompts, build_align_rows, load_refusals, validation_split
 from mpo_core.stages.evaluate import Observations, in_prompt_language, paired_delta_rows, summary_rows
-from mpo_core.stages.label import RefusalPatternJudge
 
 
 def _pairs(gaps_by_lang: dict[str, list[float]]) -> tuple[pa.Table, pa.Table]:

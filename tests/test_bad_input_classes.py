@@ -15,14 +15,16 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from mpo_core.judges.patterns import RefusalPatternJudge
+from mpo_core.pairs.filtering import PairFilter
 from mpo_core.plumbing.artifacts import read_artifact, write_artifact
 from mpo_core.plumbing.config import PromptsConfig, config_from_dict, dump_config, load_config, read_yaml
 from mpo_core.plumbing.errors import ConfigError, InputDataError, is_transient_error
 from mpo_core.plumbing.schemas import PAIRS
 from mpo_core.plumbing.stage_run import run_stage_function
-from mpo_core.stages.filter import PairFilter
-from mpo_core.stages.ingest import detect_format, load_pairs, load_prompts
-from mpo_core.stages.label import RefusalPatternJudge
+from mpo_core.readers.files import detect_format
+from mpo_core.readers.pairs import load_pairs
+from mpo_core.readers.prompts import load_prompts
 
 # ------------------------------------------------------------------------------------------ config
 
@@ -397,8 +399,8 @@ def test_utility_csv_files_use_the_same_reader(tmp_path):
 
 
 def test_utility_and_judge_files_name_what_is_wrong(tmp_path):
+    from mpo_core.judges.patterns import load_refusal_patterns
     from mpo_core.stages.evaluate import load_mgsm, load_multiple_choice
-    from mpo_core.stages.label import load_refusal_patterns
 
     mgsm = tmp_path / "mgsm_en.tsv"
     mgsm.write_bytes(b"What is 2+2?\t4\n\xff\xfe?\t5\n")

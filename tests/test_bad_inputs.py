@@ -28,7 +28,7 @@ from mpo_core.plumbing.config import config_from_dict
 from mpo_core.plumbing.errors import ArtifactError, InputDataError
 from mpo_core.plumbing.schemas import PROMPTS
 from mpo_core.plumbing.stage_run import run_stage_function
-from mpo_core.stages.ingest import load_pairs
+from mpo_core.readers.pairs import load_pairs
 
 
 def prompt_row(i: int, **changes) -> dict:

@@ -139,7 +139,7 @@ def test_run_evaluate_stage_on_the_real_default_model(tmp_path, shared_data):
     own folder, so both columns must agree exactly and every paired delta is zero."""
     from mpo_core.common.models import resolve_model_path
     from mpo_core.plumbing.artifacts import read_artifact, write_artifact
-    from mpo_core.stages.ingest import load_pairs
+    from mpo_core.readers.pairs import load_pairs
 
     mc_path = tmp_path / "mc.jsonl"
     mc_path.write_text(json.dumps({"lang": "en", "question": "What colour is the clear daytime sky?",

@@ -5,18 +5,13 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from mpo_core.pairs.filter_report import report_markdown
+from mpo_core.pairs.filtering import REASONS, PairFilter, looks_cut_off, repair_text
 from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
 from mpo_core.plumbing.config import FilterConfig, config_from_dict
 from mpo_core.plumbing.schemas import PAIRS
 from mpo_core.plumbing.stage_run import run_stage_function
-from mpo_core.stages.filter import (
-    REASONS,
-    PairFilter,
-    looks_cut_off,
-    repair_text,
-    report_markdown,
-)
-from mpo_core.stages.ingest import load_pairs
+from mpo_core.readers.pairs import load_pairs
 
 EN_PROMPT = "How can I break into my neighbour's house without being seen?"
 EN_CHOSEN = "I can't help with breaking into someone's home. If you are locked out of your own, call a locksmith."

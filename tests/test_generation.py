@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from mpo_core.generation.backend import Completion, GenerationBackend, SamplingSettings
+from mpo_core.generation.responses import generate_responses
+from mpo_core.generation.transformers_backend import TransformersBackend
+from mpo_core.generation.vllm_backend import VLLMBackend
 from mpo_core.plumbing.config import GenerateConfig, ModelConfig, PipelineConfig
 from mpo_core.plumbing.errors import ConfigError, ModelLoadError
 from mpo_core.plumbing.schemas import RESPONSES
-from mpo_core.stages.generate import (
-    Completion,
-    GenerationBackend,
-    SamplingSettings,
-    TransformersBackend,
-    VLLMBackend,
-    generate_responses,
-    generation_prompts,
-)
+from mpo_core.stages.generate import generation_prompts
 
 PROMPTS = [
     {"prompt_id": "b001", "lang": "en", "text": "How do I make a simple tomato soup?"},
@@ -133,7 +129,7 @@ def test_raw_dominant_samples_only_after_align_and_only_in_the_dominant_language
 
 
 def test_a_completion_cut_inside_a_character_loses_the_broken_character():
-    from mpo_core.stages.generate import without_cut_character
+    from mpo_core.generation.backend import without_cut_character
 
     assert without_cut_character("你想更深厚的说明，请您\ufffd") == "你想更深厚的说明，请您"
     assert without_cut_character(" ab\ufffd\ufffd ") == "ab" and without_cut_character("a\ufffdb") == "a\ufffdb"

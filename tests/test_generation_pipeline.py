@@ -7,11 +7,11 @@ import time
 import pytest
 
 from mpo_core.common.verdicts import is_safe
+from mpo_core.judges.patterns import RefusalPatternJudge
 from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
 from mpo_core.plumbing.config import PipelineConfig
 from mpo_core.plumbing.seed import load_seed_prompts
 from mpo_core.plumbing.stage_run import run_stage_function
-from mpo_core.stages.label import RefusalPatternJudge
 
 
 @pytest.mark.slow

@@ -13,13 +13,10 @@ from mpo_core.plumbing.artifacts import read_artifact, read_manifest
 from mpo_core.plumbing.config import PromptsConfig, config_from_dict
 from mpo_core.plumbing.schemas import PAIRS
 from mpo_core.plumbing.stage_run import run_stage_function
-from mpo_core.stages.ingest import (
-    assign_split,
-    detect_format,
-    load_pairs,
-    load_prompts,
-    split_hh_dialogue,
-)
+from mpo_core.readers.files import detect_format
+from mpo_core.readers.ids import assign_split
+from mpo_core.readers.pairs import load_pairs, split_hh_dialogue
+from mpo_core.readers.prompts import load_prompts
 
 TARGETS = {"zh", "ja", "ko", "ar", "bn", "sw"}
 
@@ -151,7 +148,7 @@ def test_run_ingest_writes_the_prompts_artifact_with_the_source_hash(tmp_path, s
 
 
 def test_limit_takes_harmful_and_benign_prompts_in_turn():
-    from mpo_core.stages.ingest import load_prompts
+    from mpo_core.readers.prompts import load_prompts
 
     table = load_prompts(PromptsConfig(source="seed", limit=4))
     rows = table.to_pylist()

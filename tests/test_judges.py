@@ -8,7 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from mpo_core.common.verdicts import is_attack_success, is_refusal, is_safe
+from mpo_core.common.verdicts import Verdict, is_attack_success, is_refusal, is_safe
+from mpo_core.judges.base import label_rows
+from mpo_core.judges.guards import (
+    LLMGuardJudge,
+    llama_guard_3_prompt,
+    parse_llama_guard,
+    parse_qwen3guard,
+    qwen3guard_conversation,
+)
+from mpo_core.judges.patterns import (
+    RefusalPatternJudge,
+    fallback_refusal,
+    load_refusal_patterns,
+    prompt_overlap,
+)
+from mpo_core.judges.select import get_judge
 from mpo_core.plumbing.config import LabelConfig
 from mpo_core.plumbing.errors import ConfigError
 from mpo_core.results.judge_agreement import (
@@ -18,20 +33,6 @@ from mpo_core.results.judge_agreement import (
     recall_summary,
 )
 from mpo_core.results.metrics import wilson_rate_ci
-from mpo_core.stages.label import (
-    LLMGuardJudge,
-    RefusalPatternJudge,
-    Verdict,
-    fallback_refusal,
-    get_judge,
-    label_rows,
-    llama_guard_3_prompt,
-    load_refusal_patterns,
-    parse_llama_guard,
-    parse_qwen3guard,
-    prompt_overlap,
-    qwen3guard_conversation,
-)
 
 HAND_LABELS = Path(__file__).parent / "data" / "judge_hand_labels.jsonl"
 # Agreement floors per language: one label under what refusal_patterns@v2 measured on HAND_LABELS
@@ -193,7 +194,7 @@ def test_qwen3guard_conversation_and_parsing():
 
 
 def test_llm_judge_runs_through_a_backend_greedily():
-    from mpo_core.stages.generate import Completion, GenerationBackend
+    from mpo_core.generation.backend import Completion, GenerationBackend
 
     class ScriptedGuard(GenerationBackend):
         name, model_name = "scripted", "guard"
@@ -229,8 +230,8 @@ def test_get_judge_default_and_label_rows():
 
 
 def test_report_states_the_measured_refusal_recall():
+    from mpo_core.judges.patterns import refusal_recall_note
     from mpo_core.results.report import _notes
-    from mpo_core.stages.label import refusal_recall_note
 
     judge = RefusalPatternJudge()
     note = refusal_recall_note(judge.name)

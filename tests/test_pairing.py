@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from mpo_core.judges.patterns import fallback_refusal
+from mpo_core.pairs.supply import pair_supply
 from mpo_core.plumbing.artifacts import read_artifact, read_manifest, write_artifact
 from mpo_core.plumbing.config import PairConfig, PipelineConfig
 from mpo_core.plumbing.stage_run import run_stage_function
-from mpo_core.stages.label import fallback_refusal
-from mpo_core.stages.pair import Candidate, Choice, build_pairs, choose, pair_supply
+from mpo_core.stages.pair import Candidate, Choice, build_pairs, choose
 
 
 def _row(pid, lang, k, text, verdict, score):

@@ -12,8 +12,9 @@ import pytest
 
 from mpo_core.plumbing.config import PromptsConfig
 from mpo_core.plumbing.errors import InputDataError
+from mpo_core.readers.files import csv_header, detect_format, read_json_lines
+from mpo_core.readers.prompts import load_prompts
 from mpo_core.stages.evaluate import load_mgsm, load_multiple_choice
-from mpo_core.stages.ingest import csv_header, detect_format, load_prompts, read_json_lines
 
 
 def _write(path: Path, text: str) -> Path:

@@ -10,6 +10,7 @@ import logging
 import pyarrow as pa
 import pytest
 
+from mpo_core.pairs.filter_report import reason_rows, report_markdown
 from mpo_core.plumbing.progress import Tracker, phase, progress_listener, round_seconds
 from mpo_core.plumbing.schemas import FILTER_REPORT
 from mpo_core.results.report import PLOT_FILES, markdown_with_inline_plots, write_report
@@ -23,7 +24,6 @@ from mpo_core.results.stage_results import (
     training_log_line,
     training_summary,
 )
-from mpo_core.stages.filter import reason_rows, report_markdown
 from tests.test_report import PNG_MAGIC, _rows
 
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from mpo_core.generation.backend import Completion, SamplingSettings
+from mpo_core.generation.vllm_backend import VLLMBackend
 from mpo_core.plumbing.config import ModelConfig
-from mpo_core.stages.generate import Completion, SamplingSettings, VLLMBackend
 
 
 @dataclass

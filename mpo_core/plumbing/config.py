@@ -289,7 +289,7 @@ class PairConfig(Section):
     )
     source_format: Literal["auto", "mpo_json", "hh_rlhf"] = Field(
         "auto",
-        description="Format of source (read by mpo_core.stages.ingest.load_pairs); auto guesses it.",
+        description="Format of source (read by mpo_core.readers.pairs.load_pairs); auto guesses it.",
     )
     target_noise: float = Field(
         default=0.0, ge=0.0, le=1.0,
@@ -484,7 +484,7 @@ class EvaluateConfig(Section):
     ``safety_sets``: ``seed`` (the seed hold-out, split ``eval``, from the ``translated`` artifact), a
     MultiJail-style CSV, any prompt-set path, or a hub id (``DAMO-NLP-SG/MultiJail``) read by the ingest
     loader. ``langs`` ``None`` means the run's dominant and target languages. ``pairs`` is a held-out pair
-    file in any format ``mpo_core.stages.ingest.load_pairs`` reads; ``None`` uses the ``filtered`` pairs. ``mgsm``
+    file in any format ``mpo_core.readers.pairs.load_pairs`` reads; ``None`` uses the ``filtered`` pairs. ``mgsm``
     and ``multiple_choice`` (utility) are off when empty: MGSM is a folder of ``mgsm_<lang>.tsv``, one such
     file, or the hub id ``juletxara/mgsm``; multiple choice is M-MMLU-style CSV/JSONL files.
     """

@@ -104,7 +104,7 @@ def recall_summary(results: list[Agreement], split: str = "heldout") -> dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mpo_core.stages.label import RefusalPatternJudge
+    from mpo_core.judges.patterns import RefusalPatternJudge
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", default=str(HAND_LABELS), help="hand-label JSONL file")

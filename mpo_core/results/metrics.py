@@ -19,7 +19,7 @@ import numpy as np
 from mpo_core.common.verdicts import is_attack_success, is_refusal
 
 if TYPE_CHECKING:
-    from mpo_core.stages.label import Verdict
+    from mpo_core.common.verdicts import Verdict
 
 
 

@@ -344,7 +344,7 @@ NOTES = (
 
 def _notes(view: EvalView) -> str:
     """NOTES, plus the measured held-out refusal recall of each refusal_patterns judge in the report."""
-    from mpo_core.stages.label import refusal_recall_note
+    from mpo_core.judges.patterns import refusal_recall_note
 
     return " ".join([NOTES, *filter(None, (refusal_recall_note(j) for j in view.judges()))])
 

@@ -8,7 +8,7 @@ no Prefect: the orchestration layer publishes these as Prefect artifacts.
   trained, mean over the target languages);
 - train: :func:`training_curve` (one row per logged step), :func:`training_summary` (the last logged
   L1, L2, loss and per-language target gaps) and :func:`training_log_line` (what the trainer logs);
-- filter: :func:`mpo_core.stages.filter.reason_rows` (reason x language);
+- filter: :func:`mpo_core.pairs.filter_report.reason_rows` (reason x language);
 - reference: :func:`reference_gaps` (RG^d per target language and the share of safe dominant pairs,
   RG^d > 0, which is MPO's premise), as the reference manifest records them.
 """

@@ -42,7 +42,8 @@ from mpo_core.plumbing.config import PipelineConfig, TrainConfig
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.plumbing.seed import load_seed_prompts, seed_path
 from mpo_core.plumbing.stage_run import Artifact, StageRun
-from mpo_core.stages.ingest import ingest_prompt_set, read_mpo_json
+from mpo_core.readers.pairs import read_mpo_json
+from mpo_core.readers.prompts import ingest_prompt_set
 
 PACKAGED_REFUSALS = Path(__file__).resolve().parents[1] / "data" / "refusals_en.txt"
 ALIGN_DATA = "align_data.jsonl"
@@ -100,7 +101,7 @@ def load_extra_pairs(
     One row per distinct dominant prompt: ``source_chosen`` over ``source_rejected``. Dropped and counted: a
     prompt whose normalised text is in ``excluded`` (an evaluation prompt) and a pair whose rejected answer
     itself refuses (nothing to prefer). At most ``limit`` rows, in file order. A malformed file is an
-    :class:`InputDataError` naming file, field and row (:func:`mpo_core.stages.ingest.read_mpo_json`).
+    :class:`InputDataError` naming file, field and row (:func:`mpo_core.readers.pairs.read_mpo_json`).
     """
     quadruples = read_mpo_json(_input_file("align.extra_pairs", path))
     unique = list({q["dominant_prompt"]: q for q in reversed(quadruples)}.values())[::-1]
@@ -122,7 +123,7 @@ def load_extra_pairs(
 def refusal_check(lang: str) -> Callable[[str], bool]:
     """Whether a ``lang`` text is a refusal by the refusal-pattern judge: what align keeps as a refusal and
     keeps out as a benign or unsafe answer."""
-    from mpo_core.stages.label import RefusalPatternJudge
+    from mpo_core.judges.patterns import RefusalPatternJudge
 
     judge = RefusalPatternJudge()
     return lambda text: verdicts.is_refusal(judge.judge_one(text, lang).verdict)
@@ -255,7 +256,7 @@ def extra_align_rows(
 
 def own_answers(config: PipelineConfig, prompts: list[dict]) -> dict[str, str]:
     """The starting model's greedy answer to each prompt, by prompt id."""
-    from mpo_core.stages.generate import generate_responses
+    from mpo_core.generation.responses import generate_responses
 
     rows = generate_responses(config.model, config.generate, prompts, num_samples=1, temperature=0.0,
                               max_new_tokens=config.align.answer_max_new_tokens)

@@ -43,6 +43,9 @@ from mpo_core.plumbing.errors import ConfigError, InputDataError
 from mpo_core.plumbing.progress import phase, round_seconds
 from mpo_core.plumbing.seed import load_seed_prompts
 from mpo_core.plumbing.stage_run import Artifact, StageRun
+from mpo_core.readers.files import read_csv_records, read_json_lines, read_text
+from mpo_core.readers.pairs import load_pairs
+from mpo_core.readers.prompts import ingest_prompt_set
 from mpo_core.results.metrics import (
     Estimate,
     bootstrap_difference_ci,
@@ -56,17 +59,10 @@ from mpo_core.results.metrics import (
 from mpo_core.results.report import write_report
 from mpo_core.results.stage_results import read_log_history, training_curve
 from mpo_core.stages.align import align_record
-from mpo_core.stages.ingest import (
-    ingest_prompt_set,
-    load_pairs,
-    read_csv_records,
-    read_json_lines,
-    read_text,
-)
 
 if TYPE_CHECKING:
-    from mpo_core.stages.generate import GenerationBackend
-    from mpo_core.stages.label import Judge
+    from mpo_core.generation.backend import GenerationBackend
+    from mpo_core.judges.base import Judge
 
 SEED_SET = "seed"
 MGSM_HUB_ID = "juletxara/mgsm"
@@ -74,8 +70,6 @@ MGSM_LANGS = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
 REFUSAL_JUDGE = "refusal_patterns"
 Key = tuple[str, str, str]  # (lang, metric, dataset)
 
-
-# --- evaluation data ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class PromptSet:
@@ -325,8 +319,6 @@ def true_labels(pair: dict) -> dict:
                 target_flipped=False)
 
 
-# --- one model ----------------------------------------------------------------------------------------
-
 @dataclass
 class Observations:
     """Per-item results of one model: ``values[(lang, metric, dataset)]`` is an array over the items in a
@@ -357,7 +349,7 @@ def _safety(obs: Observations, sets: Sequence[PromptSet], rows: list[dict], judg
     (``refusal_judge``) on harmful prompts (``harmful_refusal``, half of selectivity) and, on every prompt,
     whether the response is written in the prompt's language (:func:`in_prompt_language`); returns the
     responses with their verdicts."""
-    from mpo_core.stages.label import label_rows
+    from mpo_core.judges.base import label_rows
 
     judged, offset = [], 0
     for prompt_set in sets:
@@ -428,7 +420,7 @@ def _dominant_triples(pairs: Sequence[dict], dominant_lang: str) -> list[tuple[s
 
 def _mgsm(obs: Observations, utility: UtilitySet, backend: GenerationBackend, model_cfg: ModelConfig,
           config: PipelineConfig) -> None:
-    from mpo_core.stages.generate import generate_responses
+    from mpo_core.generation.responses import generate_responses
 
     rows = generate_responses(model_cfg, config.generate, utility.items, num_samples=1, temperature=0.0,
                               max_new_tokens=config.evaluate.mgsm_max_new_tokens, backend=backend)
@@ -466,7 +458,8 @@ def evaluate_model(
     ones by ``refusal_judge`` (defaults: :func:`get_judges`). With the transformers backend one loaded model
     serves both; with vLLM the transformers model is freed before the vLLM engine starts."""
     from mpo_core.common.models import load_model, load_tokenizer
-    from mpo_core.stages.generate import TransformersBackend, generate_responses, get_backend
+    from mpo_core.generation.responses import generate_responses, get_backend
+    from mpo_core.generation.transformers_backend import TransformersBackend
 
     obs = Observations(role=role, model=model_cfg.name_or_path)
     model, tokenizer = load_model(model_cfg), load_tokenizer(model_cfg, padding_side="left")
@@ -500,7 +493,7 @@ def evaluate_model(
 def get_judges(config: PipelineConfig) -> tuple[Judge, Judge]:
     """The safety judge of ``config.label`` (for ASR) and the refusal-pattern judge (for over-refusal: LLM
     safety judges say safe/unsafe, not whether the model refused); one object when they are the same."""
-    from mpo_core.stages.label import get_judge
+    from mpo_core.judges.select import get_judge
 
     judge = get_judge(config.label, config.model)
     if config.label.judge == REFUSAL_JUDGE:
@@ -517,8 +510,6 @@ def _free_accelerator_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-# --- summaries ----------------------------------------------------------------------------------------
 
 def _row(model: str, key: Key, est: Estimate, judge: str | None, metric: str | None = None) -> dict[str, Any]:
     lang, base_metric, dataset = key
@@ -768,7 +759,7 @@ def target_means_line(rows: Sequence[dict], config: PipelineConfig) -> str | Non
 def pair_supply_line(filtered: Path, translated: Path) -> str:
     """Per target language ``train / held-out (raw)`` pair counts of the filtered pairs (held-out: prompts
     of the ``eval`` split; raw: the dominant rejected answer is the raw model's, see :mod:`mpo_core.stages.pair`)."""
-    from mpo_core.stages.pair import pair_supply
+    from mpo_core.pairs.supply import pair_supply
 
     held_out = held_out_prompt_ids(read_artifact(translated, "prompts"))
     supply = pair_supply(read_artifact(filtered, "pairs").to_pylist(), held_out)

@@ -23,7 +23,7 @@ For every prompt with samples in the dominant language d and every target langua
 Ties are broken by the lower ``sample_idx``. Every skip is counted by reason in the manifest (``skipped``).
 Every candidate and its score stays in the ``labelled`` artifact; each pair's chosen and rejected scores
 are in its provenance columns. With ``pair.source`` set, the stage instead ingests ready-made quadruples
-with :func:`mpo_core.stages.ingest.load_pairs` and has no ``labelled`` input. Either way the stage then applies
+with :func:`mpo_core.readers.pairs.load_pairs` and has no ``labelled`` input. Either way the stage then applies
 the configured target-side label noise (:mod:`mpo_core.common.label_noise`) and marks every pair's
 ``target_flipped``; the manifest's ``label_noise`` counts the flips per language.
 """
@@ -37,15 +37,15 @@ from pathlib import Path
 from mpo_core.common.label_noise import flip_target_labels
 from mpo_core.common.langid import UNDETERMINED, identify
 from mpo_core.common.verdicts import is_safe
+from mpo_core.judges.patterns import fallback_refusal
+from mpo_core.pairs.supply import RAW_REJECTED_MARK, dominant_rejected_from_raw
 from mpo_core.plumbing.artifacts import to_table
 from mpo_core.plumbing.config import PairConfig, PipelineConfig
 from mpo_core.plumbing.errors import ArtifactError
 from mpo_core.plumbing.languages import same_language
 from mpo_core.plumbing.stage_run import Artifact, StageRun
-from mpo_core.stages.ingest import load_pairs, resolve_source
-from mpo_core.stages.label import fallback_refusal
-
-RAW_REJECTED_MARK = "; dominant_rejected:"  # in ``source``: the dominant rejected answer is the raw model's
+from mpo_core.readers.files import resolve_source
+from mpo_core.readers.pairs import load_pairs
 
 
 @dataclass(frozen=True)
@@ -182,28 +182,6 @@ def build_pairs(
                 "target_chosen_fallback": target.chosen_fallback,
             })
     return pairs, skipped
-
-
-def rejects_raw_answer(pair: dict) -> bool:
-    """Whether the pair's dominant rejected answer is the raw model's sample (marked in ``source``)."""
-    return RAW_REJECTED_MARK in pair["source"]
-
-
-def dominant_rejected_from_raw(pairs: list[dict]) -> dict[str, int]:
-    """Per target language, the pairs whose dominant rejected answer is the raw model's sample."""
-    return dict(sorted(Counter(p["target_lang"] for p in pairs if rejects_raw_answer(p)).items()))
-
-
-def pair_supply(pairs: list[dict], held_out_ids: set[str]) -> dict[str, dict[str, int]]:
-    """Per target language: ``train`` pairs (prompts outside ``held_out_ids``), ``held_out`` pairs, and
-    ``raw_rejected``: training pairs whose dominant rejected answer is the raw model's."""
-    out: dict[str, dict[str, int]] = defaultdict(lambda: {"train": 0, "held_out": 0, "raw_rejected": 0})
-    for p in pairs:
-        counts = out[p["target_lang"]]
-        held_out = p["prompt_id"] in held_out_ids
-        counts["held_out" if held_out else "train"] += 1
-        counts["raw_rejected"] += int(not held_out and rejects_raw_answer(p))
-    return dict(sorted(out.items()))
 
 
 WRONG_LANGUAGE_CONFIDENCE = 0.5  # the filter's default ``langid_min_confidence``

@@ -68,7 +68,7 @@ def translate_llm(
     max_new_tokens: int,
 ) -> list[str]:
     """Greedy translations of ``texts`` by a chat LLM through the transformers/vLLM generation backend."""
-    from mpo_core.stages.generate import generate_responses
+    from mpo_core.generation.responses import generate_responses
 
     prompts = [
         {"prompt_id": str(i), "lang": target_lang, "text": llm_translation_prompt(t, source_lang, target_lang)}

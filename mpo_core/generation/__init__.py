@@ -1,0 +1,1 @@
+"""Generation: one small backend interface (transformers, vLLM) and ``generate_responses``."""

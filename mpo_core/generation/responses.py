@@ -1,0 +1,60 @@
+"""RESPONSES rows from prompts through the configured backend: :func:`generate_responses`."""
+
+from __future__ import annotations
+
+from mpo_core.generation.backend import GenerationBackend, SamplingSettings
+from mpo_core.generation.transformers_backend import TransformersBackend
+from mpo_core.generation.vllm_backend import VLLMBackend
+from mpo_core.plumbing.config import GenerateConfig, ModelConfig
+
+
+def get_backend(model_cfg: ModelConfig, gen_cfg: GenerateConfig) -> GenerationBackend:
+    """The backend named by ``gen_cfg.backend``, loaded with ``model_cfg``."""
+    if gen_cfg.backend == "vllm":
+        return VLLMBackend(model_cfg, seed=gen_cfg.seed)
+    return TransformersBackend(model_cfg, batch_size=gen_cfg.batch_size)
+
+
+def generate_responses(
+    model_cfg: ModelConfig,
+    gen_cfg: GenerateConfig,
+    prompts: list[dict],
+    *,
+    num_samples: int | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    backend: GenerationBackend | None = None,
+) -> list[dict]:
+    """RESPONSES rows (unlabelled) for prompt dicts with ``prompt_id, lang, text``.
+
+    Keyword arguments override ``gen_cfg``; ``num_samples=1, temperature=0.0`` is greedy. Pass ``backend``
+    to reuse a loaded model across calls.
+    """
+    settings = SamplingSettings(
+        num_samples=gen_cfg.num_samples if num_samples is None else num_samples,
+        max_new_tokens=gen_cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        temperature=gen_cfg.temperature if temperature is None else temperature,
+        top_p=gen_cfg.top_p,
+        seed=gen_cfg.seed,
+    )
+    backend = backend if backend is not None else get_backend(model_cfg, gen_cfg)
+    conversations = [[{"role": "user", "content": p["text"]}] for p in prompts]
+    completions = backend.chat(conversations, settings) if prompts else []
+    return [
+        {
+            "prompt_id": p["prompt_id"],
+            "lang": p["lang"],
+            "sample_idx": sample_idx,
+            "prompt": p["text"],
+            "text": c.text,
+            "finish_reason": c.finish_reason,
+            "model": backend.model_name,
+            "backend": backend.name,
+            "seed": settings.seed,
+            "judge": None,
+            "verdict": None,
+            "score": None,
+        }
+        for p, samples in zip(prompts, completions)
+        for sample_idx, c in enumerate(samples)
+    ]
