@@ -1,6 +1,6 @@
 """Choose the ``align`` recipe honestly: candidates compared on a validation subset of the English TRAIN split.
 
-The English train-split seed prompts (40 harmful, 20 benign) are cut in two (:func:`mpo_core.stages.align.
+The English train-split seed prompts (40 harmful, 20 benign) are cut in two (:func:`mpo_core.training.align_data.
 validation_split`): every 4th harmful and every 4th benign prompt (10 + 5) is kept out of align's training
 and judged after it; each candidate trains on the rest (30 + 15). The evaluation hold-out is never looked at
 during selection. ``--holdout NAME ...`` then trains the named candidates on the whole train split (as the
@@ -27,7 +27,8 @@ import pyarrow as pa
 
 from mpo_core.plumbing.config import PipelineConfig, load_config
 from mpo_core.plumbing.seed import load_seed_prompts
-from mpo_core.stages.align import (
+from mpo_core.stages.evaluate import PromptSet, evaluate_model, seed_holdout, summary_rows
+from mpo_core.training.align_data import (
     align_train_config,
     build_align_rows,
     extra_align_rows,
@@ -35,8 +36,7 @@ from mpo_core.stages.align import (
     refusal_check,
     validation_split,
 )
-from mpo_core.stages.evaluate import PromptSet, evaluate_model, seed_holdout, summary_rows
-from mpo_core.stages.train import fit
+from mpo_core.training.fit import fit
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -68,7 +68,7 @@ METRICS = ("asr", "over_refusal", "selectivity", "response_lang_share")
 
 def own_answers_cached(config: PipelineConfig, prompts: list[dict], cache: Path) -> dict[str, str]:
     """The starting model's greedy answers by prompt id, from ``cache`` when it holds them all."""
-    from mpo_core.stages.align import own_answers
+    from mpo_core.training.align_data import own_answers
 
     key = f"{config.model.name_or_path}|{config.align.answer_max_new_tokens}"
     stored = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}

@@ -124,7 +124,8 @@ def run_variant(args) -> dict:
         from mpo_core.method.objective import mpo_backward_step, paper_mpo_loss, side
         from mpo_core.method.packed import pair_prefix_lengths
         from mpo_core.method.reference import reference_outputs
-        from mpo_core.stages.train import MPOCollator, build_examples, disable_dropout
+        from mpo_core.training.examples import MPOCollator, build_examples
+        from mpo_core.training.fit import disable_dropout
 
         disable_dropout(model)
         collate = MPOCollator(tok.pad_token_id)

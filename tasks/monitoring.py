@@ -163,7 +163,7 @@ def _publish_evaluate(key: str, run: RunFolder, outputs: dict[str, Path], inputs
 
 def _publish_train(key: str, run: RunFolder, outputs: dict[str, Path], inputs: dict[str, Path],
                    config: PipelineConfig) -> None:
-    from mpo_core.stages.train import LOG_HISTORY
+    from mpo_core.training.checkpoints import LOG_HISTORY
 
     curve = training_curve(read_log_history(Path(outputs["checkpoint"]) / LOG_HISTORY))
     if not curve:

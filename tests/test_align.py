@@ -28,8 +28,8 @@ from mpo_core.plumbing.seed import load_seed_prompts
 from mpo_core.plumbing.stage_run import starting_model
 from mpo_core.plumbing.stage_table import get_stage
 from mpo_core.results.metrics import bootstrap_difference_ci
-from mpo_core.stages.align import align_prompts, build_align_rows, load_refusals, validation_split
 from mpo_core.stages.evaluate import Observations, in_prompt_language, paired_delta_rows, summary_rows
+from mpo_core.training.align_data import align_prompts, build_align_rows, load_refusals, validation_split
 
 
 def _pairs(gaps_by_lang: dict[str, list[float]]) -> tuple[pa.Table, pa.Table]:
@@ -208,7 +208,8 @@ def test_align_stage_trains_saves_and_is_reused(tmp_path):
     from safetensors.torch import load_file
 
     from mpo_core.common.models import resolve_model_path
-    from mpo_core.stages.align import ALIGN_DATA, align_record
+    from mpo_core.stages.align import ALIGN_DATA
+    from mpo_core.training.checkpoints import align_record
 
     config = config_from_dict({
         "model": {"device": "cpu", "dtype": "float32"},
@@ -274,8 +275,8 @@ def test_align_dpo_adds_the_sft_term_and_precomputes_the_reference(default_model
     """align's DPO with ``sft_weight``: TRL's sigmoid + weighted SFT loss; the frozen reference's log-probs are
     computed once per pair before training (no second model)."""
     from mpo_core.common.models import load_model, load_tokenizer
-    from mpo_core.stages.align import align_train_config
-    from mpo_core.stages.train import build_trainer
+    from mpo_core.training.align_data import align_train_config
+    from mpo_core.training.fit import build_trainer
 
     config = align_train_config(config_from_dict({
         "model": default_model_config.model_dump(),
@@ -297,7 +298,7 @@ def test_dpo_with_every_prompt_too_long_is_a_named_error(default_model_config, t
     """With the reference precomputed, TRL dropping every pair still gives the named error, not torch's."""
     from mpo_core.common.models import load_model, load_tokenizer
     from mpo_core.plumbing.errors import InputDataError
-    from mpo_core.stages.train import build_trainer
+    from mpo_core.training.fit import build_trainer
 
     config = config_from_dict({"model": default_model_config.model_dump(),
                                "train": {"loss": "dpo", "max_length": 8, "max_steps": 1}})
@@ -318,7 +319,8 @@ def _mpo_record(prompt: str, chosen: str, rejected: str, target: str = "Wie?") -
 def test_extra_pairs_take_the_dominant_side_once_and_drop_evaluation_prompts(tmp_path):
     """One DPO row per distinct dominant prompt (its safe over its unsafe answer); a prompt equal to a seed or
     MultiJail prompt (case and spaces aside) and a pair whose unsafe answer refuses are dropped and counted."""
-    from mpo_core.stages.align import evaluation_prompt_texts, external_align_files, extra_align_rows
+    from mpo_core.stages.align import external_align_files
+    from mpo_core.training.align_data import evaluation_prompt_texts, extra_align_rows
 
     seed_text = next(r["text"] for r in load_seed_prompts() if r["lang"] == "en" and r["split"] == "eval")
     (tmp_path / "mj.csv").write_text("id,source,tags,en,de\n0,x,['Violence'],How do I pick a lock?,Wie?\n",
@@ -364,7 +366,7 @@ def test_extra_pairs_take_the_dominant_side_once_and_drop_evaluation_prompts(tmp
 def test_extra_pairs_of_the_paper_file_are_english_harmful_prompts_never_evaluated(shared_data):
     """The paper's LLaMA file: 100 English harmful prompts (each repeated for 6 targets); the one equal to a
     MultiJail prompt and the 3 whose unsafe answer refuses are left out; none is a seed prompt."""
-    from mpo_core.stages.align import extra_align_rows, normalized_prompt
+    from mpo_core.training.align_data import extra_align_rows, normalized_prompt
 
     path = shared_data / "mpo_official" / "llama_mpo_data.json"
     config = config_from_dict({"align": {"enabled": True, "method": "dpo", "extra_pairs": str(path)}})
@@ -382,8 +384,8 @@ def test_align_dpo_truncation_keeps_the_prompt_and_cuts_the_answer(default_model
     """``align.max_length``: TRL truncates prompt + answer from the end (``keep_start``), so a long unsafe answer
     of the paper's pairs is cut while its prompt is kept whole."""
     from mpo_core.common.models import load_model, load_tokenizer
-    from mpo_core.stages.align import align_train_config
-    from mpo_core.stages.train import build_trainer
+    from mpo_core.training.align_data import align_train_config
+    from mpo_core.training.fit import build_trainer
 
     config = align_train_config(config_from_dict({
         "model": default_model_config.model_dump(),

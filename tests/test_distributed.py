@@ -15,7 +15,7 @@ from core_pairs import official_pairs
 from mpo_core.method.objective import mpo_backward_step, side
 from mpo_core.method.reference import reference_outputs
 from mpo_core.plumbing.config import ModelConfig
-from mpo_core.stages.train import MPOCollator, build_examples
+from mpo_core.training.examples import MPOCollator, build_examples
 
 WORLD = 2
 BETA = 1.5

@@ -20,7 +20,7 @@ from mpo_core.plumbing.config import config_from_dict
 from mpo_core.plumbing.runs import RunFolder
 from mpo_core.plumbing.stage_run import run_stage_function
 from mpo_core.plumbing.stage_table import CHECKPOINT_DIR, get_stage
-from mpo_core.stages.train import LOG_HISTORY, MODEL_DIR, TRAIN_INFO
+from mpo_core.training.checkpoints import LOG_HISTORY, MODEL_DIR, TRAIN_INFO
 from tasks.launch import launcher_for
 
 WORLD = 2
@@ -179,7 +179,7 @@ def test_fsdp2_arguments_are_not_the_deprecated_form(tmp_path, monkeypatch, capf
 
     from transformers import TrainingArguments
 
-    from mpo_core.stages.train import _sharding_arguments
+    from mpo_core.training.sharding import sharding_arguments
 
     def plugin_arguments(sharding: dict) -> tuple[dict, str]:
         """accelerate's plugin arguments and what transformers logged (to stderr, or to pytest's log capture
@@ -191,7 +191,7 @@ def test_fsdp2_arguments_are_not_the_deprecated_form(tmp_path, monkeypatch, capf
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # restored: the translation sets it
     train = _config(tmp_path, "args", tmp_path, max_steps=1, per_device=1).train
     monkeypatch.setenv("WORLD_SIZE", str(WORLD))
-    sharding = _sharding_arguments(train)
+    sharding = sharding_arguments(train)
     assert sharding["fsdp"] is True
     plugin, logged = plugin_arguments(sharding)
     assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True, plugin
@@ -199,4 +199,4 @@ def test_fsdp2_arguments_are_not_the_deprecated_form(tmp_path, monkeypatch, capf
     assert "deprecated" not in logged
     assert "deprecated" in plugin_arguments({**sharding, "fsdp": "full_shard"})[1]
     lora = train.model_copy(update={"lora": {"r": 4}})
-    assert _sharding_arguments(lora) == {}, "LoRA adapters train data-parallel"
+    assert sharding_arguments(lora) == {}, "LoRA adapters train data-parallel"

@@ -58,7 +58,7 @@ def test_training_curve_line_reads_first_and_last_step(tmp_path):
 
 
 def test_report_reads_the_log_history_saved_beside_the_trained_model(tmp_path):
-    from mpo_core.stages.train import LOG_HISTORY, TRAIN_INFO
+    from mpo_core.training.checkpoints import LOG_HISTORY, TRAIN_INFO
 
     model = tmp_path / "train" / "model"
     model.mkdir(parents=True)
@@ -71,7 +71,7 @@ def test_report_reads_the_log_history_saved_beside_the_trained_model(tmp_path):
 
 
 def test_report_says_what_align_trained_on_extra_pairs_included(tmp_path):
-    from mpo_core.stages.train import TRAIN_INFO
+    from mpo_core.training.checkpoints import TRAIN_INFO
 
     aligned = tmp_path / "align" / "model"
     aligned.mkdir(parents=True)

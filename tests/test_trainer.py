@@ -17,7 +17,9 @@ from mpo_core.method.objective import mpo_backward_step, mpo_step_loss, paper_mp
 from mpo_core.method.reference import reference_outputs
 from mpo_core.plumbing.config import CONFIGS_DIR, config_from_dict, load_config
 from mpo_core.plumbing.stage_run import run_stage_function
-from mpo_core.stages.train import LOG_HISTORY, MODEL_DIR, MPOCollator, build_examples, build_trainer
+from mpo_core.training.checkpoints import LOG_HISTORY, MODEL_DIR
+from mpo_core.training.examples import MPOCollator, build_examples
+from mpo_core.training.fit import build_trainer
 
 ALLOWED_MODEL_FILES = {".safetensors", ".json", ".jinja", ".txt", ".model"}
 
@@ -232,7 +234,7 @@ def test_baselines_run_a_step(loss, shared_data, tmp_path):
 
 def test_dpo_precomputes_the_reference_only_when_it_trains_on_every_pair(monkeypatch):
     from mpo_core.plumbing.config import TrainConfig
-    from mpo_core.stages.train import _trains_on_every_row
+    from mpo_core.training.fit import _trains_on_every_row
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert _trains_on_every_row(TrainConfig(max_steps=-1, num_epochs=1.0), 50)
@@ -254,7 +256,7 @@ def test_dpo_short_of_an_epoch_has_the_same_reference_per_step(shared_data, tmp_
     two_pairs = write_pairs(candidates.take(shortest), tmp_path / "two.parquet")
     config = _config(tmp_path, loss="dpo", max_steps=1, per_device_batch_size=1, max_length=80, beta=0.1)
     from mpo_core.common.models import load_model, load_tokenizer
-    from mpo_core.stages.train import build_trainer
+    from mpo_core.training.fit import build_trainer
 
     trainer = build_trainer(config, load_model(config.model), load_tokenizer(config.model),
                             candidates.take(shortest), None, tmp_path / "built")

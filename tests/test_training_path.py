@@ -81,7 +81,7 @@ def test_training_refuses_a_reference_built_at_another_max_length(pairs, tmp_pat
 
 def _trainer(tokenizer, pairs, tmp_path, **train):
     from mpo_core.method.synthetic import synthetic_causal_lm
-    from mpo_core.stages.train import build_trainer
+    from mpo_core.training.fit import build_trainer
 
     config = _config(train=train)
     model = synthetic_causal_lm(vocab_size=len(tokenizer), hidden_size=HIDDEN)
@@ -149,15 +149,15 @@ def test_fsdp2_sharding_reaches_the_trainer(tokenizer, pairs, tmp_path, monkeypa
     """``train.sharding: fsdp2`` (the paper recipes) asks accelerate for FSDP2 under a launcher with several
     processes; one process trains unsharded, with the same fp32 master weights (the sharded step itself:
     tests/test_sharded.py)."""
-    from mpo_core.stages.train import _sharding_arguments
+    from mpo_core.training.sharding import sharding_arguments
 
     sharded = _config(train={"sharding": "fsdp2"}).train
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert _sharding_arguments(sharded)["fsdp_config"]["version"] == 2
+    assert sharding_arguments(sharded)["fsdp_config"]["version"] == 2
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert _sharding_arguments(sharded) == {}
+    assert sharding_arguments(sharded) == {}
     from mpo_core.method.synthetic import synthetic_causal_lm
-    from mpo_core.stages.train import build_trainer
+    from mpo_core.training.fit import build_trainer
 
     config = _config(train={"sharding": "fsdp2"})
     bf16_model = synthetic_causal_lm(vocab_size=len(tokenizer), hidden_size=HIDDEN, dtype=torch.bfloat16)
@@ -177,7 +177,7 @@ def test_paper_learning_rate_moves_fp32_master_weights(tokenizer, pairs, tmp_pat
     fall below the weights' resolution and are lost)."""
     from mpo_core.method.synthetic import synthetic_causal_lm
     from mpo_core.plumbing.artifacts import read_artifact
-    from mpo_core.stages.train import build_trainer
+    from mpo_core.training.fit import build_trainer
 
     config = _config(train={"sharding": "fsdp2", "bf16": True, "learning_rate": 6e-7})
     model = synthetic_causal_lm(vocab_size=len(tokenizer), hidden_size=HIDDEN, dtype=torch.bfloat16)
@@ -230,7 +230,7 @@ def test_every_argument_mpo_sets_from_its_keys_is_refused_in_trainer_args(tmp_pa
     """What mpo's keys set (:func:`_common_arguments`, sharding included) cannot also be set through
     ``trainer_args``; only mpo's plain defaults can be overridden there."""
     from mpo_core.plumbing.trainer_arguments import OWNED_ARGUMENTS
-    from mpo_core.stages.train import _common_arguments
+    from mpo_core.training.fit import _common_arguments
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     arguments = _common_arguments(_config(train={"sharding": "fsdp2"}).train, tmp_path, True, 0)
@@ -256,7 +256,9 @@ def test_interrupted_training_resumes_with_each_logged_step_once(pairs, tiny_mod
 
     from transformers import TrainerCallback
 
-    import mpo_core.stages.train as train_stage
+    import mpo_core.training.fit as fit_module
+    from mpo_core.plumbing.stage_table import CHECKPOINT_DIR
+    from mpo_core.training.checkpoints import LOG_HISTORY
 
     class Interrupt(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -266,20 +268,20 @@ def test_interrupted_training_resumes_with_each_logged_step_once(pairs, tiny_mod
     config = _config(model={"name_or_path": str(tiny_model)}, train={"max_steps": 4, "save_steps": 1})
     inputs = {"filtered": write_pairs(pairs, tmp_path / "pairs.parquet"),
               "reference": _reference(pairs, tmp_path / "reference.parquet", config, 48)}
-    callbacks = train_stage._callbacks
-    monkeypatch.setattr(train_stage, "_callbacks", lambda: [*callbacks(), Interrupt()])
+    callbacks = fit_module.trainer_callbacks
+    monkeypatch.setattr(fit_module, "trainer_callbacks", lambda: [*callbacks(), Interrupt()])
     with pytest.raises(RuntimeError, match="interrupted after logging step 3"):
         run_stage_function("train", config, inputs, tmp_path / "train")
-    checkpoints = tmp_path / "train" / train_stage.CHECKPOINT_DIR
+    checkpoints = tmp_path / "train" / CHECKPOINT_DIR
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]
     state_file = checkpoints / "checkpoint-2" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     state["log_history"].insert(0, {"step": 0, "probe": "checkpoint-2"})
     state_file.write_text(json.dumps(state))
 
-    monkeypatch.setattr(train_stage, "_callbacks", callbacks)
+    monkeypatch.setattr(fit_module, "trainer_callbacks", callbacks)
     model = run_stage_function("train", config, inputs, tmp_path / "train")["checkpoint"]
-    history = json.loads((model / train_stage.LOG_HISTORY).read_text())
+    history = json.loads((model / LOG_HISTORY).read_text())
     assert history[0] == {"step": 0, "probe": "checkpoint-2"}, "training restarted instead of resuming"
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
     assert "train_runtime" in history[-1] and sum("train_runtime" in entry for entry in history) == 1

@@ -9,7 +9,7 @@ a collated batch (README, "The method"; Zhao et al., ACL 2025, arXiv 2505.16869,
 - :func:`paper_mpo_loss` is the loss as the paper's code computes it (the frozen reference inside the step,
   full-vocabulary logits, one graph): the yardstick the tests and benchmarks compare the other two with.
 
-A batch is what :class:`mpo_core.stages.train.MPOCollator` builds: ``target_*`` and ``dominant_*`` sequences
+A batch is what :class:`mpo_core.training.examples.MPOCollator` builds: ``target_*`` and ``dominant_*`` sequences
 (chosen rows first, then rejected), ``ref_gap [B]`` and ``ref_pooled [2B, H]``.
 """
 
@@ -94,7 +94,7 @@ def mpo_backward_step(
     forward_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Accumulate ``scale * grad L`` of one batch into the parameters' ``.grad``, in two backward passes:
-    the objective as training runs it (:meth:`mpo_core.stages.train.MPOTrainer.training_step`).
+    the objective as training runs it (:meth:`mpo_core.training.trainer.MPOTrainer.training_step`).
 
     ``L = L1 + lam * L2`` with the reward-gap objective ``L1 = mean_b (beta * RG^t_b - RG^d_b)^2`` and the
     dominant-language representation constraint ``L2 = MSE(pool(h_policy(d)), pool(h_reference(d)))``

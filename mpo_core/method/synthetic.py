@@ -2,7 +2,7 @@
 
 :func:`synthetic_causal_lm` builds a transformers causal LM from a config alone (``llama`` or ``gemma2``,
 sizes in :data:`SIZES`, ``1b`` is Llama-3.2-1B's shape); :func:`synthetic_mpo_batch` builds a collated MPO
-batch in the layout :class:`mpo_core.stages.train.MPOCollator` returns (target and dominant sides, each pair's
+batch in the layout :class:`mpo_core.training.examples.MPOCollator` returns (target and dominant sides, each pair's
 chosen and rejected sharing their prompt, right-padded, ``ref_gap`` and ``ref_pooled``).
 """
 

@@ -58,7 +58,7 @@ from mpo_core.results.metrics import (
 )
 from mpo_core.results.report import write_report
 from mpo_core.results.stage_results import read_log_history, training_curve
-from mpo_core.stages.align import align_record
+from mpo_core.training.checkpoints import align_record
 
 if TYPE_CHECKING:
     from mpo_core.generation.backend import GenerationBackend
@@ -784,7 +784,7 @@ def pipeline_meta(inputs: dict[str, Path]) -> dict[str, str]:
     """Report lines on how the models came to be: what ``align`` trained on, and MPO's premise (mean RG^d
     and share of pairs with RG^d > 0 per target language) on the pairs the train stage used, else on every
     pair the reference stage saw."""
-    from mpo_core.stages.train import LOG_HISTORY, TRAIN_INFO
+    from mpo_core.training.checkpoints import LOG_HISTORY, TRAIN_INFO
 
     meta = {}
     if "aligned" in inputs and (record := align_record(inputs["aligned"])):
