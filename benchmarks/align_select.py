@@ -25,9 +25,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from mpo_core.evaluation.measure import evaluate_model
+from mpo_core.evaluation.sets import PromptSet, seed_holdout
+from mpo_core.evaluation.summaries import summary_rows
 from mpo_core.plumbing.config import PipelineConfig, load_config
 from mpo_core.plumbing.seed import load_seed_prompts
-from mpo_core.stages.evaluate import PromptSet, evaluate_model, seed_holdout, summary_rows
 from mpo_core.training.align_data import (
     align_train_config,
     build_align_rows,

@@ -14,9 +14,9 @@ import argparse
 import time
 from pathlib import Path
 
+from mpo_core.evaluation.compare import evaluate_models, write_evaluation
 from mpo_core.plumbing.config import load_config, section_hash
 from mpo_core.results.report import markdown_tables
-from mpo_core.stages.evaluate import evaluate_models, write_evaluation
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"

@@ -45,18 +45,14 @@ def _report_path(outputs: dict[str, str]) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mpo_core.plumbing.config import load_config
-    from mpo_core.plumbing.runs import RunFolder
+    from mpo_core.plumbing.runs import open_run
 
-    run = RunFolder.for_config(load_config(args.config, args.set))  # a bad recipe fails here, before Prefect
+    # the recipe and overrides are resolved once, here (a bad recipe fails before Prefect starts), into the
+    # run folder's config.yaml, which the pipeline flow and every stage flow read
+    run, _ = open_run(config=args.config, overrides=args.set)
     from flows.pipeline import mpo_pipeline
 
-    state = mpo_pipeline(
-        config=args.config,
-        overrides=args.set,
-        gpu_deployments=args.gpu_deployments,
-        return_state=True,
-    )
+    state = mpo_pipeline(run=str(run.path), gpu_deployments=args.gpu_deployments, return_state=True)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
     outputs = state.result(raise_on_failure=True)
     _print_states(run)
@@ -68,15 +64,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from mpo_core.plumbing.runs import RunFolder
+    from mpo_core.plumbing.runs import RunFolder, open_run
     from mpo_core.plumbing.stage_table import STAGE_BY_NAME
 
     if args.name not in STAGE_BY_NAME:
         raise MPOError(f"unknown stage {args.name!r}; stages: {', '.join(STAGE_BY_NAME)}")
-    RunFolder(args.run).load_config(args.set)  # a missing run or bad override fails here, before Prefect
+    open_run(run=args.run, overrides=args.set)  # a missing run or bad override fails here, before Prefect
     from flows.stage_flows import STAGE_FLOWS
 
-    state = STAGE_FLOWS[args.name](run=args.run, overrides=args.set, force=args.force, return_state=True)
+    state = STAGE_FLOWS[args.name](run=args.run, force=args.force, return_state=True)
     outputs = state.result(raise_on_failure=True)
     _print_states(RunFolder(args.run))
     for name, path in outputs.items():

@@ -38,6 +38,7 @@ from mpo_core.plumbing.sweep import (
     split_lanes,
     sweep_cells,
 )
+from mpo_core.results.transfer import evaluate_starting_models as evaluate
 from tasks.launch import in_child_process, stages_launched_by
 
 CELL_EVAL_ROLES = "evaluate.roles=[trained]"  # the starting models are evaluated once, not per cell
@@ -56,8 +57,6 @@ def link_shared(source: str, target: str, stages: list[str]) -> list[str]:
 
 @task(name="evaluate-starting-models", cache_policy=NO_CACHE, persist_result=False)
 def evaluate_starting_models(shared_run: str, out_dir: str) -> str:
-    from mpo_core.results.transfer import evaluate_starting_models as evaluate
-
     return str(evaluate(RunFolder(shared_run), Path(out_dir)))
 
 

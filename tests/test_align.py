@@ -11,6 +11,8 @@ import pyarrow as pa
 import pytest
 import torch
 
+from mpo_core.evaluation.measure import Observations, in_prompt_language
+from mpo_core.evaluation.summaries import paired_delta_rows, summary_rows
 from mpo_core.judges.patterns import RefusalPatternJudge
 from mpo_core.method.premise import (
     DROP_REASON,
@@ -28,7 +30,6 @@ from mpo_core.plumbing.seed import load_seed_prompts
 from mpo_core.plumbing.stage_run import starting_model
 from mpo_core.plumbing.stage_table import get_stage
 from mpo_core.results.metrics import bootstrap_difference_ci
-from mpo_core.stages.evaluate import Observations, in_prompt_language, paired_delta_rows, summary_rows
 from mpo_core.training.align_data import align_prompts, build_align_rows, load_refusals, validation_split
 
 
@@ -242,7 +243,7 @@ def test_align_stage_trains_saves_and_is_reused(tmp_path):
 
 
 def test_transfer_summary_says_where_selectivity_rose():
-    from mpo_core.stages.evaluate import transfer_summary
+    from mpo_core.results.sentences import transfer_summary
 
     config = config_from_dict({"run": {"target_langs": ["zh", "ko"]}})
 

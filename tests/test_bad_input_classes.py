@@ -388,11 +388,11 @@ def test_the_dominant_side_language_is_checked_on_the_qwen_file(shared_data):
 
 
 def test_utility_csv_files_use_the_same_reader(tmp_path):
-    from mpo_core.stages.evaluate import load_multiple_choice
+    from mpo_core.readers.utility import load_multiple_choice
 
     path = _write(tmp_path / "mmlu_SW.csv", "question,A,B,answer\n\"Which one, really?\",x,y,A\nWhy,a,b, c,B\n")
     with pytest.raises(InputDataError, match=r"mmlu_SW.csv: row 1: 5 fields where the header has 4"):
-        load_multiple_choice(str(path), ["sw"], None)
+        load_multiple_choice(str(path))
 
 
 # ------------------------------------------------------------------------------- evaluation inputs
@@ -400,7 +400,7 @@ def test_utility_csv_files_use_the_same_reader(tmp_path):
 
 def test_utility_and_judge_files_name_what_is_wrong(tmp_path):
     from mpo_core.judges.patterns import load_refusal_patterns
-    from mpo_core.stages.evaluate import load_mgsm, load_multiple_choice
+    from mpo_core.readers.utility import load_mgsm, load_multiple_choice
 
     mgsm = tmp_path / "mgsm_en.tsv"
     mgsm.write_bytes(b"What is 2+2?\t4\n\xff\xfe?\t5\n")
@@ -409,7 +409,7 @@ def test_utility_and_judge_files_name_what_is_wrong(tmp_path):
     mc = tmp_path / "mc_en.jsonl"
     mc.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": \n', encoding="utf-8")
     with pytest.raises(InputDataError, match=rf"{mc}: row 1 \(line 2\) is not valid JSON"):
-        load_multiple_choice(str(mc), ["en"], None)
+        load_multiple_choice(str(mc))
     patterns = tmp_path / "patterns.json"
     with pytest.raises(ConfigError, match=rf"{patterns}: no such refusal-pattern file"):
         load_refusal_patterns(str(patterns))

@@ -10,20 +10,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from mpo_core.evaluation.measure import Observations
+from mpo_core.evaluation.sets import PairSet, load_pair_set, seed_holdout
+from mpo_core.evaluation.summaries import paired_delta_rows, reference_rows, summary_rows
 from mpo_core.plumbing.config import PipelineConfig, config_from_dict
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.plumbing.stage_run import run_stage_function
-from mpo_core.stages.evaluate import (
-    Observations,
-    PairSet,
-    load_mgsm,
-    load_multiple_choice,
-    load_pair_set,
-    paired_delta_rows,
-    reference_rows,
-    seed_holdout,
-    summary_rows,
-)
+from mpo_core.readers.utility import load_mgsm, load_multiple_choice
 
 
 def _config(**evaluate) -> PipelineConfig:
@@ -59,14 +52,14 @@ def test_load_mgsm_bad_rows_name_file_and_line(tmp_path):
 def test_load_multiple_choice_mmmlu_csv_and_jsonl(tmp_path):
     csv_path = tmp_path / "mmlu_ZH_CN.csv"
     csv_path.write_text("\ufeffQuestion,A,B,C,D,Answer,Subject\n1+1=?,1,2,3,4,B,math\n", encoding="utf-8")
-    items = load_multiple_choice(str(csv_path), ["zh"], None)
+    items = load_multiple_choice(str(csv_path))
     assert items == [{"lang": "zh", "question": "1+1=?", "options": ["1", "2", "3", "4"], "answer": 1}]
     jsonl = tmp_path / "mc.jsonl"
     jsonl.write_text(json.dumps({"lang": "sw", "question": "q", "options": ["a", "b"], "answer": 0}) + "\n")
-    assert load_multiple_choice(str(jsonl), ["sw"], None)[0]["answer"] == 0
+    assert load_multiple_choice(str(jsonl))[0]["answer"] == 0
     jsonl.write_text(json.dumps({"lang": "sw", "question": "q", "options": ["a", "b"], "answer": "C"}) + "\n")
     with pytest.raises(InputDataError, match=r"row 1, column 'answer'"):
-        load_multiple_choice(str(jsonl), ["sw"], None)
+        load_multiple_choice(str(jsonl))
 
 
 def _pairs_table() -> pa.Table:

@@ -7,7 +7,12 @@ import json
 from mpo_core.plumbing.artifacts import write_artifact
 from mpo_core.plumbing.config import config_from_dict
 from mpo_core.plumbing.seed import load_seed_prompts
-from mpo_core.stages.evaluate import pair_supply_line, pipeline_meta, target_means_line, training_curve_line
+from mpo_core.results.sentences import (
+    pair_supply_line,
+    pipeline_meta,
+    target_means_line,
+    training_curve_line,
+)
 
 
 def _pair(prompt_id, lang, source="generated:m"):

@@ -14,7 +14,7 @@ from mpo_core.plumbing.config import PromptsConfig
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.readers.files import csv_header, detect_format, read_json_lines
 from mpo_core.readers.prompts import load_prompts
-from mpo_core.stages.evaluate import load_mgsm, load_multiple_choice
+from mpo_core.readers.utility import load_mgsm, load_multiple_choice
 
 
 def _write(path: Path, text: str) -> Path:
@@ -46,7 +46,7 @@ def test_a_field_whose_json_type_changes_is_named(tmp_path):
 def test_a_json_line_that_is_not_an_object_is_named(tmp_path):
     path = _write(tmp_path / "mc_en.jsonl", '{"question": "q", "options": ["a", "b"], "answer": 0}\n[1, 2]\n')
     with pytest.raises(InputDataError) as err:
-        load_multiple_choice(str(path), ["en"], None)
+        load_multiple_choice(str(path))
     assert str(err.value) == f"{path}: row 1 is not a JSON object"
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpo_core.common.verdicts import is_safe
+from mpo_core.judges.patterns import RefusalPatternJudge
 from mpo_core.plumbing.errors import ConfigError
 from mpo_core.results.metrics import Estimate, wilson_rate_ci
 
@@ -104,8 +105,6 @@ def recall_summary(results: list[Agreement], split: str = "heldout") -> dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mpo_core.judges.patterns import RefusalPatternJudge
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", default=str(HAND_LABELS), help="hand-label JSONL file")
     parser.add_argument("--patterns", default=None, help="refusal pattern file (default: the packaged one)")

@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from mpo_core.judges.patterns import refusal_recall_note
 from mpo_core.plumbing.artifacts import atomic_directory
 
 MODEL_ROLES = ("raw", "base", "trained")
@@ -344,8 +345,6 @@ NOTES = (
 
 def _notes(view: EvalView) -> str:
     """NOTES, plus the measured held-out refusal recall of each refusal_patterns judge in the report."""
-    from mpo_core.judges.patterns import refusal_recall_note
-
     return " ".join([NOTES, *filter(None, (refusal_recall_note(j) for j in view.judges()))])
 
 

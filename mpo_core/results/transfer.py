@@ -258,7 +258,7 @@ def evaluate_starting_models(run, out_dir: Path) -> Path:
     """Evaluate the starting models of a run whose stages before ``train`` are complete (the sweep's shared
     run) on the evaluation sets its cells use; write ``eval.parquet`` and a report into ``out_dir``. Skipped
     when ``out_dir`` already holds the evaluation of the same config sections and inputs."""
-    from mpo_core.stages.evaluate import evaluate_models, write_evaluation
+    from mpo_core.evaluation.compare import evaluate_models, write_evaluation
 
     config = run.load_config()
     outputs = run.available_outputs()
