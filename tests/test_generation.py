@@ -107,13 +107,14 @@ def test_chat_template_keeps_the_models_own_system_prompt(default_model_config):
 
 
 def test_raw_dominant_samples_only_after_align_and_only_in_the_dominant_language(monkeypatch):
+    from mpo_core.generation import responses
     from mpo_core.stages import generate as generation
 
     class NamedEcho(EchoBackend):
         def __init__(self, model_cfg):
             self.model_name = model_cfg.name_or_path
 
-    monkeypatch.setattr(generation, "get_backend", lambda model_cfg, gen_cfg: NamedEcho(model_cfg))
+    monkeypatch.setattr(responses, "get_backend", lambda model_cfg, gen_cfg: NamedEcho(model_cfg))
     config = PipelineConfig.model_validate({
         "model": {"name_or_path": "raw-model"},
         "generate": {"num_samples": 3, "raw_dominant_samples": 2},

@@ -1,6 +1,7 @@
-"""The import layers, read from the source: flows -> tasks -> mpo_core, mpo_core free of Prefect, plumbing at the
-bottom of mpo_core, no import cycle even through imports inside functions, and no function-level import that
-laziness does not explain."""
+"""The import layers, read from the source: flows -> tasks -> mpo_core; in mpo_core three floors, stages on top
+of the library on top of plumbing; no stage imports another; mpo_core free of Prefect; no import cycle even
+through imports inside functions, and no function-level import that laziness does not explain. Every rule
+counts imports inside functions as well as at the top."""
 
 from __future__ import annotations
 
@@ -38,6 +39,24 @@ def test_plumbing_imports_nothing_above_it():
     above = [i for i in PROJECT if _group(i.importer) == "plumbing" and _package(i.imported) == "mpo_core"
              and _group(i.imported) not in ("plumbing", "mpo_core")]
     assert above == []
+
+
+def _is_stage(module: str) -> bool:
+    return module.startswith("mpo_core.stages.")
+
+
+def test_no_stage_imports_another_stage():
+    """A stage module is its ``run_<stage>`` over the library (as torchtune's recipes use only its library):
+    whatever two stages share lives in the library."""
+    assert [f"{i.importer}:{i.lineno} -> {i.imported}" for i in PROJECT
+            if _is_stage(i.importer) and _is_stage(i.imported)] == []
+
+
+def test_the_library_and_results_import_no_stage():
+    """Below the stages nothing reaches up into one: the runner finds stage functions through the stage
+    table's entry strings only."""
+    assert [f"{i.importer}:{i.lineno} -> {i.imported}" for i in PROJECT
+            if _package(i.importer) == "mpo_core" and not _is_stage(i.importer) and _is_stage(i.imported)] == []
 
 
 def test_no_import_cycle_even_through_function_level_imports():
