@@ -9,12 +9,12 @@ last line printed::
 
     mpo_drop_clean=<a> dpo_drop_clean=<b> mpo_drop_noisy=<c> dpo_drop_noisy=<d> english_change_mpo=<e> ...
 
-The shared align adds the paper's English pairs (``--align-extra-pairs``, README "More English align data"): the
+The shared align adds the paper's English pairs (``--align-extra-pairs``, docs/experiments.md "English align with the paper's pairs"): the
 recipe that makes English safer than its targets, so there is something to transfer.
 
 Evaluation (held out, greedy, the recipe's judge): the seed hold-out (harmful and benign) and MultiJail
 harmful prompts, per language; ``ja`` is not among the default target languages here because MultiJail has
-no Japanese (it would get fewer than 20 harmful prompts). Budget: see README (benchmarks) for the measured
+no Japanese (it would get fewer than 20 harmful prompts). Budget: see docs/experiments.md for the measured
 per-stage times the defaults are sized from; scale up with the flags or ``key=value`` overrides, e.g.
 ``--seeds 0 1 2 --train-steps 48 prompts.limit=90``.
 """
@@ -73,12 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="greedy tokens per evaluation answer (a refusal shows in the first few)")
     parser.add_argument("--align-extra-pairs", default=str(SHARED / "mpo_official" / "llama_mpo_data.json"),
                         help="align.extra_pairs of the shared align (the paper's English pairs: the recipe that "
-                             "makes English safe, README 'More English align data'); '' for the default recipe's")
+                             "makes English safe, docs/experiments.md); '' for the default recipe's")
     parser.add_argument("--align-steps", type=int, default=18,
                         help="align.max_steps with --align-extra-pairs (each of about 140 rows seen once at batch 8)")
     parser.add_argument("--workers", type=int, default=1,
                         help="lanes of cells side by side, each stage in its own process (1: in this process; "
-                             "2 lanes on 2 cores measured no faster, README)")
+                             "2 lanes on 2 cores measured no faster, docs/experiments.md)")
     parser.add_argument("--method-override", nargs=2, action="append", default=[], metavar=("METHOD", "KEY=VALUE"),
                         help="an override for one method's cells (repeatable); a method named here drops its "
                              "defaults (each baseline's own beta, mpo_core.plumbing.sweep.METHOD_OVERRIDES)")
