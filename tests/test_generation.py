@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from mpo_core.generation.backend import Completion, GenerationBackend, SamplingSettings
+from mpo_core.generation.backend import Completion, GenerationBackend, SamplingSettings, request_seed
 from mpo_core.generation.responses import generate_responses
 from mpo_core.generation.transformers_backend import TransformersBackend
 from mpo_core.generation.vllm_backend import VLLMBackend
@@ -26,13 +28,13 @@ class EchoBackend(GenerationBackend):
     name = "echo"
     model_name = "echo-model"
 
-    def chat(self, conversations, settings):
+    def chat(self, conversations, settings, seeds=None):
         return [
             [Completion(f"{conv[-1]['content']}#{k}", "stop") for k in range(settings.num_samples)]
             for conv in conversations
         ]
 
-    def complete(self, prompts, settings):
+    def complete(self, prompts, settings, seeds=None):
         return [[Completion(p, "stop")] for p in prompts]
 
 
@@ -47,7 +49,8 @@ def test_rows_follow_the_responses_contract():
     assert set(rows[0]) == set(RESPONSES.names)
     assert [r["sample_idx"] for r in rows[:3]] == [0, 1, 2]
     assert rows[4]["text"] == "Ninawezaje kupika supu rahisi ya nyanya?#1"
-    assert {r["backend"] for r in rows} == {"echo"} and {r["seed"] for r in rows} == {5}
+    assert {r["backend"] for r in rows} == {"echo"}
+    assert [r["seed"] for r in rows] == [request_seed(5, p["prompt_id"], p["lang"]) for p in PROMPTS for _ in range(3)]
     assert all(r["judge"] is None and r["verdict"] is None and r["score"] is None for r in rows)
     greedy = generate_responses(ModelConfig(), GenerateConfig(), PROMPTS, num_samples=1, temperature=0.0,
                                 backend=EchoBackend())
@@ -98,6 +101,25 @@ def test_transformers_backend_is_batched_seeded_and_reproducible(default_model_c
     greedy_single = generate_responses(default_model_config, cfg, PROMPTS[:2], num_samples=1, temperature=0.0,
                                        backend=backend)
     assert greedy_batched[0]["text"] == greedy_single[0]["text"]
+
+
+@pytest.mark.slow
+def test_samples_do_not_depend_on_how_prompts_are_batched(default_model_config):
+    """Each prompt's samples come from its own seed (generate.seed and the prompt's identity): the prompts
+    shuffled and cut into other batches give the same rows, which is what lets a stage be split into shards."""
+    from mpo_core.plumbing.seed import load_seed_prompts
+
+    prompts = [p for p in load_seed_prompts() if p["split"] == "train" and p["harmful"]
+               and p["lang"] in ("en", "zh", "sw")][:15]
+    cfg = GenerateConfig(num_samples=2, max_new_tokens=12, temperature=0.8, seed=3)
+    backend = TransformersBackend(default_model_config, batch_size=16)
+    together = generate_responses(default_model_config, cfg, prompts, backend=backend)
+    shuffled = random.Random(0).sample(prompts, len(prompts))
+    backend.batch_size = 4
+    apart = generate_responses(default_model_config, cfg, shuffled, backend=backend)
+    key = lambda r: (r["prompt_id"], r["lang"], r["sample_idx"])
+    assert sorted((key(r), r["text"], r["seed"]) for r in together) == sorted((key(r), r["text"], r["seed"]) for r in apart)
+    assert sum(a["text"] != b["text"] for a, b in zip(together[::2], together[1::2])) >= len(prompts) // 2
 
 
 def test_chat_template_keeps_the_models_own_system_prompt(default_model_config):

@@ -202,11 +202,11 @@ def test_llm_judge_runs_through_a_backend_greedily():
         def __init__(self):
             self.seen = []
 
-        def chat(self, conversations, settings):
+        def chat(self, conversations, settings, seeds=None):
             self.seen.append(("chat", settings))
             return [[Completion("Safety: Unsafe\nCategories: Violent\nRefusal: No", "stop")] for _ in conversations]
 
-        def complete(self, prompts, settings):
+        def complete(self, prompts, settings, seeds=None):
             self.seen.append(("complete", settings))
             return [[Completion("safe" if "sorry" in p else "unsafe\nS9", "stop")] for p in prompts]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mpo_core.generation.backend import Completion, SamplingSettings
+from mpo_core.generation.backend import Completion, SamplingSettings, content_seeds
 from mpo_core.generation.vllm_backend import VLLMBackend
 from mpo_core.plumbing.config import ModelConfig
 
@@ -68,13 +68,15 @@ def test_vllm_backend_maps_prompts_sampling_and_outputs(fake_vllm):
         "org/model", "abc", "bfloat16", 7, False,
     )
     conversations = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Bye"}]]
-    sampled = backend.chat(conversations, SamplingSettings(num_samples=2, max_new_tokens=9, temperature=0.8, top_p=0.9, seed=3))
+    settings = SamplingSettings(num_samples=2, max_new_tokens=9, temperature=0.8, top_p=0.9, seed=3)
+    sampled = backend.chat(conversations, settings, seeds=[11, 12])
     kind, sent, params, generation_prompt, chat_template = engine.calls[-1]
     assert kind == "chat" and sent == conversations and generation_prompt and chat_template == template
-    assert params == FakeSamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=9, seed=3)
+    assert params == [FakeSamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=9, seed=seed) for seed in (11, 12)]
     assert sampled[1] == [Completion("answer 1", "stop"), Completion("cut", "length")]
 
     backend.complete(["ab cde"], SamplingSettings(max_new_tokens=4))
     kind, prompts, params = engine.calls[-1]
     assert prompts == [{"prompt_token_ids": [2, 3, 0]}]  # tokenised without special tokens
-    assert params == FakeSamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=4, seed=0)  # greedy
+    seed = content_seeds(0, ["ab cde"])[0]  # no identity given: the request's content is its identity
+    assert params == [FakeSamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=4, seed=seed)]  # greedy

@@ -4,14 +4,19 @@ A backend turns prompts into ``k`` completions each. ``chat`` takes conversation
 ``{"role", "content"}`` messages) and applies the model's own chat template with the generation prompt;
 ``complete`` takes text that is already formatted (the LLM judges build their own prompt formats).
 
-Determinism: the same config on the same backend gives the same samples. The transformers backend sorts
-prompts by token length (less padding), cuts them into batches and seeds torch with ``seed + batch_index``
-before each batch; vLLM gets ``SamplingParams(seed=seed)`` per request. ``temperature == 0`` is greedy.
+Determinism: every request (one conversation and its ``num_samples`` completions) has its own seed,
+derived from the sampling seed and the prompt's identity (:func:`request_seed`), never from its place in a
+batch: the same prompt gives the same samples whatever else is generated beside it, so a stage can be cut
+into batches or shards without changing its output. The transformers backend draws each sample's tokens
+from a generator of its own (:func:`sample_seed`); vLLM gets ``SamplingParams(seed=...)`` per request.
+``temperature == 0`` is greedy.
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mpo_core.plumbing.errors import ConfigError
@@ -49,18 +54,44 @@ class Completion:
     finish_reason: str
 
 
+def _seed_of(*parts: object) -> int:
+    """63 bits of sha256 over ``parts``: a seed that torch and vLLM both take."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def request_seed(seed: int, *identity: object) -> int:
+    """The seed of one request: the sampling ``seed`` and the prompt's identity (``prompt_id``, ``lang``)."""
+    return _seed_of("request", seed, *identity)
+
+
+def sample_seed(request: int, sample_idx: int) -> int:
+    """The seed of sample ``sample_idx`` of a request (backends that draw each sample on its own)."""
+    return _seed_of("sample", request, sample_idx)
+
+
+def content_seeds(seed: int, requests: Sequence[object]) -> list[int]:
+    """Request seeds from the requests' own content, for callers that name no identity."""
+    return [request_seed(seed, repr(request)) for request in requests]
+
+
 class GenerationBackend(abc.ABC):
-    """Generates ``num_samples`` completions per prompt, in the prompts' order."""
+    """Generates ``num_samples`` completions per prompt, in the prompts' order. ``seeds``: one per request
+    (:func:`request_seed`); ``None`` derives them from each request's content (:func:`content_seeds`)."""
 
     name: str
     model_name: str
 
     @abc.abstractmethod
-    def chat(self, conversations: list[list[Message]], settings: SamplingSettings) -> list[list[Completion]]:
+    def chat(
+        self, conversations: list[list[Message]], settings: SamplingSettings, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
         """Completions of each conversation under the model's chat template (generation prompt added)."""
 
     @abc.abstractmethod
-    def complete(self, prompts: list[str], settings: SamplingSettings) -> list[list[Completion]]:
+    def complete(
+        self, prompts: list[str], settings: SamplingSettings, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
         """Completions of already formatted prompt texts (no template, no special tokens added)."""
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mpo_core.generation.backend import GenerationBackend, SamplingSettings
+from mpo_core.generation.backend import GenerationBackend, SamplingSettings, request_seed
 from mpo_core.generation.transformers_backend import TransformersBackend
 from mpo_core.generation.vllm_backend import VLLMBackend
 from mpo_core.plumbing.config import GenerateConfig, ModelConfig
@@ -28,7 +28,8 @@ def generate_responses(
     """RESPONSES rows (unlabelled) for prompt dicts with ``prompt_id, lang, text``.
 
     Keyword arguments override ``gen_cfg``; ``num_samples=1, temperature=0.0`` is greedy. Pass ``backend``
-    to reuse a loaded model across calls.
+    to reuse a loaded model across calls. Each prompt's samples come from its own seed,
+    ``request_seed(gen_cfg.seed, prompt_id, lang)`` (the ``seed`` column), whatever prompts come with it.
     """
     settings = SamplingSettings(
         num_samples=gen_cfg.num_samples if num_samples is None else num_samples,
@@ -39,7 +40,8 @@ def generate_responses(
     )
     backend = backend if backend is not None else get_backend(model_cfg, gen_cfg)
     conversations = [[{"role": "user", "content": p["text"]}] for p in prompts]
-    completions = backend.chat(conversations, settings) if prompts else []
+    seeds = [request_seed(settings.seed, p["prompt_id"], p["lang"]) for p in prompts]
+    completions = backend.chat(conversations, settings, seeds) if prompts else []
     return [
         {
             "prompt_id": p["prompt_id"],
@@ -50,11 +52,11 @@ def generate_responses(
             "finish_reason": c.finish_reason,
             "model": backend.model_name,
             "backend": backend.name,
-            "seed": settings.seed,
+            "seed": seed,
             "judge": None,
             "verdict": None,
             "score": None,
         }
-        for p, samples in zip(prompts, completions)
+        for p, seed, samples in zip(prompts, seeds, completions)
         for sample_idx, c in enumerate(samples)
     ]

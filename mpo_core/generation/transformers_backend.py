@@ -1,7 +1,13 @@
-"""The transformers backend: ``model.generate`` in length-sorted batches with left padding (CPU or one GPU)."""
+"""The transformers backend: ``model.generate`` in length-sorted batches with left padding (CPU or one GPU).
+
+Sampling draws every sample's next token with a generator of its own (:class:`SeededSampler`, seeded by
+:func:`~mpo_core.generation.backend.sample_seed`), so a sample depends on its request's seed and the model's
+probabilities only, not on the batch it was generated in.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mpo_core.generation.backend import (
@@ -9,13 +15,41 @@ from mpo_core.generation.backend import (
     GenerationBackend,
     Message,
     SamplingSettings,
+    content_seeds,
+    sample_seed,
     without_cut_character,
 )
 from mpo_core.plumbing.config import ModelConfig
 from mpo_core.plumbing.progress import Tracker
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class SeededSampler:
+    """A logits processor that samples each row's next token itself, with the row's own generator:
+    temperature, then nucleus (``top_p``: the smallest set of tokens whose probability reaches it), then one
+    draw. It returns scores that are ``-inf`` except at the drawn token, so ``generate`` run greedily keeps
+    exactly that token. Rows are ``generate``'s (each request's ``num_samples`` rows next to each other)."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device) -> None:
+        import torch
+
+        self.temperature, self.top_p = temperature, top_p
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        tokens = torch.cat([torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, self.generators)])
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(-1, tokens[:, None], 0.0)
 
 
 class TransformersBackend(GenerationBackend):
@@ -47,27 +81,36 @@ class TransformersBackend(GenerationBackend):
             for conv in conversations
         ]
 
-    def chat(self, conversations: list[list[Message]], settings: SamplingSettings) -> list[list[Completion]]:
-        return self.complete(self.chat_texts(conversations), settings)
+    def chat(
+        self, conversations: list[list[Message]], settings: SamplingSettings, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
+        return self.complete(self.chat_texts(conversations), settings,
+                             content_seeds(settings.seed, conversations) if seeds is None else seeds)
 
-    def complete(self, prompts: list[str], settings: SamplingSettings) -> list[list[Completion]]:
+    def complete(
+        self, prompts: list[str], settings: SamplingSettings, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
         import torch
 
+        seeds = content_seeds(settings.seed, prompts) if seeds is None else seeds
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         results: list[list[Completion]] = [[] for _ in prompts]
         eos_ids = self._eos_ids()
         with Tracker(len(prompts), desc="generate", unit="prompt") as tracker:
-            for batch_index, start in enumerate(range(0, len(order), self.batch_size)):
+            for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                batch = self.tokenizer.pad(
-                    {"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt"
-                ).to(self.model.device)
-                torch.manual_seed(settings.seed + batch_index)
+                rows = [encoded[i] for i in idx for _ in range(settings.num_samples)]  # a request's samples adjacent
+                batch = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(self.model.device)
+                samplers = [] if settings.greedy else [SeededSampler(
+                    [sample_seed(seeds[i], j) for i in idx for j in range(settings.num_samples)],
+                    settings.temperature, settings.top_p, self.model.device,
+                )]
                 with torch.inference_mode():
                     out = self.model.generate(
                         **batch,
                         generation_config=self._generation_config(settings, eos_ids),
+                        logits_processor=samplers,
                     )
                 new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
                 for row, tokens in enumerate(new_tokens):
@@ -84,17 +127,11 @@ class TransformersBackend(GenerationBackend):
     def _generation_config(self, settings: SamplingSettings, eos_ids: set[int]) -> Any:
         from transformers import GenerationConfig
 
-        sampling: dict[str, Any] = (
-            {"do_sample": False}
-            if settings.greedy
-            else {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
-        )
-        return GenerationConfig(
+        return GenerationConfig(  # greedy: sampling, where asked, is the SeededSampler's
             max_new_tokens=settings.max_new_tokens,
-            num_return_sequences=settings.num_samples,
             eos_token_id=sorted(eos_ids),
             pad_token_id=self.tokenizer.pad_token_id,
-            **sampling,
+            do_sample=False,
         )
 
     def _completion(self, tokens: list[int], eos_ids: set[int]) -> Completion:

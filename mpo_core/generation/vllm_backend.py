@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from mpo_core.generation.backend import Completion, GenerationBackend, Message, SamplingSettings
+from mpo_core.generation.backend import (
+    Completion,
+    GenerationBackend,
+    Message,
+    SamplingSettings,
+    content_seeds,
+)
 from mpo_core.plumbing.config import ModelConfig
 from mpo_core.plumbing.errors import ModelLoadError
 
@@ -37,7 +44,8 @@ class VLLMBackend(GenerationBackend):
         )
 
     @staticmethod
-    def sampling_params(settings: SamplingSettings) -> Any:
+    def sampling_params(settings: SamplingSettings, seed: int) -> Any:
+        """One request's sampling parameters, ``seed`` its own (:func:`~mpo_core.generation.backend.request_seed`)."""
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -45,19 +53,26 @@ class VLLMBackend(GenerationBackend):
             temperature=settings.temperature,
             top_p=1.0 if settings.greedy else settings.top_p,
             max_tokens=settings.max_new_tokens,
-            seed=settings.seed,
+            seed=seed,
         )
 
-    def chat(self, conversations: list[list[Message]], settings: SamplingSettings) -> list[list[Completion]]:
+    def chat(
+        self, conversations: list[list[Message]], settings: SamplingSettings, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
+        seeds = content_seeds(settings.seed, conversations) if seeds is None else seeds
         outputs = self.llm.chat(
-            conversations, self.sampling_params(settings), add_generation_prompt=True, chat_template=self.chat_template
+            conversations, [self.sampling_params(settings, seed) for seed in seeds], add_generation_prompt=True,
+            chat_template=self.chat_template,
         )
         return [self._completions(o) for o in outputs]
 
-    def complete(self, prompts: list[str], settings: SamplingSettings) -> list[list[Completion]]:
+    def complete(
+        self, prompts: list[str], settings: SamplingSettings, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
+        seeds = content_seeds(settings.seed, prompts) if seeds is None else seeds
         tokenizer = self.llm.get_tokenizer()
         token_prompts = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
-        outputs = self.llm.generate(token_prompts, self.sampling_params(settings))
+        outputs = self.llm.generate(token_prompts, [self.sampling_params(settings, seed) for seed in seeds])
         return [self._completions(o) for o in outputs]
 
     @staticmethod

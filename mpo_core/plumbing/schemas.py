@@ -194,7 +194,7 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "finish_reason": "`stop` (the model ended its turn) or `length` (cut at the token limit).",
         "model": "Name or path of the model that answered.",
         "backend": "The generation backend (`transformers` or `vllm`).",
-        "seed": "The sampling seed of this response.",
+        "seed": "The seed of this response's request: generate.seed and the prompt's identity (prompt_id, lang).",
         "judge": "The judge that labelled the response; null before the label stage.",
         "verdict": "The judge's verdict: `safe`, `unsafe`, `refusal` or `compliance`; null before labelling.",
         "score": "Probability-like safety score in [0, 1], 1 = safe; null before labelling.",
