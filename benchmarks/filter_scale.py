@@ -102,12 +102,23 @@ def synthetic_batch(pools: dict[str, list[str]], targets: list[str], n: int, sta
         columns["dominant_lang"].append("en")
         columns["target_lang"].append(lang)
         columns["source"].append("synthetic")
-        for name in ("judge", "dominant_chosen_score", "dominant_rejected_score", "target_chosen_score",
-                     "target_rejected_score"):
-            columns[name].append(None)
         columns["dominant_chosen_fallback"].append(False)
         columns["target_chosen_fallback"].append(False)
     return columns
+
+
+def pairs_table(columns: dict[str, list], n: int):
+    """``columns`` as a PAIRS table, built from the schema: a column the generator does not set is null
+    (provenance such as judge scores; a column added to the schema later), so the benchmark keeps running
+    when the schema grows; a non-nullable one left unset fails the artifact checks by name on write."""
+    import pyarrow as pa
+
+    from mpo_core.plumbing.schemas import PAIRS
+
+    unknown = sorted(set(columns) - set(PAIRS.names))
+    if unknown:
+        raise ValueError(f"columns {unknown} are not in the pairs schema")
+    return pa.Table.from_pydict({f.name: columns.get(f.name, [None] * n) for f in PAIRS}, schema=PAIRS)
 
 
 def worker_cpu_seconds() -> float:
@@ -144,7 +155,6 @@ def main() -> None:
     from mpo_core.common.langid import identify
     from mpo_core.plumbing.artifacts import ArtifactWriter
     from mpo_core.plumbing.config import FilterConfig
-    from mpo_core.plumbing.schemas import PAIRS
     from mpo_core.stages.filter import PairFilter, report_markdown
 
     if not DATA.is_dir():
@@ -168,7 +178,7 @@ def main() -> None:
             ArtifactWriter(Path(tmp) / "dropped.parquet", "dropped") as dropped_out:
         while rows_done < args.rows:
             n = min(args.batch_size, args.rows - rows_done)
-            batch = pa.Table.from_pydict(synthetic_batch(pools, targets, n, rows_done, rng), schema=PAIRS)
+            batch = pairs_table(synthetic_batch(pools, targets, n, rows_done, rng), n)
             chars += sum(pa.compute.sum(pa.compute.utf8_length(batch.column(c))).as_py() or 0
                          for c in ("target_prompt", "target_chosen", "target_rejected"))
             start, cpu_start = time.perf_counter(), time.process_time()
