@@ -13,12 +13,23 @@ Greedy decoding of ``evaluate.max_new_tokens`` tokens, the judge of ``label.judg
     python benchmarks/align_select.py                          # every candidate, validation table
     python benchmarks/align_select.py --candidates dpo_b01 sft_30
     python benchmarks/align_select.py --candidates none --holdout sft_30 dpo_b01
+
+The last line names the candidate with the highest ``selectivity`` in the dominant language in the last table
+(hold-out where measured, else validation) and its figures::
+
+    align_select_seconds=<s> candidates=<n> best=<name> best_asr=<a> best_over_refusal=<o> best_selectivity=<v>
+
+``--smoke`` (what CI runs, ``tests/test_benchmarks.py``): the default path (validation) for ``dpo_12`` alone,
+capped at one step, on the first 2 harmful and 2 benign prompts (one of each validates), 4-token answers,
+into ``runs/align_select-smoke``; flags and overrides given beside it still win (``--holdout dpo_12`` adds
+the hold-out in English and Chinese, 2 + 2 prompts each).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -66,6 +77,10 @@ CANDIDATES: dict[str, dict] = {
                             "save_steps": 18, "extra_pairs": MPO_PAIRS},
 }
 METRICS = ("asr", "over_refusal", "selectivity", "response_lang_share")
+SMOKE = {"candidates": ["dpo_12"], "max_steps": 1, "prompts_per_kind": 2,
+         "out": str(ROOT / "runs" / "align_select-smoke")}
+SMOKE_OVERRIDES = ["run.target_langs=[zh]", "align.answer_max_new_tokens=4", "evaluate.max_new_tokens=4",
+                   "evaluate.bootstrap_samples=10"]
 
 
 def own_answers_cached(config: PipelineConfig, prompts: list[dict], cache: Path) -> dict[str, str]:
@@ -122,6 +137,22 @@ def table(results: dict[str, list[dict]], langs: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _value(rows: list[dict], lang: str, metric: str) -> float:
+    values = [r["value"] for r in rows if r["lang"] == lang and r["metric"] == metric and r["value"] is not None]
+    return float(values[0]) if values else math.nan
+
+
+def summary_line(results: dict[str, list[dict]], lang: str, seconds: float) -> str:
+    """The last line: the candidate of ``results`` with the highest selectivity in ``lang`` and its figures."""
+    def selectivity(name: str) -> float:
+        value = _value(results[name], lang, "selectivity")
+        return value if math.isfinite(value) else -math.inf
+
+    best = max(results, key=selectivity)
+    figures = " ".join(f"best_{m}={_value(results[best], lang, m):.3f}" for m in ("asr", "over_refusal", "selectivity"))
+    return f"align_select_seconds={seconds:.1f} candidates={len(results)} best={best} {figures}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
@@ -130,24 +161,49 @@ def main() -> None:
                         help=f"validation candidates ('none' for no validation run); known: {list(CANDIDATES)}")
     parser.add_argument("--holdout", nargs="*", default=[], help="candidates measured once on the hold-out")
     parser.add_argument("--keep-models", action="store_true", help="keep the trained checkpoints")
+    parser.add_argument("--max-steps", type=int, help="cap every candidate's align.max_steps (and save_steps)")
+    parser.add_argument("--prompts-per-kind", type=int,
+                        help="only the first N harmful and N benign prompts (train split; hold-out per language)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. align.max_length=96")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes for CI: {SMOKE}, {SMOKE_OVERRIDES}")
     args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
+        args.overrides = SMOKE_OVERRIDES + args.overrides
+    started = time.perf_counter()
+
+    def first(rows: list[dict]) -> list[dict]:
+        if args.prompts_per_kind is None:
+            return rows
+        seen: dict[tuple[str, bool], int] = {}
+        kept = []
+        for r in rows:
+            key = (r["lang"], r["harmful"])
+            if seen.get(key, 0) < args.prompts_per_kind:
+                kept.append(r)
+                seen[key] = seen.get(key, 0) + 1
+        return kept
+
+    def candidate(name: str) -> dict:
+        steps = {"max_steps": args.max_steps, "save_steps": args.max_steps} if args.max_steps else {}
+        return {**CANDIDATES[name], **steps}
 
     base = load_config(args.config, args.overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lang = base.run.dominant_lang
-    train = [r for r in load_seed_prompts() if r["lang"] == lang and r["split"] == "train"]
+    train = first([r for r in load_seed_prompts() if r["lang"] == lang and r["split"] == "train"])
     harmful, benign = [r for r in train if r["harmful"]], [r for r in train if not r["harmful"]]
     answers = own_answers_cached(base, harmful + benign, out / "answers.json")
 
     def run(name: str, fit_harmful: list[dict], fit_benign: list[dict], prompts: list[dict], tag: str) -> list[dict]:
-        config = base.model_copy(update={"align": base.align.model_copy(update=CANDIDATES[name])})
+        config = base.model_copy(update={"align": base.align.model_copy(update=candidate(name))})
         model_dir = out / f"{tag}-{name}"
         shutil.rmtree(model_dir, ignore_errors=True)
         model, counts, seconds = train_candidate(config, fit_harmful, fit_benign, answers, model_dir)
         rows, responses = measure(config, model, name, prompts)
-        record = {"candidate": name, "align": CANDIDATES[name], "rows": counts, "train_seconds": round(seconds, 1),
+        record = {"candidate": name, "align": candidate(name), "rows": counts, "train_seconds": round(seconds, 1),
                   "summary": rows, "responses": responses}
         (out / f"{tag}-{name}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
         print(f"{tag} {name}: rows {counts}, trained in {seconds:.0f} s", flush=True)
@@ -156,6 +212,7 @@ def main() -> None:
         return rows
 
     names = [n for n in args.candidates if n != "none"]
+    results: dict[str, list[dict]] = {}
     if names:
         (fit_harmful, fit_benign), (val_harmful, val_benign) = validation_split(harmful, benign)
         results = {n: run(n, fit_harmful, fit_benign, val_harmful + val_benign, "val") for n in names}
@@ -163,10 +220,12 @@ def main() -> None:
               f"kept out of align; trained on {len(fit_harmful)} + {len(fit_benign)}):\n")
         print(table(results, [lang]))
     if args.holdout:
-        holdout = [r for r in seed_holdout(None) if r["lang"] in (lang, *base.run.target_langs)]
+        holdout = first([r for r in seed_holdout(None) if r["lang"] in (lang, *base.run.target_langs)])
         results = {n: run(n, harmful, benign, holdout, "holdout") for n in args.holdout}
         print("\nSeed hold-out (measured once per recipe, trained on the whole train split):\n")
         print(table(results, [lang, *base.run.target_langs]))
+    if results:
+        print(summary_line(results, lang, time.perf_counter() - started))
 
 
 if __name__ == "__main__":

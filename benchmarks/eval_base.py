@@ -6,6 +6,10 @@ real data from ``../shared/data``. Writes ``eval.parquet``, the judged responses
 ``--out`` and prints the overview table (Markdown) and the time taken. Example::
 
     python benchmarks/eval_base.py --multijail-per-lang 50 --pairs-per-lang 8 generate.batch_size=64
+
+``--smoke`` (what CI runs, ``tests/test_benchmarks.py``): English and Chinese only, one prompt per set and
+language, one pair per language, 4 new tokens, 10 bootstrap samples, into ``runs/eval_base-smoke``; flags
+and overrides given beside it still win.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from mpo_core.results.report import markdown_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
+SMOKE = {"multijail_per_lang": 1, "pairs_per_lang": 1, "max_length": 64, "max_new_tokens": 4,
+         "out": str(ROOT / "runs" / "eval_base-smoke")}
+SMOKE_OVERRIDES = ["evaluate.langs=[en,zh]", "evaluate.bootstrap_samples=10"]
 
 
 def main() -> None:
@@ -39,7 +46,12 @@ def main() -> None:
     parser.add_argument("--mgsm-max-new-tokens", type=int, default=96)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key.sub=value")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes for CI: {SMOKE}, {SMOKE_OVERRIDES}")
     args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
+        args.overrides = SMOKE_OVERRIDES + args.overrides
 
     safety_sets = ([] if args.no_seed else ["seed"]) + ([f"'{args.multijail}'"] if args.multijail else [])
     overrides = [

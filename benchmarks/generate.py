@@ -11,7 +11,8 @@ and new tokens/s of each and, on the last line, ``generate_speedup_batched=<batc
 language); ``--langs all`` mixes all seven, whose prompt lengths differ up to 5x (Bengali is long for this
 tokenizer), so one batch pads the short ones. On a CPU shared with other busy processes, ``--threads 1``
 (or ``OMP_NUM_THREADS=1``) avoids thread oversubscription, which slowed both modes about 5-10x on the
-2-core build machine.
+2-core build machine. ``--smoke`` (what CI runs, ``tests/test_benchmarks.py``): 2 prompts, batches of 2, 4 new
+tokens; flags given beside it still win.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from mpo_core.generation.responses import generate_responses
 from mpo_core.generation.transformers_backend import TransformersBackend
 from mpo_core.plumbing.config import GenerateConfig, ModelConfig
 from mpo_core.plumbing.seed import load_seed_prompts
+
+SMOKE = {"prompts": 2, "batch_size": 2, "max_new_tokens": 4}
 
 
 def timed_generation(
@@ -50,7 +53,11 @@ def main() -> None:
     parser.add_argument("--model", default=ModelConfig().name_or_path)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes for CI: {SMOKE}")
     args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -32,6 +32,11 @@ The machine is shared while this runs: the figures are printed as measured, with
 (weights, optimizer state, activations; the online variant's reference model too); MFU is against a bf16
 ``torch.mm`` peak measured in the same run. The last line is
 ``gpu_step_ratio=<online / ours> gpu_peak_mem_ratio=<online / ours> gpu_mfu=<ours>``.
+
+``--smoke`` (what CI runs, ``tests/test_benchmarks.py``): the default comparison on the embedded model at
+the smallest size, for the code path, not the figures: one pair of at most 160 tokens (TRL drops a pair
+whose prompt fills the length; the first, Chinese, takes 128 with the chat template), one timed step, no
+warm-up, a 256 x 256 matmul peak; flags given beside it still win.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("MPO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 VARIANTS = ("precomputed", "online", "trl_dpo")
+SMOKE = {"pairs_per_step": 1, "max_length": 160, "steps": 1, "warmup": 0, "matmul_size": 256}
 
 
 def rss_mib() -> float:
@@ -354,7 +360,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--synthetic", choices=("tiny", "1b"), help="random Llama model and tokens, bf16, no data")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where present (--synthetic)")
+    parser.add_argument("--matmul-size", type=int, help="side of the peak-measuring matmul (default: 2048; "
+                        "--synthetic: 8192 on cuda, 512 on cpu)")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes for CI: {SMOKE}")
     args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     if args.synthetic and args.device is None:
         import torch
 
@@ -368,9 +380,9 @@ def main() -> None:
     if not (SHARED_DATA / "mpo_official").is_dir():
         sys.exit(f"real data not found at {SHARED_DATA} (set MPO_SHARED_DATA)")
 
-    peak_before = matmul_peak_gflops()
+    peak_before = matmul_peak_gflops(args.matmul_size or 2048)
     results = run_subprocesses(args)
-    peak = max(peak_before, matmul_peak_gflops())
+    peak = max(peak_before, matmul_peak_gflops(args.matmul_size or 2048))
     a, b = results["precomputed"], results["online"]
     head_flops = 6 * a["n_head"] * a["tokens_per_step"]["response"]
     flops = 6 * a["n_body"] * a["tokens_per_step"]["executed"] + head_flops
@@ -420,7 +432,7 @@ def run_subprocesses(args) -> dict:
 
 def main_synthetic(args) -> None:
     """The ``--synthetic`` comparison; the last line carries the three figures ``gpu-check.sh`` reports."""
-    size = 8192 if args.device == "cuda" else 512
+    size = args.matmul_size or (8192 if args.device == "cuda" else 512)
     peak = matmul_peak_gflops(size, device=args.device, dtype="bfloat16")
     results = run_subprocesses(args)
     peak = max(peak, matmul_peak_gflops(size, device=args.device, dtype="bfloat16"))

@@ -17,6 +17,12 @@ harmful prompts, per language; ``ja`` is not among the default target languages 
 no Japanese (it would get fewer than 20 harmful prompts). Budget: see docs/experiments.md for the measured
 per-stage times the defaults are sized from; scale up with the flags or ``key=value`` overrides, e.g.
 ``--seeds 0 1 2 --train-steps 48 prompts.limit=90``.
+
+``--smoke`` (what CI runs, ``tests/test_benchmarks.py``): one cell (MPO, clean labels, seed 0), Chinese only,
+6 seed prompts, one MultiJail prompt per language, one align step (on 2 harmful, 2 benign prompts and 2 of
+the paper's pairs) and one training step, 4-token answers,
+into ``runs/transfer-smoke``: the whole sweep's code path in a few minutes, not its figures; flags and
+overrides given beside it still win.
 """
 
 from __future__ import annotations
@@ -52,6 +58,14 @@ from mpo_core.results.transfer import (
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CELLS = sweep_cells(DEFAULT_METHODS, DEFAULT_NOISE, DEFAULT_SEEDS)
 SHARED = ROOT.parent / "shared" / "data"
+SMOKE = {"name": "transfer-smoke", "methods": ["mpo"], "noise": [0.0], "seeds": [0], "target_langs": "zh",
+         "prompts_limit": 6, "multijail_per_lang": 1, "train_steps": 1, "eval_tokens": 4, "align_steps": 1}
+SMOKE_OVERRIDES = [  # short sequences; an align of one step leaves English unsafe: train on every pair anyway
+    "align.max_harmful=2", "align.max_benign=2", "align.max_extra_pairs=2", "align.per_device_batch_size=2",
+    "align.answer_max_new_tokens=4", "generate.max_new_tokens=4", "reference.max_length=64",
+    "reference.min_safe_share=0.0", "reference.drop_unsafe_pairs=false", "train.max_length=64",
+    "evaluate.max_length=64", "evaluate.max_pairs_per_lang=1", "evaluate.bootstrap_samples=10",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="an override for one method's cells (repeatable); a method named here drops its "
                              "defaults (each baseline's own beta, mpo_core.plumbing.sweep.METHOD_OVERRIDES)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key.sub=value")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes for CI: {SMOKE}, {SMOKE_OVERRIDES}")
     args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+        args.overrides = SMOKE_OVERRIDES + args.overrides
     unknown = sorted({method for method, _ in args.method_override} - set(DEFAULT_METHODS))
     if unknown:
         parser.error(f"--method-override names {unknown}; the methods are {DEFAULT_METHODS}")
