@@ -21,4 +21,5 @@ names=(--name "mpo-pipeline/default" --name "*/cpu" --name "*/gpu" --name "mpo-t
 # container pools only where they exist (prefect-docker / prefect-kubernetes workers)
 prefect work-pool inspect gpu-docker >/dev/null 2>&1 && names+=(--name "mpo-train/gpu-docker")
 prefect work-pool inspect gpu-kubernetes >/dev/null 2>&1 && names+=(--name "mpo-train/gpu-kubernetes")
+prefect work-pool inspect gpu-multinode >/dev/null 2>&1 && names+=(--name "mpo-train/multinode-kubernetes")
 prefect --no-prompt deploy --prefect-file deployments/prefect.yaml "${names[@]}"

@@ -136,14 +136,14 @@ def test_output_summary_links_and_counts_without_data(tmp_path):
 
 def test_accelerate_launch_command(tmp_path, monkeypatch):
     from mpo_core.plumbing.config import PipelineConfig
-    from mpo_core.plumbing.runs import run_in_process
+    from mpo_core.plumbing.runs import launch_payload, run_in_process
     from mpo_core.plumbing.stage_run import StageInputs, StageRun
     from tasks.launch import launch_command, launcher_for
 
     spec = get_stage("train")
     stage = StageRun(spec, PipelineConfig(), StageInputs({"filtered": tmp_path / "f.parquet"}), tmp_path / "train",
                      True, "abc", {"filtered": "123"})
-    command = launch_command("accelerate launch --multi_gpu --num_processes 8", stage)
+    command = launch_command("accelerate launch --multi_gpu --num_processes 8", "train", tmp_path, launch_payload(stage))
     assert command[:6] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "8", "-m"]
     assert command[6:9] == ["mpo_core.plumbing.runs", "train", str(tmp_path.resolve())]
     assert json.loads(command[9]) == {"inputs": {"filtered": str((tmp_path / "f.parquet").resolve())},

@@ -8,6 +8,10 @@ weights), and losses and final weights equal the one-process run."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +25,7 @@ from mpo_core.plumbing.runs import RunFolder
 from mpo_core.plumbing.stage_run import run_stage_function
 from mpo_core.plumbing.stage_table import CHECKPOINT_DIR, get_stage
 from mpo_core.training.checkpoints import LOG_HISTORY, MODEL_DIR, TRAIN_INFO
-from tasks.launch import launcher_for
+from tasks.launch import LAUNCH_FILE, launcher_for
 
 WORLD = 2
 PAIRS = 4  # two steps of two pairs per epoch
@@ -124,8 +128,15 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
     assert layout["sharded_parameters"] == layout["parameters"] > 0, layout
     assert layout["master_dtype"] == "float32" and layout["checkpointed_layers"] == 0, layout
 
+    _assert_equals_one_process(train_dir, inputs, tiny_model, tmp_path, max_steps=4)
+
+
+def _assert_equals_one_process(train_dir: Path, inputs: dict[str, Path], tiny_model: Path, tmp_path: Path,
+                               max_steps: int) -> None:
+    """The launched training in ``train_dir`` equals one process holding the whole batch (losses, gradient
+    norms, final weights)."""
     whole_dir = tmp_path / "whole"
-    whole = _config(tmp_path, "whole", tiny_model, max_steps=4, per_device=2)
+    whole = _config(tmp_path, "whole", tiny_model, max_steps=max_steps, per_device=2)
     run_stage_function("train", whole, inputs, whole_dir)
     assert json.loads((whole_dir / MODEL_DIR / TRAIN_INFO).read_text())["distributed"]["processes"] == 1
 
@@ -133,10 +144,12 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
     # averaged by a reduce-scatter), so they agree to float32 round-off carried through 4 Adam steps: measured
     # 3e-6 (losses) and 8e-6 (weight updates), bounded here at 1e-4. The gradient norms are compared too,
     # since Adam would hide a gradient scaled by a constant (a sum instead of a mean over the ranks).
+    agreement = {}
     for key in ("loss", "grad_norm"):  # both over the whole batch (the per-pair metrics are rank 0's own)
         sharded_values, whole_values = _logged(train_dir, key), _logged(whole_dir, key)
-        assert len(sharded_values) == len(whole_values) == 4
+        assert len(sharded_values) == len(whole_values) == max_steps
         assert sharded_values == pytest.approx(whole_values, rel=1e-4, abs=1e-7), key
+        agreement[key] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(sharded_values, whole_values))
     base, trained, reference_run = _weights(tiny_model), _weights(train_dir / MODEL_DIR), _weights(whole_dir / MODEL_DIR)
     assert trained.keys() == reference_run.keys() == base.keys()
     differences = {}
@@ -144,7 +157,43 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
         moved = (weight - base[name]).norm()
         assert moved > 0, name
         differences[name] = float((trained[name] - weight).norm() / moved)
+    agreement["weights"] = max(differences.values())
+    print("largest relative difference to one process:", {k: f"{v:.1e}" for k, v in agreement.items()})
     assert max(differences.values()) < 1e-4, differences
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_training_equals_one_process(shared_data, tiny_model, tmp_path, monkeypatch):
+    """Two torchrun agents on 127.0.0.1 as two nodes of one process each (static rendezvous, gloo, FSDP2):
+    node 0 is the train task's launch, node 1 joins it with ``python -m tasks.launch join-training``, as the
+    other pods of the multi-node Kubernetes job do. The result equals one process with the whole batch."""
+    config = _config(tmp_path, "two-nodes", tiny_model, max_steps=2, per_device=1)
+    run, inputs = _prepared_run(config, shared_data, tmp_path)
+    port = _free_port()
+    node = f"{sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node 1 --master-addr 127.0.0.1 --master-port {port}"
+    joiner = subprocess.Popen(
+        [sys.executable, "-m", "tasks.launch", "join-training", "--run", str(run.path), "--timeout", "600"],
+        env={**os.environ, "MPO_TRAIN_LAUNCHER": f"{node} --node-rank 1"}, start_new_session=True,
+    )
+    try:
+        monkeypatch.setenv("MPO_TRAIN_LAUNCHER", f"{node} --node-rank 0")
+        _launch(run, config, inputs)
+        assert joiner.wait(timeout=120) == 0
+    finally:
+        if joiner.poll() is None:
+            os.killpg(joiner.pid, signal.SIGKILL)
+            joiner.wait()
+    train_dir = run.stage_dir("train")
+    layout = json.loads((train_dir / MODEL_DIR / TRAIN_INFO).read_text())["distributed"]
+    assert (layout["processes"], layout["fsdp_version"]) == (2, 2), layout
+    assert not (train_dir / LAUNCH_FILE).exists(), "the launch's payload file is removed when it ends"
+    _assert_equals_one_process(train_dir, inputs, tiny_model, tmp_path, max_steps=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -552,18 +552,20 @@ def launch_main(argv: list[str] | None = None) -> None:
 
     This is what a multi-process launcher (``accelerate launch``, ``torchrun``) starts on every rank; the
     parent process keeps the marker and state bookkeeping. ``STAGE_JSON`` holds the inputs, identity, input
-    hashes and whether to resume, as the parent decided them. Rank 0 writes the returned tables.
+    hashes and whether to resume, as the parent decided them (``@FILE``: read from that file, which agents on
+    other nodes read too: ``tasks/launch.py``). Rank 0 writes the returned tables.
     """
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mpo_core.plumbing.runs")
     parser.add_argument("stage")
     parser.add_argument("run_dir")
-    parser.add_argument("stage_json", help="JSON object {inputs, identity, input_hashes, resume}")
+    parser.add_argument("stage_json", help="JSON object {inputs, identity, input_hashes, resume}, or @FILE holding it")
     args = parser.parse_args(argv)
     run = RunFolder(args.run_dir)
     spec = get_stage(args.stage)
-    payload = json.loads(args.stage_json)
+    text = args.stage_json
+    payload = json.loads(Path(text[1:]).read_text(encoding="utf-8") if text.startswith("@") else text)
     stage = StageRun(spec, run.load_config(), StageInputs(payload["inputs"]), run.stage_dir(spec.name),
                      payload["resume"], payload["identity"], payload["input_hashes"])
     call_stage(stage, write_outputs=int(os.environ.get("RANK", "0")) == 0)
