@@ -3,7 +3,8 @@
 Each stage is first checked against its marker (:func:`mpo_core.plumbing.runs.check_stage`): a current stage is
 recorded as skipped and costs no Prefect run at all; a stage that must run becomes a subflow run of its
 stage flow, in this process, or, for GPU stages with ``gpu_deployments=True``, a flow run of its deployment
-``mpo-<stage>/<gpu_deployment>`` on the ``gpu`` work pool (``run_deployment``, shown as a subflow).
+``mpo-<stage>/<gpu_deployment>`` on the ``gpu`` work pool (``run_deployment``, shown as a subflow). A stage
+of several shards runs its stage flow here, which sends each shard to that deployment and merges them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mpo_core.plumbing.runs import (
     record_skip,
     resolve_inputs,
 )
+from mpo_core.plumbing.shards import shard_count
 from mpo_core.plumbing.stage_table import STAGES, align_enabled, get_stage
 from tasks.monitoring import flow_run_namer, flow_run_url, publish_run_page, tag_flow_run
 
@@ -51,7 +53,12 @@ class StageDispatch:
             get_run_logger().info("stage %s skipped: %s", stage, check.reason)
             return {k: str(v) for k, v in record_skip(spec, self.run, check).outputs.items()}
         parameters = {"run": str(self.run.path.resolve()), "inputs": {k: str(v) for k, v in inputs.items()}}
-        if spec.device == "gpu" and self.gpu_deployments:
+        on_gpu_pool = spec.device == "gpu" and self.gpu_deployments
+        if shard_count(spec, self.config) > 1:
+            # the stage flow runs here and sends its shards to the gpu pool, so that waiting for them holds
+            # no slot of the pool
+            return STAGE_FLOWS[stage](**parameters, shard_deployment=self.gpu_deployment if on_gpu_pool else None)
+        if on_gpu_pool:
             return self._via_deployment(stage, parameters)
         return STAGE_FLOWS[stage](**parameters)
 

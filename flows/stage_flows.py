@@ -8,6 +8,10 @@ reruns its stage only when its identity changed, unless ``force`` is set.
 Deployment entry points: ``flows/stage_flows.py:mpo_ingest``, ``...:mpo_translate``, ... ``...:mpo_evaluate``; the
 attribute names equal the flow names (``mpo-ingest``, ...), so ``prefect deploy --name mpo-ingest/cpu`` and
 ``run_deployment("mpo-ingest/cpu")`` name the same deployment.
+
+A stage of several shards (``generate.shards``, ``label.shards``) runs each shard that is not done as a child
+flow run (``shard=[i, n]``): on the deployment ``mpo-<stage>/<shard_deployment>`` when one is named (the
+pipeline names its GPU deployment), else in this process in turn; then it merges them.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 from prefect import flow
 
 from mpo_core.plumbing.runs import open_run, resolve_inputs
+from mpo_core.plumbing.shards import shard_count
 from mpo_core.plumbing.stage_table import STAGES, StageSpec
 from tasks.monitoring import flow_run_namer, tag_flow_run
+from tasks.shards import run_shards
 from tasks.stage_task import stage_task_for
 
 
@@ -32,13 +38,19 @@ def _make_stage_flow(spec: StageSpec):
         overrides: list[str] | None = None,
         inputs: dict[str, str] | None = None,
         force: bool = False,
+        shard: list[int] | None = None,
+        shard_deployment: str | None = None,
     ) -> dict[str, str]:
         folder, cfg = open_run(run, config, overrides)
         tag_flow_run(folder.name, spec.name)
         available = folder.available_outputs() if inputs is None else inputs
         resolved = resolve_inputs(spec, cfg, available)
+        if shard is None and shard_count(spec, cfg) > 1:
+            deployment = f"{stage_flow_name(spec.name)}/{shard_deployment}" if shard_deployment else None
+            run_shards(spec, folder, cfg, resolved, stage_flow=STAGE_FLOWS[spec.name], deployment=deployment,
+                       force=force)
         return stage_task_for(spec)(
-            spec.name, str(folder.path.resolve()), {k: str(v) for k, v in resolved.items()}, force
+            spec.name, str(folder.path.resolve()), {k: str(v) for k, v in resolved.items()}, force, shard
         )
 
     stage_flow.__name__ = f"mpo_{spec.name}"

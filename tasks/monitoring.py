@@ -87,20 +87,23 @@ def run_tags(run_name: str, stage: str) -> list[str]:
 
 def flow_run_namer(stage: str) -> Callable[[], str]:
     """A ``flow_run_name`` callable for a flow taking ``run``/``config``/``overrides``: ``<run>/<stage>``,
-    the run's name read from its folder or its recipe (``<stage>`` alone if neither can be read)."""
+    the run's name read from its folder or its recipe (``<stage>`` alone if neither can be read);
+    ``<run>/<stage>/shard-<i>-of-<n>`` for a flow run of one shard (``shard=[i, n]``)."""
 
     def name() -> str:
         from prefect.runtime import flow_run
 
         parameters = flow_run.parameters
+        shard = parameters.get("shard")
+        suffix = f"/shard-{shard[0]}-of-{shard[1]}" if shard else ""
         try:
             if parameters.get("run"):
-                return f"{Path(parameters['run']).name}/{stage}"
+                return f"{Path(parameters['run']).name}/{stage}{suffix}"
             if parameters.get("config"):
-                return f"{load_config(parameters['config'], parameters.get('overrides')).run.name}/{stage}"
+                return f"{load_config(parameters['config'], parameters.get('overrides')).run.name}/{stage}{suffix}"
         except MPOError:
             pass  # the flow itself reports a bad recipe, with the file and key
-        return stage
+        return stage + suffix
 
     return name
 

@@ -35,9 +35,11 @@ from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
 from mpo_core.plumbing.artifacts import read_manifest
-from mpo_core.plumbing.errors import is_transient_error
+from mpo_core.plumbing.errors import ConfigError, is_transient_error
 from mpo_core.plumbing.progress import progress_listener, round_seconds
 from mpo_core.plumbing.runs import RAN, RunFolder, StageOutcome, execute_stage
+from mpo_core.plumbing.shards import execute_shard, merged, shard_count, shard_dir
+from mpo_core.plumbing.stage_run import Shard
 from mpo_core.plumbing.stage_table import StageSpec, get_stage
 from tasks.launch import launcher_for
 from tasks.monitoring import (
@@ -123,6 +125,17 @@ def output_summary(
     return listing, per_lang
 
 
+def _shard_lines(outputs: dict[str, Path]) -> list[str]:
+    """Where and how long each shard of a merged output ran (none for an unsharded stage)."""
+    first = next((p for p in outputs.values() if p.suffix == ".parquet"), None)
+    shards = read_manifest(first).extra.get("shards") if first is not None else None
+    if not shards:
+        return []
+    lines = ["", f"{len(shards)} shards:", "", "| shard | rows | seconds | host | flow run |", "|---|---|---|---|---|"]
+    return lines + [f"| {s['index']} | {s['rows']} | {s['seconds']} | {s['host']} | {s['flow_run_id'] or ''} |"
+                    for s in shards]
+
+
 def publish_stage_summary(run: RunFolder, outcome: StageOutcome) -> None:
     """Markdown + table artifacts for one stage outcome (links and counts only)."""
     listing, per_lang = output_summary(outcome.outputs, run.path)
@@ -138,6 +151,7 @@ def publish_stage_summary(run: RunFolder, outcome: StageOutcome) -> None:
         "|---|---|---|---|",
     ]
     lines += [f"| {r['output']} | {r['kind']} | {r.get('rows', '')} | `{r['path']}` |" for r in listing]
+    lines += _shard_lines(outcome.outputs)
     key = artifact_key(run.name, outcome.stage)
     create_markdown_artifact(
         redact("\n".join(lines)), key=f"{key}-summary", description=f"{outcome.stage} outputs"
@@ -169,8 +183,13 @@ def _gpu_slot(spec: StageSpec):
     retry_jitter_factor=0.2,
     retry_condition_fn=is_transient,
 )
-def run_stage_task(stage: str, run_dir: str, inputs: dict[str, str], force: bool = False) -> dict[str, str]:
-    """Run (or skip, when current) stage ``stage`` of the run in ``run_dir``; return its output paths."""
+def run_stage_task(
+    stage: str, run_dir: str, inputs: dict[str, str], force: bool = False, shard: list[int] | None = None
+) -> dict[str, str]:
+    """Run (or skip, when current) stage ``stage`` of the run in ``run_dir``; return its output paths.
+
+    ``shard=[i, n]`` runs only shard ``i`` of ``n`` (into its shard folder); a stage of several shards
+    without ``shard`` merges its finished shards (:mod:`mpo_core.plumbing.shards`)."""
     install_redaction()
     spec = get_stage(stage)
     run = RunFolder(run_dir)
@@ -179,9 +198,13 @@ def run_stage_task(stage: str, run_dir: str, inputs: dict[str, str], force: bool
         load_hub_token()
     logger = get_run_logger()
     paths = {k: Path(v) for k, v in inputs.items()}
+    if shard is not None:
+        return _run_shard(spec, run, config, paths, Shard(*shard), force)
+    count = shard_count(spec, config)
+    launcher = merged(run, count) if count > 1 else launcher_for(spec)
     reporter = ProgressReporter(artifact_key(run.name, stage, "progress"))
     with library_logs_forwarded(), _gpu_slot(spec), progress_listener(reporter):
-        outcome = execute_stage(spec, config, run, paths, force=force, launcher=launcher_for(spec))
+        outcome = execute_stage(spec, config, run, paths, force=force, launcher=launcher)
     run.record(stage, flow_run_id=current_flow_run_id())
     logger.info("stage %s %s in %s s (%s)", stage, outcome.status, round_seconds(outcome.seconds), outcome.reason)
     publish_stage_summary(run, outcome)
@@ -192,6 +215,21 @@ def run_stage_task(stage: str, run_dir: str, inputs: dict[str, str], force: bool
     except Exception as err:  # noqa: BLE001 - the stage's outputs are whole; a display failure must not undo it
         logger.warning("stage %s: results not published: %s: %s", stage, type(err).__name__, err)
     return {k: str(v) for k, v in outcome.outputs.items()}
+
+
+def _run_shard(spec: StageSpec, run: RunFolder, config, inputs: dict[str, Path], shard: Shard,
+               force: bool) -> dict[str, str]:
+    """One shard of a stage, with the stage's progress reporting; its outputs in the shard's folder."""
+    if shard.count != shard_count(spec, config):
+        raise ConfigError(f"{spec.name}: shard {shard.index} of {shard.count} asked for, the run's config says "
+                          f"{shard_count(spec, config)} shards")
+    reporter = ProgressReporter(artifact_key(run.name, spec.name, shard.name, "progress"))
+    with library_logs_forwarded(), _gpu_slot(spec), progress_listener(reporter):
+        outcome = execute_shard(spec, config, run, inputs, shard, current_flow_run_id(), force=force)
+    get_run_logger().info("stage %s %s %s in %s s", spec.name, shard.name, "ran" if outcome.ran else "was done",
+                          round_seconds(outcome.seconds))
+    folder = shard_dir(run, spec, shard)
+    return {name: str(folder / spec.output(name).file) for name in spec.outputs}
 
 
 def stage_task_for(spec: StageSpec):

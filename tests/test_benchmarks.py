@@ -52,6 +52,7 @@ SMOKES: dict[str, Smoke] = {
     ),
     "filter_scale.py": Smoke((), r"filter_rows_per_s=[1-9]\d* peak_rss_mb=[1-9]\d*", timeout_s=300, slow=False),
     "generate.py": Smoke((), rf"generate_speedup_batched={FLOAT}", timeout_s=300, needs_data=False),
+    "shard_scale.py": Smoke((), rf"shard_speedup_2={FLOAT}", timeout_s=900, needs_data=False),
     "train_step.py": Smoke(
         (),
         rf"step_time_ratio_online_over_precomputed={FLOAT} peak_mem_ratio_online_over_precomputed={FLOAT} "

@@ -34,6 +34,9 @@ class Section(BaseModel):
 
 
 RUN_LOCATION_FIELDS = {"name", "root"}
+# Fields that say how a stage's work is spread, never what it computes: left out of its identity, so that
+# changing them reuses what is done (sharded results equal unsharded ones, mpo_core.plumbing.shards).
+EXECUTION_FIELDS = {"run": RUN_LOCATION_FIELDS, "generate": {"shards"}, "label": {"shards"}}
 
 
 def checked_trainer_args(
@@ -246,6 +249,11 @@ class GenerateConfig(Section):
         default=0, ge=0,
         description="After align: samples per dominant prompt from the raw model (rejected answers).",
     )
+    shards: int = Field(
+        default=1, ge=1,
+        description="Split the stage's prompts into this many shards, each its own flow run (on the gpu pool "
+        "with gpu deployments); the merged output equals an unsharded run's.",
+    )
 
 
 class LabelConfig(Section):
@@ -267,6 +275,11 @@ class LabelConfig(Section):
     patterns: str | None = Field(
         None,
         description="refusal_patterns: a pattern file replacing the packaged one.",
+    )
+    shards: int = Field(
+        default=1, ge=1,
+        description="Split the stage's responses into this many shards, each its own flow run (on the gpu pool "
+        "with gpu deployments); the merged output equals an unsharded run's.",
     )
 
 
@@ -781,7 +794,8 @@ def canonical_hash(obj: Any) -> str:
 def section_hash(config: PipelineConfig, *sections: str) -> str:
     """Hash of the named sections of ``config``: the config part of a stage's identity. A name may also be
     one field of a section (``reference.min_safe_share``), for a stage that reads only that field. Where a
-    run lives (``run.name``, ``run.root``) never changes what a stage computes, so it is left out."""
+    run lives (``run.name``, ``run.root``) and how a stage's work is spread (``EXECUTION_FIELDS``) never
+    change what a stage computes, so they are left out."""
     dumps = {}
     for name in sections:
         section, _, field = name.partition(".")
@@ -789,8 +803,7 @@ def section_hash(config: PipelineConfig, *sections: str) -> str:
         if field:
             dumps[name] = getattr(value, field)
             continue
-        exclude = RUN_LOCATION_FIELDS if name == "run" else None
-        dumps[name] = value.model_dump(mode="json", exclude=exclude)
+        dumps[name] = value.model_dump(mode="json", exclude=EXECUTION_FIELDS.get(name))
     return canonical_hash(dumps)
 
 

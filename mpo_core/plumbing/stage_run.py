@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -32,6 +32,28 @@ from mpo_core.plumbing.stage_table import (
     stage_identity,
     stage_input_hashes,
 )
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` (from 0) of ``count`` of a stage's rows (:mod:`mpo_core.plumbing.shards`)."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index {self.index} is not in 0..{self.count - 1}")
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+    def slice(self, rows: list[T]) -> list[T]:
+        """This shard's contiguous part of ``rows``: ``rows[len*i//n : len*(i+1)//n]``."""
+        return rows[len(rows) * self.index // self.count: len(rows) * (self.index + 1) // self.count]
 
 
 @dataclass(frozen=True)
@@ -84,7 +106,8 @@ def starting_model(config: PipelineConfig, inputs: dict[str, Path] | StageInputs
 class StageRun:
     """One run of one stage: the recipe, the inputs, the stage's own folder, and whether an interrupted run
     of the same identity left files there to resume from (``resume``; a forced or changed stage starts from an
-    empty folder). Artifacts written through :meth:`writer` or :meth:`write` carry the stage's provenance."""
+    empty folder). Artifacts written through :meth:`writer` or :meth:`write` carry the stage's provenance. A
+    sharded run (``shard``) processes only its slice of the stage's rows (:meth:`own_rows`)."""
 
     spec: StageSpec
     config: PipelineConfig
@@ -93,6 +116,11 @@ class StageRun:
     resume: bool
     identity: str = field(repr=False)
     input_hashes: dict[str, str] = field(repr=False, default_factory=dict)
+    shard: Shard | None = None
+
+    def own_rows(self, rows: list[T]) -> list[T]:
+        """The part of ``rows`` this run processes: its shard's slice, or all of them."""
+        return rows if self.shard is None else self.shard.slice(rows)
 
     @property
     def model(self) -> ModelConfig:

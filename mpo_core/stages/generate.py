@@ -44,13 +44,18 @@ def raw_dominant_responses(config: PipelineConfig, inputs: Container[str], promp
 
 
 def run_generate(stage: StageRun) -> dict[str, Artifact]:
-    """Stage ``generate``: ``translated`` PROMPTS -> ``responses`` (k samples per prompt and language)."""
+    """Stage ``generate``: ``translated`` PROMPTS -> ``responses`` (k samples per prompt and language).
+
+    Rows come in prompt order, each prompt's samples by ``sample_idx`` (the raw model's after the policy's),
+    so that a shard's rows are a contiguous part of the unsharded output (:mod:`mpo_core.plumbing.shards`).
+    """
     config = stage.config
-    prompts = generation_prompts(config, stage.inputs.table("translated").to_pylist())
+    prompts = stage.own_rows(generation_prompts(config, stage.inputs.table("translated").to_pylist()))
     started = time.perf_counter()
     rows = generate_responses(stage.model, config.generate, prompts)
     raw_rows = raw_dominant_responses(config, stage.inputs, prompts)
-    rows += raw_rows
+    position = {(p["prompt_id"], p["lang"]): i for i, p in enumerate(prompts)}
+    rows = sorted(rows + raw_rows, key=lambda row: (position[row["prompt_id"], row["lang"]], row["sample_idx"]))
     seconds = time.perf_counter() - started
     extra = {
         "prompts": len(prompts),

@@ -11,7 +11,7 @@ from mpo_core.plumbing.stage_run import Artifact, StageRun
 
 def run_label(stage: StageRun) -> dict[str, Artifact]:
     """Stage ``label``: ``responses`` -> ``labelled`` (RESPONSES with judge, verdict, score)."""
-    rows = stage.inputs.table("responses").to_pylist()
+    rows = stage.own_rows(stage.inputs.table("responses").to_pylist())
     judge = get_judge(stage.config.label, stage.config.model)
     labelled = label_rows(judge, rows)
     counts = Counter(row["verdict"] for row in labelled)
