@@ -55,9 +55,10 @@ class StageDispatch:
         parameters = {"run": str(self.run.path.resolve()), "inputs": {k: str(v) for k, v in inputs.items()}}
         on_gpu_pool = spec.device == "gpu" and self.gpu_deployments
         if shard_count(spec, self.config) > 1:
-            # the stage flow runs here and sends its shards to the gpu pool, so that waiting for them holds
-            # no slot of the pool
-            return STAGE_FLOWS[stage](**parameters, shard_deployment=self.gpu_deployment if on_gpu_pool else None)
+            # every stage that shards runs a model: with gpu deployments its shards go to the gpu pool; the
+            # stage flow itself runs here, so that waiting for them holds no slot of the pool
+            shard_deployment = self.gpu_deployment if self.gpu_deployments else None
+            return STAGE_FLOWS[stage](**parameters, shard_deployment=shard_deployment)
         if on_gpu_pool:
             return self._via_deployment(stage, parameters)
         return STAGE_FLOWS[stage](**parameters)

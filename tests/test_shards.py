@@ -88,3 +88,29 @@ def test_generate_and_label_in_three_shards_equal_one_run(tmp_path):
     assert ran == [False, True, False]
     assert (shard_dir(run, spec, Shard(1, 3)) / MARKER).is_file()
     assert read_artifact(again["responses"], "responses").to_pylist() == whole_rows
+
+
+@pytest.mark.slow
+def test_llm_translation_in_two_shards_equals_one_run(tmp_path):
+    """The embedded model as the translator (``translate.backend: llm``) of English-only prompts."""
+    keep = {"h001", "h008", "h016"}
+    prompts = tmp_path / "prompts.parquet"
+    write_artifact([r for r in load_seed_prompts() if r["prompt_id"] in keep and r["lang"] == "en"], prompts, "prompts")
+
+    def config(shards: int) -> PipelineConfig:
+        return PipelineConfig.model_validate({
+            "run": {"root": str(tmp_path / "runs"), "name": f"translate-{shards}", "target_langs": ["zh"]},
+            "model": {"device": "cpu", "dtype": "float32"},
+            "translate": {"backend": "llm", "max_new_tokens": 8, "batch_size": 2, "shards": shards},
+        })
+
+    sharded = config(2)
+    run = RunFolder.for_config(sharded)
+    run.path.mkdir(parents=True)
+    run.save_config(sharded)
+    one = run_stage_function("translate", config(1), {"prompts": prompts}, tmp_path / "translate")
+    two, ran = _sharded("translate", sharded, {"prompts": prompts})
+    assert ran == [True, True]
+    rows = read_artifact(one["translated"], "prompts").to_pylist()
+    assert [(r["prompt_id"], r["lang"]) for r in rows] == [(p, lang) for p in sorted(keep) for lang in ("en", "zh")]
+    assert read_artifact(two["translated"], "prompts").to_pylist() == rows

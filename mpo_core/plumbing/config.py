@@ -36,7 +36,7 @@ class Section(BaseModel):
 RUN_LOCATION_FIELDS = {"name", "root"}
 # Fields that say how a stage's work is spread, never what it computes: left out of its identity, so that
 # changing them reuses what is done (sharded results equal unsharded ones, mpo_core.plumbing.shards).
-EXECUTION_FIELDS = {"run": RUN_LOCATION_FIELDS, "generate": {"shards"}, "label": {"shards"}}
+EXECUTION_FIELDS = {"run": RUN_LOCATION_FIELDS, "translate": {"shards"}, "generate": {"shards"}, "label": {"shards"}}
 
 
 def checked_trainer_args(
@@ -219,6 +219,11 @@ class TranslateConfig(Section):
     )
     batch_size: int = Field(default=8, ge=1, description="Prompts translated per batch.")
     max_new_tokens: int = Field(default=256, ge=1, description="Longest translation, in tokens.")
+    shards: int = Field(
+        default=1, ge=1,
+        description="Split the stage's prompts into this many shards, each its own flow run (on the gpu pool "
+        "with gpu deployments); the merged output equals an unsharded run's.",
+    )
 
 
 class GenerateConfig(Section):

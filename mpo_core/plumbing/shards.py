@@ -41,7 +41,7 @@ from mpo_core.plumbing.stage_table import StageSpec
 SHARDS_DIR = "shards"
 MARKER = "shard.json"
 # stages whose work is a list of independent rows: the config section whose ``shards`` field splits them
-SHARDABLE = ("generate", "label")
+SHARDABLE = ("translate", "generate", "label")
 
 
 def shard_count(spec: StageSpec, config: PipelineConfig) -> int:

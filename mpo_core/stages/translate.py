@@ -157,8 +157,13 @@ def translate_prompts(config: PipelineConfig, rows: list[dict], origin: str = "p
 
 
 def run_translate(stage: StageRun) -> dict[str, Artifact]:
-    """Stage ``translate``: ``prompts`` -> ``translated`` (PROMPTS in the dominant and target languages)."""
+    """Stage ``translate``: ``prompts`` -> ``translated`` (PROMPTS in the dominant and target languages).
+
+    Rows come prompt by prompt (sorted ids), so a shard (a slice of the sorted prompt ids) writes a
+    contiguous part of the unsharded output."""
     rows = stage.inputs.table("prompts").to_pylist()
+    own = set(stage.own_rows(sorted({row["prompt_id"] for row in rows})))
+    rows = [row for row in rows if row["prompt_id"] in own]
     translated = translate_prompts(stage.config, rows, origin=str(stage.inputs.path("prompts")))
     by = Counter(row["translated_by"] for row in translated)
     return {"translated": Artifact(translated, {"rows": len(translated), "translated_by": dict(sorted(by.items()))})}
