@@ -2,7 +2,8 @@
 two process workers serving the ``gpu`` pool (one flow run at a time each), the embedded model.
 
 - ``generate.shards: 3``: three child flow runs ``<run>/generate/shard-<i>-of-3``, run by both workers; the
-  merged responses equal an unsharded run's (content hash of the rows); the stage's manifest names the shards;
+  merged responses equal an unsharded run's (content hash of the rows); the stage's manifest and its summary
+  in the UI name the shards;
 - a shard whose process is killed fails the stage with its index named; the rerun runs that shard alone (no
   new flow run of the others) and the merged responses are the same.
 """
@@ -25,6 +26,7 @@ from mpo_core.plumbing.config import PipelineConfig, canonical_hash, load_config
 from mpo_core.plumbing.errors import MPOError
 from mpo_core.plumbing.stage_run import run_stage_function
 from tests.integration.conftest import BIN, ROOT, PrefectServer, stop
+from tests.integration.test_monitoring import latest_artifact
 from tests.integration.test_pipeline_deployment import tiny_recipe
 
 pytestmark = pytest.mark.slow
@@ -96,6 +98,8 @@ def _shard_runs(name: str) -> dict[str, list]:
 
 
 def test_generate_in_three_shards_on_two_workers(gpu_pool):
+    from prefect.client.orchestration import get_client
+
     from flows.stage_flows import STAGE_FLOWS
 
     folder, logs = gpu_pool
@@ -113,6 +117,9 @@ def test_generate_in_three_shards_on_two_workers(gpu_pool):
     manifest = read_manifest(outputs["responses"])
     assert [s["index"] for s in manifest.extra["shards"]] == list(range(SHARDS))
     assert {s["flow_run_id"] for s in manifest.extra["shards"]} == ids
+    with get_client(sync_client=True) as client:
+        summary = latest_artifact(client, "sharded-generate-summary").data
+    assert f"{SHARDS} shards:" in summary and all(i in summary for i in ids), summary
 
     whole = _config(folder, "whole", 1)
     unsharded = run_stage_function("generate", whole, translated, folder / "unsharded-generate")
