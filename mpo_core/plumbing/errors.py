@@ -49,3 +49,11 @@ def is_transient_error(err: BaseException) -> bool:
     if isinstance(err, MemoryError):
         return True
     return any(f"{cls.__module__}.{cls.__qualname__}" in _TRANSIENT_CLASS_NAMES for cls in type(err).__mro__)
+
+
+class DiskFullError(MPOError):
+    """The file system a stage writes to has too little free space (checked before writing, or ENOSPC)."""
+
+
+class ReadOnlyRunError(MPOError):
+    """The run folder (or its root) cannot be written: a read-only file system or no write permission."""

@@ -15,7 +15,8 @@ unchanged since the marker was written. This is the only place reuse is decided.
 
 Before a stage runs, its folder is emptied, except when its marker was left ``running`` with the same
 identity (an interrupted stage, not forced): then the folder is kept and the stage resumes (training from its
-checkpoints, the reference from its finished batches). A forced stage, a stage whose config or inputs changed
+checkpoints, the reference from its finished batches). A complete stage of the same identity whose output
+was damaged or deleted keeps its ``resume_files`` (train rebuilds a lost model from its final checkpoint). A forced stage, a stage whose config or inputs changed
 and a stage whose marker cannot be read all start from an empty folder.
 
 Nothing here imports Prefect: the orchestration layer calls :func:`execute_stage` and adds its reporting.
@@ -299,16 +300,27 @@ class RunFolder:
 
     def prepare_stage_dir(self, spec: StageSpec, identity: str, force: bool) -> bool:
         """Before a (re)run: empty the stage's folder unless an interrupted, unforced run of the same identity
-        left files to resume from. Returns whether the stage resumes."""
+        left files to resume from; a complete stage of the same identity whose output was damaged keeps its
+        ``resume_files`` (a training stage's checkpoints). Returns whether the stage resumes."""
         out_dir = self.check_writable(spec.name)
         try:
             marker = None if force else self.read_marker(spec.name)
         except ArtifactError:
             marker = None
-        resume = marker is not None and marker.get("status") == "running" and marker.get("identity") == identity
+        same = marker is not None and marker.get("identity") == identity
+        resume = same and marker.get("status") == "running"
+        # a finished stage of the same identity whose output was lost keeps what rebuilds it (its checkpoints)
+        kept = spec.resume_files if same and marker.get("status") == "complete" else ()
         if out_dir.is_dir() and not resume:
             ensure_inside(out_dir, self.path, "stage folder")
-            shutil.rmtree(out_dir)
+            for path in out_dir.iterdir():
+                if path.name in kept:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            resume = any(out_dir.iterdir())
         out_dir.mkdir(parents=True, exist_ok=True)
         self._write_marker(spec, identity, "running")
         return resume
