@@ -45,16 +45,25 @@ def _report_path(outputs: dict[str, str]) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mpo_core.plumbing.runs import open_run
+    from mpo_core.plumbing.config import load_config
+    from mpo_core.plumbing.runs import RunFolder, nothing_to_do, open_run, run_lock
 
     # the recipe and overrides are resolved once, here (a bad recipe fails before Prefect starts), into the
-    # run folder's config.yaml, which the pipeline flow and every stage flow read
-    run, _ = open_run(config=args.config, overrides=args.set)
-    from flows.pipeline import mpo_pipeline
+    # run folder's config.yaml, which the pipeline flow and every stage flow read; a finished run with the
+    # same recipe is left untouched (nothing is written, no Prefect server is started)
+    config = load_config(args.config, args.set)
+    folder = RunFolder.for_config(config)
+    if nothing_to_do(folder, config):
+        _print_states(folder)
+        print(f"Nothing to do: every stage of {folder.path.resolve()} is current; nothing was written.")
+        return 0
+    with run_lock(folder.path):
+        run, _ = open_run(config=args.config, overrides=args.set)
+        from flows.pipeline import mpo_pipeline
 
-    state = mpo_pipeline(run=str(run.path), gpu_deployments=args.gpu_deployments, return_state=True)
-    flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
-    outputs = state.result(raise_on_failure=True)
+        state = mpo_pipeline(run=str(run.path), gpu_deployments=args.gpu_deployments, return_state=True)
+        flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
+        outputs = state.result(raise_on_failure=True)
     _print_states(run)
     report = _report_path(outputs)
     print(f"Report: {Path(report).resolve() if report else '(not produced)'}")
@@ -64,16 +73,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from mpo_core.plumbing.runs import RunFolder, open_run
+    from mpo_core.plumbing.runs import RunFolder, open_run, run_lock
     from mpo_core.plumbing.stage_table import STAGE_BY_NAME
 
     if args.name not in STAGE_BY_NAME:
         raise MPOError(f"unknown stage {args.name!r}; stages: {', '.join(STAGE_BY_NAME)}")
-    open_run(run=args.run, overrides=args.set)  # a missing run or bad override fails here, before Prefect
-    from flows.stage_flows import STAGE_FLOWS
+    RunFolder(args.run).load_config(args.set)  # a missing run or bad override fails here, before Prefect
+    with run_lock(args.run):
+        open_run(run=args.run, overrides=args.set)
+        from flows.stage_flows import STAGE_FLOWS
 
-    state = STAGE_FLOWS[args.name](run=args.run, force=args.force, return_state=True)
-    outputs = state.result(raise_on_failure=True)
+        state = STAGE_FLOWS[args.name](run=args.run, force=args.force, return_state=True)
+        outputs = state.result(raise_on_failure=True)
     _print_states(RunFolder(args.run))
     for name, path in outputs.items():
         print(f"{name}: {path}")

@@ -57,3 +57,7 @@ class DiskFullError(MPOError):
 
 class ReadOnlyRunError(MPOError):
     """The run folder (or its root) cannot be written: a read-only file system or no write permission."""
+
+
+class RunLockedError(MPOError):
+    """Another live process is writing this run (its lock names the holder's pid, host and start time)."""

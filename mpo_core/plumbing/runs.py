@@ -3,6 +3,7 @@
 A run lives in ``<run.root>/<run.name>/``::
 
     config.yaml          the resolved recipe of the latest invocation
+    run.lock             while a process writes the run: its pid, host and start time (:func:`run_lock`)
     state.json           per-stage state of the latest invocation (ran / skipped / bypassed / failed / running)
     <stage>/             the stage's own folder: its artifacts and ``stage.json``
 
@@ -24,14 +25,18 @@ Nothing here imports Prefect: the orchestration layer calls :func:`execute_stage
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import logging
 import os
 import shutil
 import socket
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +50,7 @@ from mpo_core.plumbing.artifacts import (
     write_manifest,
 )
 from mpo_core.plumbing.config import PipelineConfig, dump_config, load_config
-from mpo_core.plumbing.errors import ArtifactError, ConfigError
+from mpo_core.plumbing.errors import ArtifactError, ConfigError, MPOError, RunLockedError
 from mpo_core.plumbing.progress import round_seconds
 from mpo_core.plumbing.stage_run import StageInputs, StageRun, call_stage, check_outputs
 from mpo_core.plumbing.stage_table import (
@@ -62,6 +67,7 @@ from mpo_core.plumbing.stage_table import (
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = "run.lock"
 STATE_FILE = "state.json"
 MARKER_FILE = "stage.json"
 
@@ -528,12 +534,121 @@ def stale_stages(run: RunFolder) -> dict[str, str]:
     return stale
 
 
+def nothing_to_do(run: RunFolder, config: PipelineConfig) -> bool:
+    """Whether a pipeline run of ``config`` would skip every stage of ``run``: its ``config.yaml`` is the same
+    and every active stage is current. Reads only, so that a finished run (on a read-only root, too) is left
+    untouched; any doubt (a damaged file) answers False and the pipeline decides."""
+    try:
+        if not run.exists() or run.config_path.read_text(encoding="utf-8") != dump_config(config):
+            return False
+        available: dict[str, Path] = {}
+        for spec in active_stages(config):
+            check = check_stage(spec, config, run, resolve_inputs(spec, config, available))
+            if not check.current:
+                return False
+            available.update(check.outputs)
+    except (MPOError, OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return False
+    return True
+
+
 def list_runs(root: str | Path) -> list[RunFolder]:
     """Run folders under ``root`` (those holding a ``config.yaml``), by name."""
     root = Path(root)
     if not root.is_dir():
         return []
     return [RunFolder(p) for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file()]
+
+
+# Run locks this process holds: lock file path -> (open descriptor holding the flock, nesting depth).
+_held_locks: dict[str, tuple[int, int]] = {}
+_held_locks_guard = threading.Lock()
+
+
+def _lock_holder(text: str) -> dict[str, Any]:
+    try:
+        holder = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe_holder(holder: dict[str, Any]) -> str:
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started_at', '?')}"
+            f" ({holder.get('command', '?')})")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_lock(path: Path) -> int:
+    """Open and flock ``path`` (the lock's inode still the file at ``path``); write this process's record.
+    A :class:`RunLockedError` if a live process holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(path.read_text(encoding="utf-8", errors="replace"))
+            os.close(fd)
+            raise RunLockedError(
+                f"{path.parent} is being written by another mpo process ({_describe_holder(holder)}): wait "
+                f"for it to finish or stop it; two runs with different run.name run side by side"
+            ) from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if not same_file:  # the holder released (removed) it between our open and flock: try again
+            os.close(fd)
+            continue
+        previous = _lock_holder(os.read(fd, 1 << 16).decode("utf-8", errors="replace"))
+        if previous:
+            alive = previous.get("host") == socket.gethostname() and _pid_alive(int(previous.get("pid", -1)))
+            logger.warning("%s: taking over the stale lock of %s, %s", path, _describe_holder(previous),
+                           "which holds no lock any more" if alive else "which is no longer running")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(),
+                  "command": " ".join(sys.argv)[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record, indent=1).encode("utf-8"), 0)
+        return fd
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold the run folder's lock (``run.lock``: pid, host, start time) for the block: one writer per run.
+
+    The lock is an ``flock`` on that file, so the kernel releases it when its holder dies, however; a lock
+    file left by a dead process is taken over with a warning naming it, a live holder is a
+    :class:`RunLockedError` naming it. Nested blocks in one process (the CLI, then its pipeline flow) share
+    the lock. The run folder is created if needed; the file is removed on release."""
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    key = os.path.abspath(path)
+    with _held_locks_guard:
+        fd, depth = _held_locks.get(key, (-1, 0))
+        if depth == 0:
+            fd = _take_lock(path)
+        _held_locks[key] = (fd, depth + 1)
+    try:
+        yield path
+    finally:
+        with _held_locks_guard:
+            fd, depth = _held_locks.pop(key)
+            if depth > 1:
+                _held_locks[key] = (fd, depth - 1)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                os.close(fd)
 
 
 def open_run(
