@@ -511,7 +511,9 @@ def bypass_stage(spec: StageSpec, run: RunFolder, reason: str) -> StageOutcome:
 
 def stale_stages(run: RunFolder) -> dict[str, str]:
     """Stages of ``run`` that finished but would not be skipped now, with the reason (an input edited after
-    the stage ran, an output changed, the recorded config or code changed): what ``mpo runs`` flags."""
+    the stage ran, an output changed, damaged or missing, the recorded config or code changed): what ``mpo
+    runs`` flags. Every output is checked against what its marker and manifest recorded (a Parquet file's
+    sha256 and rows, a folder's file names, sizes and times); nothing here raises on a damaged file."""
     config = run.load_config()
     available = run.available_outputs()
     stale = {}
@@ -528,10 +530,24 @@ def stale_stages(run: RunFolder) -> dict[str, str]:
         except ArtifactError as err:
             stale[spec.name] = str(err)
             continue
-        check = check_stage(spec, config, run, inputs)
+        try:
+            check = check_stage(spec, config, run, inputs)
+        except (OSError, ValueError, NotImplementedError) as err:  # an input gone or not readable (pyarrow's errors)
+            stale[spec.name] = _unreadable_input_reason(inputs, err)
+            continue
         if not check.current:
             stale[spec.name] = check.reason
     return stale
+
+
+def _unreadable_input_reason(inputs: dict[str, Path], err: BaseException) -> str:
+    """Why a stage's inputs could not be fingerprinted: the first missing or damaged one, named."""
+    for name, path in inputs.items():
+        if not path.exists():
+            return f"input {name} missing ({path}): rerun the stage that makes it"
+        if path.suffix == ".parquet" and not artifact_is_complete(path):
+            return f"input {name} damaged ({path}: not the file its manifest describes): rerun the stage that makes it"
+    return f"inputs not readable: {type(err).__name__}: {err}"
 
 
 def nothing_to_do(run: RunFolder, config: PipelineConfig) -> bool:
