@@ -50,7 +50,15 @@ from mpo_core.plumbing.artifacts import (
     write_manifest,
 )
 from mpo_core.plumbing.config import PipelineConfig, dump_config, load_config
-from mpo_core.plumbing.errors import ArtifactError, ConfigError, MPOError, RunLockedError
+from mpo_core.plumbing.errors import (
+    ArtifactError,
+    ConfigError,
+    DiskFullError,
+    MPOError,
+    ReadOnlyRunError,
+    RunLockedError,
+    storage_error,
+)
 from mpo_core.plumbing.progress import round_seconds
 from mpo_core.plumbing.stage_run import StageInputs, StageRun, call_stage, check_outputs
 from mpo_core.plumbing.stage_table import (
@@ -419,6 +427,7 @@ def execute_stage(
         return record_skip(spec, run, check)
     reason = "forced" if force else check.reason
     logger.info("stage %s runs: %s (identity %s)", spec.name, reason, check.identity[:16])
+    check_storage(run.path, config.runtime.min_free_mb)
     run.record(
         spec.name,
         status=RUNNING,
@@ -437,8 +446,41 @@ def execute_stage(
         outputs = check_outputs(stage)
         return _complete_stage(spec, run, check, outputs, started, reason)
     except BaseException as err:
-        run.record(spec.name, status=FAILED, error=f"{type(err).__name__}: {err}"[:2000])
+        named = storage_error(err, run.stage_dir(spec.name))
+        if named is not None:
+            remove_temporary_files(run.stage_dir(spec.name))
+        with contextlib.suppress(OSError):  # on a full or read-only disk even this may fail
+            shown = named if named is not None else err
+            run.record(spec.name, status=FAILED, error=f"{type(shown).__name__}: {shown}"[:2000])
+        if named is not None:
+            raise named from err
         raise
+
+
+def check_storage(folder: Path, min_free_mb: int) -> None:
+    """Before a stage writes: a :class:`ReadOnlyRunError` if ``folder`` (or, not made yet, its nearest
+    existing parent) cannot be written (read-only file system, no permission), a :class:`DiskFullError` if
+    its file system has less than ``min_free_mb`` MB free."""
+    folder = next(p for p in (Path(folder), *Path(folder).absolute().parents) if p.exists())
+    if not os.access(folder, os.W_OK):
+        raise ReadOnlyRunError(f"{folder}: cannot be written (a read-only file system or no write permission); "
+                               "a run is written in place: give it a writable run.root")
+    free = shutil.disk_usage(folder).free
+    if free < min_free_mb * 1_000_000:
+        raise DiskFullError(f"{folder}: {free / 1e6:.0f} MB free, runtime.min_free_mb asks for {min_free_mb} MB "
+                            "before a stage starts: free space there or move run.root, then rerun")
+
+
+def remove_temporary_files(folder: Path) -> list[Path]:
+    """Remove the temporary files and folders of unfinished atomic writes (``.<name>.*.tmp``) under ``folder``."""
+    removed = []
+    for path in sorted(Path(folder).rglob(".*.tmp"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _complete_stage(
@@ -646,13 +688,19 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
     :class:`RunLockedError` naming it. Nested blocks in one process (the CLI, then its pipeline flow) share
     the lock. The run folder is created if needed; the file is removed on release."""
     folder = Path(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     key = os.path.abspath(path)
     with _held_locks_guard:
         fd, depth = _held_locks.get(key, (-1, 0))
         if depth == 0:
-            fd = _take_lock(path)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = _take_lock(path)
+            except PermissionError as err:
+                raise ReadOnlyRunError(f"{folder}: cannot be written ({err.strerror}); a run is written in "
+                                       "place: give it a writable run.root") from None
+            except OSError as err:
+                raise (storage_error(err, folder) or err) from None
         _held_locks[key] = (fd, depth + 1)
     try:
         yield path
