@@ -30,7 +30,13 @@ from mpo_core.plumbing.runs import (
     run_lock,
 )
 from mpo_core.plumbing.stage_table import STAGES, align_enabled, get_stage
-from tasks.monitoring import flow_run_namer, flow_run_url, publish_run_page, tag_flow_run
+from tasks.monitoring import (
+    crash_orphaned_flow_runs,
+    flow_run_namer,
+    flow_run_url,
+    publish_run_page,
+    tag_flow_run,
+)
 
 Outputs = dict[str, str]
 
@@ -101,6 +107,8 @@ def mpo_pipeline(
     folder, cfg = open_run(run, config, overrides)
     with run_lock(folder.path):  # the CLI holds it already; a deployment's flow run takes it here
         tag_flow_run(folder.name, "pipeline")
+        for orphan in crash_orphaned_flow_runs(folder.name):
+            get_run_logger().warning("flow run %s was left running by a killed mpo process: marked Crashed", orphan)
         flow_run_id = flow_run.get_id()
         folder.begin_invocation("pipeline", [s.name for s in STAGES], flow_run_url(flow_run_id), flow_run_id)
         stage = StageDispatch(folder, cfg, gpu_deployments, gpu_deployment)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -27,6 +26,7 @@ from contextvars import ContextVar
 from mpo_core.plumbing.runs import Launcher, launch_payload, run_in_process
 from mpo_core.plumbing.stage_run import StageRun
 from mpo_core.plumbing.stage_table import StageSpec
+from tasks.processes import run_group
 
 LAUNCHER_ENV = {"train": "MPO_TRAIN_LAUNCHER"}
 # torch (its intra-op pool) and MKL size their thread pools from these at start-up
@@ -43,13 +43,13 @@ def launch_command(launcher: str, stage: StageRun) -> list[str]:
 
 def launched(launcher: str, env: dict[str, str] | None = None) -> Launcher:
     """A launcher that starts the stage under ``launcher`` in a child process group and waits; rank 0 of the
-    children writes the stage's outputs, which the runner then checks. ``env`` is added to this process's
+    children writes the stage's outputs, which the runner then checks. The group never outlives this
+    process (:mod:`tasks.processes`): an interrupt stops the ranks too. ``env`` is added to this process's
     environment for the children."""
 
     def run(stage: StageRun) -> None:
         child_env = {**os.environ, **env} if env else None
-        subprocess.run(launch_command(launcher, stage), check=True, stdout=sys.stdout, stderr=sys.stderr,
-                       env=child_env)
+        run_group(launch_command(launcher, stage), stdout=sys.stdout, stderr=sys.stderr, env=child_env)
 
     return run
 

@@ -4,7 +4,8 @@ A run lives in ``<run.root>/<run.name>/``::
 
     config.yaml          the resolved recipe of the latest invocation
     run.lock             while a process writes the run: its pid, host and start time (:func:`run_lock`)
-    state.json           per-stage state of the latest invocation (ran / skipped / bypassed / failed / running)
+    state.json           per-stage state of the latest invocation (ran / skipped / bypassed / failed /
+                         running / interrupted)
     <stage>/             the stage's own folder: its artifacts and ``stage.json``
 
 ``stage.json`` is written before a stage starts (``status: running``) and again, last, when all its outputs
@@ -14,8 +15,8 @@ the present config and inputs (their content read from the files, not from their
 whole (Parquet: :func:`artifact_is_complete` and a manifest whose ``config_hash`` is that identity) and
 unchanged since the marker was written. This is the only place reuse is decided.
 
-Before a stage runs, its folder is emptied, except when its marker was left ``running`` with the same
-identity (an interrupted stage, not forced): then the folder is kept and the stage resumes (training from its
+Before a stage runs, its folder is emptied, except when its marker was left ``running`` or ``interrupted``
+(Ctrl-C, SIGTERM) with the same identity (an interrupted stage, not forced): then the folder is kept and the stage resumes (training from its
 checkpoints, the reference from its finished batches). A complete stage of the same identity whose output
 was damaged or deleted keeps its ``resume_files`` (train rebuilds a lost model from its final checkpoint). A forced stage, a stage whose config or inputs changed
 and a stage whose marker cannot be read all start from an empty folder.
@@ -81,6 +82,8 @@ MARKER_FILE = "stage.json"
 
 # Statuses recorded in state.json for the latest invocation.
 RAN, SKIPPED, BYPASSED, FAILED, RUNNING = "ran", "skipped", "bypassed", "failed", "running"
+# A stage stopped by a signal (Ctrl-C, SIGTERM): in state.json and in its marker; the next run resumes it.
+INTERRUPTED = "interrupted"
 
 # Stages that a ready-made pairs file (``pair.source``) makes unnecessary.
 PAIR_SOURCE_BYPASSES = ("generate", "label")
@@ -322,7 +325,7 @@ class RunFolder:
         except ArtifactError:
             marker = None
         same = marker is not None and marker.get("identity") == identity
-        resume = same and marker.get("status") == "running"
+        resume = same and marker.get("status") in (RUNNING, INTERRUPTED)
         # a finished stage of the same identity whose output was lost keeps what rebuilds it (its checkpoints)
         kept = spec.resume_files if same and marker.get("status") == "complete" else ()
         if out_dir.is_dir() and not resume:
@@ -449,12 +452,23 @@ def execute_stage(
         named = storage_error(err, run.stage_dir(spec.name))
         if named is not None:
             remove_temporary_files(run.stage_dir(spec.name))
+        shown = named if named is not None else err
+        status = FAILED if isinstance(err, Exception) else INTERRUPTED  # KeyboardInterrupt, a termination signal
         with contextlib.suppress(OSError):  # on a full or read-only disk even this may fail
-            shown = named if named is not None else err
-            run.record(spec.name, status=FAILED, error=f"{type(shown).__name__}: {shown}"[:2000])
+            if status == INTERRUPTED and _marker_says(run, spec.name, RUNNING, check.identity):
+                run._write_marker(spec, check.identity, INTERRUPTED, signal=type(err).__name__)
+            run.record(spec.name, status=status, error=f"{type(shown).__name__}: {shown}"[:2000])
         if named is not None:
             raise named from err
         raise
+
+
+def _marker_says(run: RunFolder, stage: str, status: str, identity: str) -> bool:
+    try:
+        marker = run.read_marker(stage)
+    except ArtifactError:
+        return False
+    return bool(marker) and marker.get("status") == status and marker.get("identity") == identity
 
 
 def check_storage(folder: Path, min_free_mb: int) -> None:
