@@ -58,9 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_states(folder)
         print(f"Nothing to do: every stage of {folder.path.resolve()} is current; nothing was written.")
         return 0
-    from tasks.server import owned_server
+    from tasks.server import api_watchdog, configured_api_url, owned_server
 
-    with run_lock(folder.path), owned_server():
+    with run_lock(folder.path), owned_server(), api_watchdog(configured_api_url(), config.runtime.api_unreachable_s):
         run, _ = open_run(config=args.config, overrides=args.set)
         from flows.pipeline import mpo_pipeline
 
@@ -81,10 +81,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     if args.name not in STAGE_BY_NAME:
         raise MPOError(f"unknown stage {args.name!r}; stages: {', '.join(STAGE_BY_NAME)}")
-    RunFolder(args.run).load_config(args.set)  # a missing run or bad override fails here, before Prefect
-    from tasks.server import owned_server
+    config = RunFolder(args.run).load_config(args.set)  # a missing run or bad override fails here, before Prefect
+    from tasks.server import api_watchdog, configured_api_url, owned_server
 
-    with run_lock(args.run), owned_server():
+    with run_lock(args.run), owned_server(), api_watchdog(configured_api_url(), config.runtime.api_unreachable_s):
         open_run(run=args.run, overrides=args.set)
         from flows.stage_flows import STAGE_FLOWS
 

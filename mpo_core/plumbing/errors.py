@@ -82,3 +82,7 @@ def storage_error(err: BaseException, where: str | Path) -> MPOError | None:
         return ReadOnlyRunError(f"{where}: the file system is read-only ({err.filename or ''}); "
                                 "a run is written in place: give it a writable run.root")
     return None
+
+
+class OrchestrationUnreachableError(MPOError):
+    """The orchestrator's API (the Prefect server) has not answered for longer than the run waits for it."""
