@@ -99,12 +99,15 @@ def owned_server() -> Iterator[str | None]:
 
 
 def _flush_prefect_logs() -> None:
-    """Send the log records Prefect still buffers for the API while the server is up."""
+    """Send the log records and events Prefect still buffers for the API while the server is up (else
+    Prefect retries them against the stopped server at exit, for minutes)."""
     if "prefect" in sys.modules:
-        from prefect.logging.handlers import APILogHandler
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
 
-        with contextlib.suppress(Exception):  # a display concern: never fail the command over it
-            APILogHandler.flush()
+        for service in (APILogWorker, EventsWorker):
+            with contextlib.suppress(Exception):  # a display concern: never fail the command over it
+                service.drain_all(timeout=5)
 
 
 @contextlib.contextmanager
