@@ -98,11 +98,15 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return None
 
 
-def finished_checkpoint(out_dir: Path) -> Path | None:
-    """The newest whole checkpoint if it is the end of training (the model can be rebuilt from it), else None."""
+def finished_checkpoint(out_dir: Path, max_steps: int) -> Path | None:
+    """The newest whole checkpoint if it is the end of this training (the model can be rebuilt from it), else
+    None. ``max_steps``: the training's step limit (``<= 0``: set by epochs, then any finished checkpoint of
+    the same folder is this training's, whose identity empties the folder when it changes)."""
     latest = latest_checkpoint(out_dir)
     state = checkpoint_state(latest) if latest is not None else None
-    return latest if state is not None and is_finished(state) else None
+    if state is None or not is_finished(state):
+        return None
+    return latest if max_steps <= 0 or state["max_steps"] == max_steps else None
 
 
 def keep_final_checkpoint(out_dir: Path, trainer_state_json: str) -> Path | None:

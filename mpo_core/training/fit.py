@@ -230,7 +230,7 @@ def fit(
     if main_process:
         latest_checkpoint(out_dir)  # incomplete checkpoints named and removed, by one rank
     trainer.accelerator.wait_for_everyone()
-    finished = finished_checkpoint(out_dir) if not trainer.is_fsdp_enabled else None
+    finished = None if trainer.is_fsdp_enabled else finished_checkpoint(out_dir, trainer.args.max_steps)
     if finished is not None:  # training ended, the model was lost: rebuilt from the last checkpoint
         train_loss = _rebuild_from(trainer, finished)
     else:

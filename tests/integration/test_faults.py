@@ -249,6 +249,7 @@ def test_ctrl_c_sigterm_and_sigkill_each_stop_the_run_and_the_rerun_resumes(undi
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         out = log.read_text(encoding="utf-8", errors="replace")
+        print(f"{fault} at checkpoint-{step}: mpo ended {took:.1f} s after it, exit {process.returncode}")
         assert_no_orphans(tree)
         run = RunFolder(run_dir)
         if step != 6:
@@ -293,6 +294,7 @@ def test_a_lost_prefect_server_is_named_in_bounded_time_and_the_rerun_resumes(un
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         out = log.read_text(encoding="utf-8", errors="replace")
+        print(f"server stopped during training: mpo ended {took:.1f} s after it, exit {process.returncode}")
         assert process.returncode == 2 and took < 10 + 2 + 15 + 15, (process.returncode, took, out[-3000:])
         assert f"the Prefect API at {server.api_url} has not answered for 10 s" in out
         assert "start that server again" in out
