@@ -28,8 +28,9 @@ def _prefect_ui_hint(flow_run_id: str | None) -> str:
     from prefect.settings import get_current_settings
 
     from tasks.monitoring import flow_run_url
+    from tasks.server import owned_api_url
 
-    url = flow_run_url(flow_run_id)
+    url = None if owned_api_url() else flow_run_url(flow_run_id)  # a temporary server is gone after mpo
     if url:
         return f"Prefect UI: {url}"
     settings = get_current_settings()
@@ -45,40 +46,55 @@ def _report_path(outputs: dict[str, str]) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mpo_core.plumbing.runs import open_run
+    from mpo_core.plumbing.config import load_config
+    from mpo_core.plumbing.runs import RunFolder, nothing_to_do, open_run, run_lock
 
     # the recipe and overrides are resolved once, here (a bad recipe fails before Prefect starts), into the
-    # run folder's config.yaml, which the pipeline flow and every stage flow read
-    run, _ = open_run(config=args.config, overrides=args.set)
-    from flows.pipeline import mpo_pipeline
+    # run folder's config.yaml, which the pipeline flow and every stage flow read; a finished run with the
+    # same recipe is left untouched (nothing is written, no Prefect server is started)
+    config = load_config(args.config, args.set)
+    folder = RunFolder.for_config(config)
+    if nothing_to_do(folder, config):
+        _print_states(folder)
+        print(f"Nothing to do: every stage of {folder.path.resolve()} is current; nothing was written.")
+        return 0
+    from tasks.server import api_watchdog, configured_api_url, owned_server
 
-    state = mpo_pipeline(run=str(run.path), gpu_deployments=args.gpu_deployments, return_state=True)
-    flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
-    outputs = state.result(raise_on_failure=True)
-    _print_states(run)
-    report = _report_path(outputs)
-    print(f"Report: {Path(report).resolve() if report else '(not produced)'}")
-    print(f"Run folder: {run.path.resolve()}")
-    print(_prefect_ui_hint(flow_run_id))
+    with run_lock(folder.path), owned_server(), api_watchdog(configured_api_url(), config.runtime.api_unreachable_s):
+        run, _ = open_run(config=args.config, overrides=args.set)
+        from flows.pipeline import mpo_pipeline
+
+        state = mpo_pipeline(run=str(run.path), gpu_deployments=args.gpu_deployments, return_state=True)
+        flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
+        outputs = state.result(raise_on_failure=True)
+        _print_states(run)
+        report = _report_path(outputs)
+        print(f"Report: {Path(report).resolve() if report else '(not produced)'}")
+        print(f"Run folder: {run.path.resolve()}")
+        print(_prefect_ui_hint(flow_run_id))
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from mpo_core.plumbing.runs import RunFolder, open_run
+    from mpo_core.plumbing.runs import RunFolder, open_run, run_lock
     from mpo_core.plumbing.stage_table import STAGE_BY_NAME
 
     if args.name not in STAGE_BY_NAME:
         raise MPOError(f"unknown stage {args.name!r}; stages: {', '.join(STAGE_BY_NAME)}")
-    open_run(run=args.run, overrides=args.set)  # a missing run or bad override fails here, before Prefect
-    from flows.stage_flows import STAGE_FLOWS
+    config = RunFolder(args.run).load_config(args.set)  # a missing run or bad override fails here, before Prefect
+    from tasks.server import api_watchdog, configured_api_url, owned_server
 
-    state = STAGE_FLOWS[args.name](run=args.run, force=args.force, return_state=True)
-    outputs = state.result(raise_on_failure=True)
-    _print_states(RunFolder(args.run))
-    for name, path in outputs.items():
-        print(f"{name}: {path}")
-    flow_run_id = state.state_details.flow_run_id
-    print(_prefect_ui_hint(str(flow_run_id) if flow_run_id else None))
+    with run_lock(args.run), owned_server(), api_watchdog(configured_api_url(), config.runtime.api_unreachable_s):
+        open_run(run=args.run, overrides=args.set)
+        from flows.stage_flows import STAGE_FLOWS
+
+        state = STAGE_FLOWS[args.name](run=args.run, force=args.force, return_state=True)
+        outputs = state.result(raise_on_failure=True)
+        _print_states(RunFolder(args.run))
+        for name, path in outputs.items():
+            print(f"{name}: {path}")
+        flow_run_id = state.state_details.flow_run_id
+        print(_prefect_ui_hint(str(flow_run_id) if flow_run_id else None))
     return 0
 
 
@@ -187,18 +203,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    """SIGTERM outside a flow ends the command like a Ctrl-C, so its ``finally`` blocks run (inside a flow,
+    Prefect's own handler turns it into a crash of the flow run)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _is_interrupt(err: BaseException) -> bool:
+    """Ctrl-C, or SIGTERM as Prefect raises it inside a flow (``TerminationSignal``)."""
+    return isinstance(err, KeyboardInterrupt) or type(err).__name__ == "TerminationSignal"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("runs", "serve", "config"):
+    writes_run = args.command in ("run", "stage")
+    if writes_run:
+        import signal
+
         from tasks.environment import apply_defaults
 
         apply_defaults()
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         return args.func(args)
     except MPOError as err:
         print(f"mpo: {err}", file=sys.stderr)
         return 2
-
+    except BaseException as err:
+        if not _is_interrupt(err):
+            raise
+        print("mpo: interrupted; the stage that was running is marked interrupted. Run the same command "
+              "again to resume it.", file=sys.stderr)
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())

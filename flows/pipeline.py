@@ -28,10 +28,17 @@ from mpo_core.plumbing.runs import (
     pair_source,
     record_skip,
     resolve_inputs,
+    run_lock,
 )
 from mpo_core.plumbing.shards import shard_count
 from mpo_core.plumbing.stage_table import STAGES, align_enabled, get_stage
-from tasks.monitoring import flow_run_namer, flow_run_url, publish_run_page, tag_flow_run
+from tasks.monitoring import (
+    crash_orphaned_flow_runs,
+    flow_run_namer,
+    flow_run_url,
+    publish_run_page,
+    tag_flow_run,
+)
 
 Outputs = dict[str, str]
 
@@ -106,30 +113,33 @@ def mpo_pipeline(
     outputs of evaluate (``eval`` and ``report``).
     """
     folder, cfg = open_run(run, config, overrides)
-    tag_flow_run(folder.name, "pipeline")
-    flow_run_id = flow_run.get_id()
-    folder.begin_invocation("pipeline", [s.name for s in STAGES], flow_run_url(flow_run_id), flow_run_id)
-    stage = StageDispatch(folder, cfg, gpu_deployments, gpu_deployment)
+    with run_lock(folder.path):  # the CLI holds it already; a deployment's flow run takes it here
+        tag_flow_run(folder.name, "pipeline")
+        for orphan in crash_orphaned_flow_runs(folder.name):
+            get_run_logger().warning("flow run %s was left running by a killed mpo process: marked Crashed", orphan)
+        flow_run_id = flow_run.get_id()
+        folder.begin_invocation("pipeline", [s.name for s in STAGES], flow_run_url(flow_run_id), flow_run_id)
+        stage = StageDispatch(folder, cfg, gpu_deployments, gpu_deployment)
 
-    prompts = stage("ingest")
-    translated = stage("translate", prompts)
-    if align_enabled(cfg):
-        aligned = stage("align", translated)
-    else:
-        stage.bypass("align", reason="align.enabled is off")
-        aligned = {}
-    if pair_source(cfg):
-        stage.bypass(*PAIR_SOURCE_BYPASSES, reason=f"pairs read from {pair_source(cfg)}")
-        pairs = stage("pair")
-    else:
-        responses = stage("generate", translated, aligned)
-        labelled = stage("label", responses)
-        pairs = stage("pair", labelled)
-    filtered = stage("filter", pairs)
-    reference = stage("reference", filtered, aligned)
-    checkpoint = stage("train", filtered, reference, aligned, translated)
-    evaluation = stage("evaluate", translated, filtered, reference, checkpoint, aligned)
+        prompts = stage("ingest")
+        translated = stage("translate", prompts)
+        if align_enabled(cfg):
+            aligned = stage("align", translated)
+        else:
+            stage.bypass("align", reason="align.enabled is off")
+            aligned = {}
+        if pair_source(cfg):
+            stage.bypass(*PAIR_SOURCE_BYPASSES, reason=f"pairs read from {pair_source(cfg)}")
+            pairs = stage("pair")
+        else:
+            responses = stage("generate", translated, aligned)
+            labelled = stage("label", responses)
+            pairs = stage("pair", labelled)
+        filtered = stage("filter", pairs)
+        reference = stage("reference", filtered, aligned)
+        checkpoint = stage("train", filtered, reference, aligned, translated)
+        evaluation = stage("evaluate", translated, filtered, reference, checkpoint, aligned)
 
-    for line in publish_run_page(folder, cfg):
-        get_run_logger().info("result: %s", line)
-    return evaluation
+        for line in publish_run_page(folder, cfg):
+            get_run_logger().info("result: %s", line)
+        return evaluation

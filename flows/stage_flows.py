@@ -16,12 +16,13 @@ pipeline names its GPU deployment), else in this process in turn; then it merges
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run as prefect_flow_run
 
 from mpo_core.plumbing.runs import open_run, resolve_inputs
 from mpo_core.plumbing.shards import shard_count
 from mpo_core.plumbing.stage_table import STAGES, StageSpec
-from tasks.monitoring import flow_run_namer, tag_flow_run
+from tasks.monitoring import crash_orphaned_flow_runs, flow_run_namer, tag_flow_run
 from tasks.shards import run_shards
 from tasks.stage_task import stage_task_for
 
@@ -43,6 +44,10 @@ def _make_stage_flow(spec: StageSpec):
     ) -> dict[str, str]:
         folder, cfg = open_run(run, config, overrides)
         tag_flow_run(folder.name, spec.name)
+        if prefect_flow_run.get_parent_flow_run_id() is None:  # run alone (mpo stage), not in a pipeline
+            for orphan in crash_orphaned_flow_runs(folder.name):
+                get_run_logger().warning("flow run %s was left running by a killed mpo process: marked Crashed",
+                                         orphan)
         available = folder.available_outputs() if inputs is None else inputs
         resolved = resolve_inputs(spec, cfg, available)
         if shard is None and shard_count(spec, cfg) > 1:

@@ -40,6 +40,7 @@ from mpo_core.plumbing.errors import ConfigError, MPOError
 from mpo_core.plumbing.runs import Launcher, RunFolder, launch_payload, run_in_process
 from mpo_core.plumbing.stage_run import StageRun
 from mpo_core.plumbing.stage_table import StageSpec
+from tasks.processes import run_group
 
 LAUNCHER_ENV = {"train": "MPO_TRAIN_LAUNCHER"}
 # the launched stage's payload, in its stage folder, where the agents on other nodes read it
@@ -59,8 +60,9 @@ def launch_command(launcher: str, stage: str, run_dir: Path, payload: str) -> li
 def launched(launcher: str, env: dict[str, str] | None = None) -> Launcher:
     """A launcher that writes the stage's payload to its ``.launch.json`` (with this flow run's id, so agents
     on other nodes find it), starts the stage under ``launcher`` and waits; rank 0 of the children writes the
-    stage's outputs, which the runner then checks. ``env`` is added to this process's environment for the
-    children. The payload file is removed when the launch ends."""
+    stage's outputs, which the runner then checks. The group never outlives this process
+    (:mod:`tasks.processes`): an interrupt stops the ranks too. ``env`` is added to this process's environment
+    for the children. The payload file is removed when the launch ends."""
 
     def run(stage: StageRun) -> None:
         child_env = {**os.environ, **env} if env else None
@@ -69,7 +71,7 @@ def launched(launcher: str, env: dict[str, str] | None = None) -> Launcher:
         write_text_atomically(payload_file, json.dumps(payload))
         try:
             command = launch_command(launcher, stage.spec.name, stage.out_dir.parent, f"@{payload_file.resolve()}")
-            subprocess.run(command, check=True, stdout=sys.stdout, stderr=sys.stderr, env=child_env)
+            run_group(command, stdout=sys.stdout, stderr=sys.stderr, env=child_env)
         finally:
             payload_file.unlink(missing_ok=True)
 

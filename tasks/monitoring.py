@@ -310,3 +310,38 @@ def _describe(path: Path) -> str:
     if not meta:
         return Path(path).name
     return f"{meta['kind']}, {meta['rows']} rows, sha256 {meta['content_hash'][:16]}"
+
+
+# --- flow runs an earlier, killed process left behind -------------------------------------------------
+
+def crash_orphaned_flow_runs(run_name: str) -> list[str]:
+    """Mark Crashed the flow runs of run ``run_name`` (tag ``run:<name>``) that an earlier process left
+    RUNNING or PENDING when it was killed; returns their names. Safe only while this process holds the run's
+    lock (:func:`mpo_core.plumbing.runs.run_lock`): no other live process is writing the run then. The
+    current flow run and its ancestors are left alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import flow_run
+    from prefect.states import Crashed
+
+    ours = {flow_run.get_id(), flow_run.get_parent_flow_run_id(), flow_run.get_root_flow_run_id()} - {None}
+    crashed = []
+    with get_client(sync_client=True) as client:
+        left = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[f"run:{run_name}"]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])),
+        ))
+        for orphan in left:
+            if str(orphan.id) in ours:
+                continue
+            client.set_flow_run_state(orphan.id, Crashed(
+                message=f"left {orphan.state_name} by an mpo process that was killed; found by a later run of {run_name}"
+            ), force=True)
+            crashed.append(orphan.name)
+    return crashed

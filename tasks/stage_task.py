@@ -17,6 +17,7 @@ exponential backoff; anything else, bad input or config above all, is not. GPU s
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -51,6 +52,8 @@ from tasks.monitoring import (
 )
 from tasks.secrets import install_redaction, load_hub_token, redact
 
+logger = logging.getLogger(__name__)
+
 GPU_LIMIT = "gpu"
 RETRIES = 2
 RETRY_BACKOFF_S = 10.0
@@ -77,6 +80,7 @@ class ProgressReporter:
         self._last_update = 0.0
         self._last_pct = -1.0
         self._last_desc = ""
+        self._failed = False
 
     def __call__(self, desc: str, done: int, total: int) -> None:
         """``(desc, 0, 0)`` announces a phase (shown at once, at 0 %); otherwise ``done`` of ``total``. A new
@@ -90,11 +94,16 @@ class ProgressReporter:
         if self._artifact_id is not None and pct == self._last_pct and desc == self._last_desc:
             return
         description = f"{desc} ..." if starting_phase else f"{desc}: {done}/{total}"
-        if self._artifact_id is None:
-            self._artifact_id = create_progress_artifact(pct, key=self.key, description=description)
-        else:
-            update_progress_artifact(self._artifact_id, pct, description=description)
         self._last_update, self._last_pct, self._last_desc = now, pct, desc
+        try:
+            if self._artifact_id is None:
+                self._artifact_id = create_progress_artifact(pct, key=self.key, description=description)
+            else:
+                update_progress_artifact(self._artifact_id, pct, description=description)
+        except Exception as err:  # noqa: BLE001 - a display: an unreachable API must not fail (and retry) the stage
+            if not self._failed:
+                logger.warning("progress not shown in Prefect: %s: %s", type(err).__name__, err)
+            self._failed = True
 
 
 def _rows_per_language(path: Path) -> dict[str, int]:

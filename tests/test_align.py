@@ -404,3 +404,25 @@ def test_align_dpo_truncation_keeps_the_prompt_and_cuts_the_answer(default_model
     assert batch["input_ids"].shape[1] == 48
     assert torch.equal(rejected[: len(prompt)], prompt) and torch.equal(chosen[: len(prompt)], prompt)
     assert int(batch["completion_mask"][1].sum()) == 48 - len(prompt)
+
+
+def test_training_split_of_no_pairs_is_empty_and_train_names_it(tmp_path):
+    """The filter kept no pair: the split is an empty table (not an Arrow error on a null-typed mask) and the
+    train stage ends in its own "no pairs" error, before any model is loaded."""
+    from mpo_core.plumbing.artifacts import write_artifact
+    from mpo_core.plumbing.config import config_from_dict
+    from mpo_core.plumbing.errors import InputDataError
+    from mpo_core.plumbing.schemas import schema_for
+    from mpo_core.plumbing.stage_run import run_stage_function
+
+    pairs, _ = _pairs({"zh": [0.1]})
+    prompts = pa.Table.from_pylist([{"prompt_id": "p0", "split": "train"}, {"prompt_id": "p1", "split": "eval"}])
+    assert training_split(pairs.slice(0, 0), prompts).num_rows == 0
+    filtered, translated = tmp_path / "filtered.parquet", tmp_path / "translated.parquet"
+    write_artifact(schema_for("pairs").empty_table(), filtered, "pairs")
+    write_artifact(
+        [{"prompt_id": "p0", "lang": "en", "text": "hi", "category": None, "split": "train", "source": "s",
+          "translated_by": "original", "harmful": True}], translated, "prompts")
+    with pytest.raises(InputDataError, match="no pairs of train-split prompts to train on"):
+        run_stage_function("train", config_from_dict({"train": {"loss": "dpo"}}),
+                           {"filtered": filtered, "translated": translated}, tmp_path / "train")

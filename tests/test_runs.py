@@ -398,3 +398,31 @@ def test_a_corrupt_marker_is_named_and_does_not_block_a_rerun(config):
     run.marker_path("translate").write_text("{not json")
     again = execute_stage(FAKE["translate"], config, run, inputs)
     assert again.status == RAN and "marker unreadable" in again.reason
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_damaged_output_is_flagged_without_a_traceback_and_only_its_stage_reruns(config, damage, capsys):
+    """An output deleted or truncated after the run: ``stale_stages`` and ``mpo runs`` name it (its stage and
+    the consumer that can no longer be checked), nothing raises; the rerun redoes the damaged stage, and its
+    consumer, given the same content again, is skipped."""
+    from flows.cli import main
+
+    run = RunFolder.for_config(config)
+    run.save_config(config)
+    _run_both(config, run)
+    prompts = run.stage_dir("ingest") / "prompts.parquet"
+    if damage == "deleted":
+        prompts.unlink()
+    else:
+        prompts.write_bytes(prompts.read_bytes()[:100])
+    stale = stale_stages(run)
+    assert stale["ingest"] == ("output prompts missing" if damage == "deleted" else "output prompts changed or incomplete")
+    assert stale["translate"] == ("input prompts changed" if damage == "truncated"
+                                  else f"input prompts missing ({prompts}): rerun the stage that makes it")
+    assert main(["runs", "--root", str(run.path.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "Traceback" not in out and f"STALE: {stale['ingest']}" in out
+    ingest = execute_stage(FAKE["ingest"], config, run, {})
+    translate = execute_stage(FAKE["translate"], config, run, resolve_inputs(FAKE["translate"], config, ingest.outputs))
+    assert (ingest.status, translate.status) == (RAN, SKIPPED)
+    assert stale_stages(run) == {}

@@ -124,4 +124,5 @@ def training_split(pairs: pa.Table, prompts: pa.Table | None) -> pa.Table:
     held_out = held_out_prompt_ids(prompts)
     if not held_out:
         return pairs
-    return pairs.filter(pa.array([pid not in held_out for pid in pairs.column("prompt_id").to_pylist()]))
+    keep = [pid not in held_out for pid in pairs.column("prompt_id").to_pylist()]
+    return pairs.filter(pa.array(keep, type=pa.bool_()))

@@ -625,6 +625,20 @@ class AlignConfig(Section):
         return checked_trainer_args(cls, info, trainer_args)
 
 
+class RuntimeConfig(Section):
+    """How a run meets faults (a full disk, a lost Prefect server); no stage's identity includes it: changing
+    it reruns nothing."""
+
+    min_free_mb: int = Field(
+        default=200, ge=0,
+        description="Free space (MB) the run folder's file system must have before a stage starts (else DiskFullError).",
+    )
+    api_unreachable_s: float = Field(
+        default=60.0, gt=0.0,
+        description="Seconds an unreachable Prefect API is waited for before the run fails (PrefectUnreachableError).",
+    )
+
+
 class PipelineConfig(Section):
     """A whole recipe: one section per stage."""
 
@@ -649,6 +663,9 @@ class PipelineConfig(Section):
         description="Evaluation sets and metrics.",
     )
     align: AlignConfig = Field(default_factory=AlignConfig, description="The optional align stage.")
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig, description="Faults: free space asked for, a lost Prefect server's grace."
+    )
 
     @field_validator("run")
     @classmethod

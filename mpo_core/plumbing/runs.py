@@ -3,7 +3,9 @@
 A run lives in ``<run.root>/<run.name>/``::
 
     config.yaml          the resolved recipe of the latest invocation
-    state.json           per-stage state of the latest invocation (ran / skipped / bypassed / failed / running)
+    run.lock             while a process writes the run: its pid, host and start time (:func:`run_lock`)
+    state.json           per-stage state of the latest invocation (ran / skipped / bypassed / failed /
+                         running / interrupted)
     <stage>/             the stage's own folder: its artifacts and ``stage.json``
 
 ``stage.json`` is written before a stage starts (``status: running``) and again, last, when all its outputs
@@ -13,9 +15,10 @@ the present config and inputs (their content read from the files, not from their
 whole (Parquet: :func:`artifact_is_complete` and a manifest whose ``config_hash`` is that identity) and
 unchanged since the marker was written. This is the only place reuse is decided.
 
-Before a stage runs, its folder is emptied, except when its marker was left ``running`` with the same
-identity (an interrupted stage, not forced): then the folder is kept and the stage resumes (training from its
-checkpoints, the reference from its finished batches). A forced stage, a stage whose config or inputs changed
+Before a stage runs, its folder is emptied, except when its marker was left ``running`` or ``interrupted``
+(Ctrl-C, SIGTERM) with the same identity (an interrupted stage, not forced): then the folder is kept and the stage resumes (training from its
+checkpoints, the reference from its finished batches). A complete stage of the same identity whose output
+was damaged or deleted keeps its ``resume_files`` (train rebuilds a lost model from its final checkpoint). A forced stage, a stage whose config or inputs changed
 and a stage whose marker cannot be read all start from an empty folder.
 
 Nothing here imports Prefect: the orchestration layer calls :func:`execute_stage` and adds its reporting.
@@ -23,14 +26,18 @@ Nothing here imports Prefect: the orchestration layer calls :func:`execute_stage
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import logging
 import os
 import shutil
 import socket
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +51,15 @@ from mpo_core.plumbing.artifacts import (
     write_manifest,
 )
 from mpo_core.plumbing.config import PipelineConfig, dump_config, load_config
-from mpo_core.plumbing.errors import ArtifactError, ConfigError
+from mpo_core.plumbing.errors import (
+    ArtifactError,
+    ConfigError,
+    DiskFullError,
+    MPOError,
+    ReadOnlyRunError,
+    RunLockedError,
+    storage_error,
+)
 from mpo_core.plumbing.progress import round_seconds
 from mpo_core.plumbing.stage_run import StageInputs, StageRun, call_stage, check_outputs
 from mpo_core.plumbing.stage_table import (
@@ -61,11 +76,14 @@ from mpo_core.plumbing.stage_table import (
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = "run.lock"
 STATE_FILE = "state.json"
 MARKER_FILE = "stage.json"
 
 # Statuses recorded in state.json for the latest invocation.
 RAN, SKIPPED, BYPASSED, FAILED, RUNNING = "ran", "skipped", "bypassed", "failed", "running"
+# A stage stopped by a signal (Ctrl-C, SIGTERM): in state.json and in its marker; the next run resumes it.
+INTERRUPTED = "interrupted"
 
 # Stages that a ready-made pairs file (``pair.source``) makes unnecessary.
 PAIR_SOURCE_BYPASSES = ("generate", "label")
@@ -299,16 +317,27 @@ class RunFolder:
 
     def prepare_stage_dir(self, spec: StageSpec, identity: str, force: bool) -> bool:
         """Before a (re)run: empty the stage's folder unless an interrupted, unforced run of the same identity
-        left files to resume from. Returns whether the stage resumes."""
+        left files to resume from; a complete stage of the same identity whose output was damaged keeps its
+        ``resume_files`` (a training stage's checkpoints). Returns whether the stage resumes."""
         out_dir = self.check_writable(spec.name)
         try:
             marker = None if force else self.read_marker(spec.name)
         except ArtifactError:
             marker = None
-        resume = marker is not None and marker.get("status") == "running" and marker.get("identity") == identity
+        same = marker is not None and marker.get("identity") == identity
+        resume = same and marker.get("status") in (RUNNING, INTERRUPTED)
+        # a finished stage of the same identity whose output was lost keeps what rebuilds it (its checkpoints)
+        kept = spec.resume_files if same and marker.get("status") == "complete" else ()
         if out_dir.is_dir() and not resume:
             ensure_inside(out_dir, self.path, "stage folder")
-            shutil.rmtree(out_dir)
+            for path in out_dir.iterdir():
+                if path.name in kept:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            resume = any(out_dir.iterdir())
         out_dir.mkdir(parents=True, exist_ok=True)
         self._write_marker(spec, identity, "running")
         return resume
@@ -401,6 +430,7 @@ def execute_stage(
         return record_skip(spec, run, check)
     reason = "forced" if force else check.reason
     logger.info("stage %s runs: %s (identity %s)", spec.name, reason, check.identity[:16])
+    check_storage(run.path, config.runtime.min_free_mb)
     run.record(
         spec.name,
         status=RUNNING,
@@ -419,8 +449,52 @@ def execute_stage(
         outputs = check_outputs(stage)
         return _complete_stage(spec, run, check, outputs, started, reason)
     except BaseException as err:
-        run.record(spec.name, status=FAILED, error=f"{type(err).__name__}: {err}"[:2000])
+        named = storage_error(err, run.stage_dir(spec.name))
+        if named is not None:
+            remove_temporary_files(run.stage_dir(spec.name))
+        shown = named if named is not None else err
+        status = FAILED if isinstance(err, Exception) else INTERRUPTED  # KeyboardInterrupt, a termination signal
+        with contextlib.suppress(OSError):  # on a full or read-only disk even this may fail
+            if status == INTERRUPTED and _marker_says(run, spec.name, RUNNING, check.identity):
+                run._write_marker(spec, check.identity, INTERRUPTED, signal=type(err).__name__)
+            run.record(spec.name, status=status, error=f"{type(shown).__name__}: {shown}"[:2000])
+        if named is not None:
+            raise named from err
         raise
+
+
+def _marker_says(run: RunFolder, stage: str, status: str, identity: str) -> bool:
+    try:
+        marker = run.read_marker(stage)
+    except ArtifactError:
+        return False
+    return bool(marker) and marker.get("status") == status and marker.get("identity") == identity
+
+
+def check_storage(folder: Path, min_free_mb: int) -> None:
+    """Before a stage writes: a :class:`ReadOnlyRunError` if ``folder`` (or, not made yet, its nearest
+    existing parent) cannot be written (read-only file system, no permission), a :class:`DiskFullError` if
+    its file system has less than ``min_free_mb`` MB free."""
+    folder = next(p for p in (Path(folder), *Path(folder).absolute().parents) if p.exists())
+    if not os.access(folder, os.W_OK):
+        raise ReadOnlyRunError(f"{folder}: cannot be written (a read-only file system or no write permission); "
+                               "a run is written in place: give it a writable run.root")
+    free = shutil.disk_usage(folder).free
+    if free < min_free_mb * 1_000_000:
+        raise DiskFullError(f"{folder}: {free / 1e6:.0f} MB free, runtime.min_free_mb asks for {min_free_mb} MB "
+                            "before a stage starts: free space there or move run.root, then rerun")
+
+
+def remove_temporary_files(folder: Path) -> list[Path]:
+    """Remove the temporary files and folders of unfinished atomic writes (``.<name>.*.tmp``) under ``folder``."""
+    removed = []
+    for path in sorted(Path(folder).rglob(".*.tmp"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _complete_stage(
@@ -493,7 +567,9 @@ def bypass_stage(spec: StageSpec, run: RunFolder, reason: str) -> StageOutcome:
 
 def stale_stages(run: RunFolder) -> dict[str, str]:
     """Stages of ``run`` that finished but would not be skipped now, with the reason (an input edited after
-    the stage ran, an output changed, the recorded config or code changed): what ``mpo runs`` flags."""
+    the stage ran, an output changed, damaged or missing, the recorded config or code changed): what ``mpo
+    runs`` flags. Every output is checked against what its marker and manifest recorded (a Parquet file's
+    sha256 and rows, a folder's file names, sizes and times); nothing here raises on a damaged file."""
     config = run.load_config()
     available = run.available_outputs()
     stale = {}
@@ -510,10 +586,42 @@ def stale_stages(run: RunFolder) -> dict[str, str]:
         except ArtifactError as err:
             stale[spec.name] = str(err)
             continue
-        check = check_stage(spec, config, run, inputs)
+        try:
+            check = check_stage(spec, config, run, inputs)
+        except (OSError, ValueError, NotImplementedError) as err:  # an input gone or not readable (pyarrow's errors)
+            stale[spec.name] = _unreadable_input_reason(inputs, err)
+            continue
         if not check.current:
             stale[spec.name] = check.reason
     return stale
+
+
+def _unreadable_input_reason(inputs: dict[str, Path], err: BaseException) -> str:
+    """Why a stage's inputs could not be fingerprinted: the first missing or damaged one, named."""
+    for name, path in inputs.items():
+        if not path.exists():
+            return f"input {name} missing ({path}): rerun the stage that makes it"
+        if path.suffix == ".parquet" and not artifact_is_complete(path):
+            return f"input {name} damaged ({path}: not the file its manifest describes): rerun the stage that makes it"
+    return f"inputs not readable: {type(err).__name__}: {err}"
+
+
+def nothing_to_do(run: RunFolder, config: PipelineConfig) -> bool:
+    """Whether a pipeline run of ``config`` would skip every stage of ``run``: its ``config.yaml`` is the same
+    and every active stage is current. Reads only, so that a finished run (on a read-only root, too) is left
+    untouched; any doubt (a damaged file) answers False and the pipeline decides."""
+    try:
+        if not run.exists() or run.config_path.read_text(encoding="utf-8") != dump_config(config):
+            return False
+        available: dict[str, Path] = {}
+        for spec in active_stages(config):
+            check = check_stage(spec, config, run, resolve_inputs(spec, config, available))
+            if not check.current:
+                return False
+            available.update(check.outputs)
+    except (MPOError, OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return False
+    return True
 
 
 def list_runs(root: str | Path) -> list[RunFolder]:
@@ -522,6 +630,103 @@ def list_runs(root: str | Path) -> list[RunFolder]:
     if not root.is_dir():
         return []
     return [RunFolder(p) for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file()]
+
+
+# Run locks this process holds: lock file path -> (open descriptor holding the flock, nesting depth).
+_held_locks: dict[str, tuple[int, int]] = {}
+_held_locks_guard = threading.Lock()
+
+
+def _lock_holder(text: str) -> dict[str, Any]:
+    try:
+        holder = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe_holder(holder: dict[str, Any]) -> str:
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started_at', '?')}"
+            f" ({holder.get('command', '?')})")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_lock(path: Path) -> int:
+    """Open and flock ``path`` (the lock's inode still the file at ``path``); write this process's record.
+    A :class:`RunLockedError` if a live process holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(path.read_text(encoding="utf-8", errors="replace"))
+            os.close(fd)
+            raise RunLockedError(
+                f"{path.parent} is being written by another mpo process ({_describe_holder(holder)}): wait "
+                f"for it to finish or stop it; two runs with different run.name run side by side"
+            ) from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if not same_file:  # the holder released (removed) it between our open and flock: try again
+            os.close(fd)
+            continue
+        previous = _lock_holder(os.read(fd, 1 << 16).decode("utf-8", errors="replace"))
+        if previous:
+            alive = previous.get("host") == socket.gethostname() and _pid_alive(int(previous.get("pid", -1)))
+            logger.warning("%s: taking over the stale lock of %s, %s", path, _describe_holder(previous),
+                           "which holds no lock any more" if alive else "which is no longer running")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(),
+                  "command": " ".join(sys.argv)[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record, indent=1).encode("utf-8"), 0)
+        return fd
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold the run folder's lock (``run.lock``: pid, host, start time) for the block: one writer per run.
+
+    The lock is an ``flock`` on that file, so the kernel releases it when its holder dies, however; a lock
+    file left by a dead process is taken over with a warning naming it, a live holder is a
+    :class:`RunLockedError` naming it. Nested blocks in one process (the CLI, then its pipeline flow) share
+    the lock. The run folder is created if needed; the file is removed on release."""
+    folder = Path(run_dir)
+    path = folder / LOCK_FILE
+    key = os.path.abspath(path)
+    with _held_locks_guard:
+        fd, depth = _held_locks.get(key, (-1, 0))
+        if depth == 0:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = _take_lock(path)
+            except PermissionError as err:
+                raise ReadOnlyRunError(f"{folder}: cannot be written ({err.strerror}); a run is written in "
+                                       "place: give it a writable run.root") from None
+            except OSError as err:
+                raise (storage_error(err, folder) or err) from None
+        _held_locks[key] = (fd, depth + 1)
+    try:
+        yield path
+    finally:
+        with _held_locks_guard:
+            fd, depth = _held_locks.pop(key)
+            if depth > 1:
+                _held_locks[key] = (fd, depth - 1)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                os.close(fd)
 
 
 def open_run(

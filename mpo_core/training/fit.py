@@ -29,6 +29,9 @@ and the final model is gathered into a full state dict first. ``out_dir/model`` 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +42,15 @@ import torch
 from mpo_core.plumbing.config import ModelConfig, PipelineConfig, TrainConfig
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.plumbing.stage_table import CHECKPOINT_DIR
-from mpo_core.training.checkpoints import MODEL_DIR, latest_checkpoint, save_model_atomically
+from mpo_core.training.checkpoints import (
+    MODEL_DIR,
+    TRAINER_STATE,
+    finished_checkpoint,
+    keep_final_checkpoint,
+    latest_checkpoint,
+    save_model_atomically,
+    with_atomic_checkpoints,
+)
 from mpo_core.training.examples import MPOCollator, build_examples, preference_rows
 from mpo_core.training.sharding import distributed_report, full_state_dict, sharding_arguments
 from mpo_core.training.trainer import MPOTrainer, trainer_callbacks
@@ -47,6 +58,8 @@ from mpo_core.training.trainer import MPOTrainer, trainer_callbacks
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+
+logger = logging.getLogger(__name__)
 
 OWN_TRAINER_LOSSES = ("mpo", "simpo")
 
@@ -168,7 +181,7 @@ def build_trainer(
 
         sft = {"max_length": cfg.max_length, "completion_only_loss": True}
         args = SFTConfig(**{**common, **sft, **cfg.trainer_args})
-        return SFTTrainer(args=args, **trl_kwargs)
+        return with_atomic_checkpoints(SFTTrainer)(args=args, **trl_kwargs)
     from trl import DPOConfig, DPOTrainer
 
     rows = len(trl_kwargs["train_dataset"])
@@ -183,7 +196,7 @@ def build_trainer(
         **cfg.trainer_args,
     })
     try:
-        trainer = DPOTrainer(args=args, **trl_kwargs)
+        trainer = with_atomic_checkpoints(DPOTrainer)(args=args, **trl_kwargs)
     except ValueError as err:  # TRL dropped every pair, then precomputed the reference over none (torch.cat)
         if "non-empty" not in str(err):
             raise
@@ -213,14 +226,21 @@ def fit(
     model = load_model(model_cfg)
     trainer = build_trainer(config, model, tokenizer, pairs, reference, out_dir)
 
-    resume = latest_checkpoint(out_dir)
     main_process = trainer.is_world_process_zero()  # under torchrun / accelerate launch, one rank writes
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if main_process:
+        latest_checkpoint(out_dir)  # incomplete checkpoints named and removed, by one rank
+    trainer.accelerator.wait_for_everyone()
+    finished = None if trainer.is_fsdp_enabled else finished_checkpoint(out_dir, trainer.args.max_steps)
+    if finished is not None:  # training ended, the model was lost: rebuilt from the last checkpoint
+        train_loss = _rebuild_from(trainer, finished)
+    else:
+        resume = latest_checkpoint(out_dir)
+        train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
     info = {
         **info,
         "loss": config.train.loss,
         "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "base_model": model_cfg.name_or_path,
         "distributed": distributed_report(trainer),
     }
@@ -229,5 +249,18 @@ def fit(
     target = out_dir / MODEL_DIR
     if main_process:
         save_model_atomically(trainer.model, tokenizer, target, info, state_dict, trainer.state.log_history)
+        keep_final_checkpoint(out_dir, json.dumps(dataclasses.asdict(trainer.state), indent=2))
     trainer.accelerator.wait_for_everyone()
     return target
+
+
+def _rebuild_from(trainer, checkpoint: Path) -> float:
+    """Load a finished checkpoint's weights and trainer state (kept by :func:`keep_final_checkpoint`) into
+    ``trainer`` without training; returns the recorded training loss."""
+    from transformers import TrainerState
+
+    logger.info("train: %s is the end of training; the model is rebuilt from it, not retrained", checkpoint)
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE))
+    summary = [entry for entry in trainer.state.log_history if "train_loss" in entry]
+    return summary[-1]["train_loss"] if summary else float("nan")

@@ -23,13 +23,15 @@ from mpo_core.plumbing.config import TrainConfig
 from mpo_core.plumbing.errors import ConfigError
 from mpo_core.plumbing.progress import Tracker
 from mpo_core.results.stage_results import training_log_line
+from mpo_core.training.checkpoints import AtomicCheckpoints
 from mpo_core.training.sharding import reduce_gradients_in_fp32, shard_on_cpu_processes
 
 logger = logging.getLogger(__name__)
 
 
-class MPOTrainer(Trainer):
-    """``transformers.Trainer`` with the MPO (or SimPO) loss and per-target-language metrics."""
+class MPOTrainer(AtomicCheckpoints, Trainer):
+    """``transformers.Trainer`` with the MPO (or SimPO) loss and per-target-language metrics; checkpoints
+    written atomically (:class:`~mpo_core.training.checkpoints.AtomicCheckpoints`)."""
 
     def __init__(self, *args: Any, train_cfg: TrainConfig, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
