@@ -128,9 +128,9 @@ def test_one_engine_at_a_time_and_the_scope_shuts_it_down(fake_vllm):
 
 
 def test_the_scope_shuts_the_engine_down_when_the_stage_fails(fake_vllm):
-    with pytest.raises(ZeroDivisionError), vllm_engine_scope():
+    with pytest.raises(RuntimeError, match="the stage failed"), vllm_engine_scope():
         engine = VLLMBackend(ModelConfig(name_or_path="org/a")).llm
-        1 / 0
+        raise RuntimeError("the stage failed")
     assert engine.shut_down and ENGINES.current is None
 
 
@@ -152,7 +152,6 @@ class _Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "vllm":
             raise RuntimeError("operator torchvision::nms does not exist")
-        return None
 
 
 @pytest.mark.parametrize("broken", [False, True])

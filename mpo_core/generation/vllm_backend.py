@@ -62,6 +62,7 @@ class RunningEngine:
     scratch: str  # the engine's TMPDIR / caches, removed at shutdown
     saved_env: dict[str, str | None]
     children_before: set[int] = field(default_factory=set)
+    shm_before: set[str] = field(default_factory=set)
 
 
 def _engine_environment(engine: VLLMConfig, scratch: str) -> dict[str, str]:
@@ -121,6 +122,7 @@ class EnginePool:
         saved_env = {name: os.environ.get(name) for name in environment}
         os.environ.update(environment)
         children_before = {p.pid for p in psutil.Process().children(recursive=True)}
+        shm_before = _shared_memory_mapped_by([psutil.Process()])
         engine_args: dict[str, Any] = {
             "model": resolve_model_path(key.model.name_or_path),
             "revision": key.model.revision,
@@ -139,7 +141,7 @@ class EnginePool:
         logger.info("starting vLLM engine for %s (%s, %s, %s)", key.model.name_or_path,
                     "cpu" if on_cpu else "gpu", dtype, "eager" if key.engine.enforce_eager else "compiled")
         started = time.perf_counter()
-        running = RunningEngine(key, None, scratch, saved_env, children_before)
+        running = RunningEngine(key, None, scratch, saved_env, children_before, shm_before)
         try:
             running.llm = vllm.LLM(**engine_args)
         except BaseException as err:
@@ -159,6 +161,7 @@ class EnginePool:
 
     @staticmethod
     def _clean_up(running: RunningEngine) -> None:
+        segments = _shared_memory_mapped_by([psutil.Process(), *_engine_children(running.children_before)])
         try:
             if running.llm is not None:
                 running.llm.llm_engine.engine_core.shutdown()
@@ -167,6 +170,7 @@ class EnginePool:
         finally:
             running.llm = None
             _end_children(running.children_before)
+            _unlink_segments(segments - running.shm_before)
             shutil.rmtree(running.scratch, ignore_errors=True)
             for name, value in running.saved_env.items():
                 if value is None:
@@ -175,9 +179,40 @@ class EnginePool:
                     os.environ[name] = value
 
 
+def _engine_children(children_before: set[int]) -> list[psutil.Process]:
+    """Descendants of this process the engine started (not there before), except multiprocessing's resource
+    tracker: the process's own helper (it ignores SIGTERM, unlinks shared memory a dead process leaked, and
+    exits with this process), which the engine's spawn started."""
+    from multiprocessing import resource_tracker
+
+    keep = children_before | {getattr(resource_tracker._resource_tracker, "_pid", None)}
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
+
+
+def _shared_memory_mapped_by(processes: list[psutil.Process]) -> set[str]:
+    """The /dev/shm files ``processes`` map (the engine's message queues between its processes)."""
+    segments = set()
+    for process in processes:
+        try:
+            segments |= {m.path for m in process.memory_maps() if m.path.startswith("/dev/shm/")}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return segments
+
+
+def _unlink_segments(segments: set[str]) -> None:
+    """Remove the engine's shared-memory files that its shutdown left (its processes are gone by now)."""
+    for segment in sorted(segments):
+        try:
+            os.unlink(segment)
+            logger.info("removed shared memory %s the vLLM engine left", segment)
+        except FileNotFoundError:
+            continue
+
+
 def _end_children(children_before: set[int]) -> None:
-    """Terminate, then kill, every descendant of this process that the engine started (not there before)."""
-    engine_children = [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before]
+    """Terminate, then kill, the engine's processes (:func:`_engine_children`) that its shutdown left."""
+    engine_children = _engine_children(children_before)
     _, alive = psutil.wait_procs(engine_children, timeout=CHILD_EXIT_WAIT_S)
     for process in alive:
         try:
