@@ -63,6 +63,7 @@ class RunningEngine:
     saved_env: dict[str, str | None]
     children_before: set[int] = field(default_factory=set)
     shm_before: set[str] = field(default_factory=set)
+    processes: list[psutil.Process] = field(default_factory=list)  # the engine's, found once it started
 
 
 def _engine_environment(engine: VLLMConfig, scratch: str) -> dict[str, str]:
@@ -144,6 +145,7 @@ class EnginePool:
         running = RunningEngine(key, None, scratch, saved_env, children_before, shm_before)
         try:
             running.llm = vllm.LLM(**engine_args)
+            running.processes = _new_children(children_before)
         except BaseException as err:
             self._clean_up(running)
             if isinstance(err, (ValueError, RuntimeError, OSError)):
@@ -161,7 +163,9 @@ class EnginePool:
 
     @staticmethod
     def _clean_up(running: RunningEngine) -> None:
-        segments = _shared_memory_mapped_by([psutil.Process(), *_engine_children(running.children_before)])
+        if not running.processes:  # the start failed: whatever it spawned meanwhile
+            running.processes = _new_children(running.children_before)
+        segments = _shared_memory_mapped_by([psutil.Process(), *running.processes])
         try:
             if running.llm is not None:
                 running.llm.llm_engine.engine_core.shutdown()
@@ -169,7 +173,7 @@ class EnginePool:
             logger.warning("vLLM engine shutdown failed (%s); killing its processes", err)
         finally:
             running.llm = None
-            _end_children(running.children_before)
+            _end_processes(running.processes)
             _unlink_segments(segments - running.shm_before)
             shutil.rmtree(running.scratch, ignore_errors=True)
             for name, value in running.saved_env.items():
@@ -179,10 +183,11 @@ class EnginePool:
                     os.environ[name] = value
 
 
-def _engine_children(children_before: set[int]) -> list[psutil.Process]:
-    """Descendants of this process the engine started (not there before), except multiprocessing's resource
-    tracker: the process's own helper (it ignores SIGTERM, unlinks shared memory a dead process leaked, and
-    exits with this process), which the engine's spawn started."""
+def _new_children(children_before: set[int]) -> list[psutil.Process]:
+    """Descendants of this process that were not there before the engine started (its engine core and
+    workers), except multiprocessing's resource tracker: the process's own helper (it ignores SIGTERM, unlinks
+    shared memory a dead process leaked, and exits with this process), which the engine's spawn started.
+    Taken right after the start, so that processes this process starts later (a Prefect server) are not."""
     from multiprocessing import resource_tracker
 
     keep = children_before | {getattr(resource_tracker._resource_tracker, "_pid", None)}
@@ -210,10 +215,16 @@ def _unlink_segments(segments: set[str]) -> None:
             continue
 
 
-def _end_children(children_before: set[int]) -> None:
-    """Terminate, then kill, the engine's processes (:func:`_engine_children`) that its shutdown left."""
-    engine_children = _engine_children(children_before)
-    _, alive = psutil.wait_procs(engine_children, timeout=CHILD_EXIT_WAIT_S)
+def _end_processes(processes: list[psutil.Process]) -> None:
+    """Terminate, then kill, the engine's processes and their descendants that its shutdown left (psutil
+    checks each is still the process it was, not a reused pid)."""
+    alive = []
+    for process in processes:
+        try:
+            alive += [process, *process.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(alive, timeout=CHILD_EXIT_WAIT_S)
     for process in alive:
         try:
             process.terminate()
@@ -267,6 +278,10 @@ class VLLMBackend(GenerationBackend):
     def llm(self) -> Any:
         """The running engine (started now if another model's, or none, runs)."""
         return ENGINES.engine(self.key)
+
+    def start(self) -> None:
+        """Start the engine now rather than at the first call (to time its start-up)."""
+        ENGINES.engine(self.key)
 
     @staticmethod
     def sampling_params(settings: SamplingSettings, seed: int, stop_ids: list[int]) -> Any:
