@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 # vLLM's finish reasons that are ours ("abort": the engine dropped the request, a GenerationError)
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 CHILD_EXIT_WAIT_S = 10.0
+MAX_SOCKET_PATH = 107  # bytes of a UNIX socket path (sun_path less its terminating NUL)
+MAX_IPC_NAME = 37  # the name vLLM gives an IPC socket: a UUID and a separator
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,16 @@ def _engine_environment(engine: VLLMConfig, scratch: str) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_DO_NOT_TRACK": "1",
     }
+
+
+def _scratch_folder() -> str:
+    """A new folder for the engine's temporary files, in the temporary folder unless that path is too long for
+    the engine's IPC sockets (a UNIX socket path has at most 107 bytes; vLLM adds a 37-character name): then
+    in /tmp. A deep TMPDIR (pytest's) made the engine fail with "ipc path ... is longer than 107 characters"."""
+    base = tempfile.gettempdir()
+    if len(os.fsencode(base)) + len("/mpo-vllm-xxxxxxxx/") + MAX_IPC_NAME > MAX_SOCKET_PATH:
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="mpo-vllm-", dir=base)
 
 
 def _import_vllm() -> Any:
@@ -118,7 +130,7 @@ class EnginePool:
         on_cpu = current_platform.is_cpu()
         device = "cpu" if on_cpu else resolve_device(key.model.device)
         dtype = str(resolve_dtype(key.model.dtype, device)).removeprefix("torch.")
-        scratch = tempfile.mkdtemp(prefix="mpo-vllm-")
+        scratch = _scratch_folder()
         environment = _engine_environment(key.engine, scratch)
         saved_env = {name: os.environ.get(name) for name in environment}
         os.environ.update(environment)
