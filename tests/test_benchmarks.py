@@ -51,7 +51,9 @@ SMOKES: dict[str, Smoke] = {
         timeout_s=300,
     ),
     "filter_scale.py": Smoke((), r"filter_rows_per_s=[1-9]\d* peak_rss_mb=[1-9]\d*", timeout_s=300, slow=False),
-    "generate.py": Smoke((), rf"generate_speedup_batched={FLOAT}", timeout_s=300, needs_data=False),
+    # vLLM's figures are nan only where it cannot be imported (CI installs it: make test)
+    "generate.py": Smoke((), rf"vllm_over_transformers=(?:{FLOAT}|nan) vllm_startup_s=(?:{FLOAT}|nan)",
+                         timeout_s=480, needs_data=False),
     "shard_scale.py": Smoke((), rf"shard_speedup_2={FLOAT}", timeout_s=900, needs_data=False),
     "train_step.py": Smoke(
         (),

@@ -156,3 +156,18 @@ def test_a_completion_cut_inside_a_character_loses_the_broken_character():
 
     assert without_cut_character("你想更深厚的说明，请您\ufffd") == "你想更深厚的说明，请您"
     assert without_cut_character(" ab\ufffd\ufffd ") == "ab" and without_cut_character("a\ufffdb") == "a\ufffdb"
+
+
+def test_empty_prompts_are_named_errors_in_both_backends(default_model_config):
+    """Empty prompts fail before any generation, naming them: in generate_responses (prompt_id/lang) and in
+    each backend (position); the vLLM backend's own check is tests/test_vllm_mapping.py."""
+    from mpo_core.plumbing.errors import InputDataError
+
+    with pytest.raises(InputDataError, match=r"1 prompt\(s\) with an empty text \(prompt_id/lang\): \['p9/zh'\]"):
+        generate_responses(default_model_config, GenerateConfig(), [*PROMPTS, {"prompt_id": "p9", "lang": "zh", "text": " "}],
+                           backend=EchoBackend())
+    backend = TransformersBackend(default_model_config)
+    with pytest.raises(InputDataError, match=r"backend transformers: 1 empty prompt\(s\) of 2, at position\(s\) \[0\]"):
+        backend.complete(["", "hello"], SamplingSettings())
+    with pytest.raises(InputDataError, match="empty prompt"):
+        backend.chat([[{"role": "user", "content": ""}]], SamplingSettings())

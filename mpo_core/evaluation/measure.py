@@ -28,6 +28,7 @@ from mpo_core.common.verdicts import is_attack_success, is_refusal
 from mpo_core.evaluation.sets import PairSet, PromptSet, UtilitySet, group_by_lang
 from mpo_core.generation.responses import generate_responses, get_backend
 from mpo_core.generation.transformers_backend import TransformersBackend
+from mpo_core.generation.vllm_backend import ENGINES
 from mpo_core.judges.base import label_rows
 from mpo_core.judges.select import get_judge
 from mpo_core.plumbing.config import LabelConfig, ModelConfig, PipelineConfig
@@ -200,13 +201,14 @@ def evaluate_model(
     for utility in utility_sets:
         if utility.kind == "mgsm":
             _mgsm(obs, utility, backend, model_cfg, config)
+    ENGINES.shutdown()  # vLLM: this model's engine goes before the next model loads
     return obs
 
 
 def get_judges(config: PipelineConfig) -> tuple[Judge, Judge]:
     """The safety judge of ``config.label`` (for ASR) and the refusal-pattern judge (for over-refusal: LLM
     safety judges say safe/unsafe, not whether the model refused); one object when they are the same."""
-    judge = get_judge(config.label, config.model)
+    judge = get_judge(config.label, config.model, config.generate.vllm)
     if config.label.judge == REFUSAL_JUDGE:
         return judge, judge
     return judge, get_judge(LabelConfig(judge=REFUSAL_JUDGE, patterns=config.label.patterns))

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mpo_core.plumbing.errors import ConfigError
+from mpo_core.plumbing.errors import ConfigError, InputDataError
 
 Message = dict[str, str]
 
@@ -48,7 +48,8 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class Completion:
-    """One generated response; ``finish_reason`` is ``stop`` (end of sequence) or ``length`` (cut off)."""
+    """One generated response; ``finish_reason`` is ``stop`` (end of sequence, a stop token) or ``length``
+    (cut at ``max_new_tokens``). A request the engine aborted is a :class:`GenerationError`, never a row."""
 
     text: str
     finish_reason: str
@@ -100,3 +101,27 @@ def without_cut_character(text: str) -> str:
     falls inside a multi-byte character (byte-level BPE: Chinese, Bengali...). Left there, the filter would
     drop the pair for encoding damage that generation, not the data, made."""
     return text.rstrip().rstrip("\ufffd").strip()
+
+
+def reject_empty_prompts(prompts: Sequence[str], backend: str) -> None:
+    """An :class:`InputDataError` naming the empty (or blank) prompts: a model has nothing to answer there,
+    and the two backends would each make something different of it."""
+    empty = [i for i, prompt in enumerate(prompts) if not prompt.strip()]
+    if empty:
+        raise InputDataError(
+            f"backend {backend}: {len(empty)} empty prompt(s) of {len(prompts)}, at position(s) {empty[:10]}"
+        )
+
+
+def conversation_texts(conversations: Sequence[Sequence[Message]]) -> list[str]:
+    """Each conversation's message texts joined: blank when every message is (for :func:`reject_empty_prompts`)."""
+    return ["\n".join(message.get("content", "") for message in conversation) for conversation in conversations]
+
+
+def stop_token_ids(model_eos: int | Sequence[int] | None, tokenizer_eos: int | None) -> list[int]:
+    """Where both backends end a completion: the model's generation config's end-of-sequence id(s) (a chat
+    model's end of turn) and the tokenizer's, sorted."""
+    ids = set(model_eos if isinstance(model_eos, (list, tuple)) else [] if model_eos is None else [model_eos])
+    if tokenizer_eos is not None:
+        ids.add(tokenizer_eos)
+    return sorted(ids)

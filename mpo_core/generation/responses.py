@@ -6,12 +6,14 @@ from mpo_core.generation.backend import GenerationBackend, SamplingSettings, req
 from mpo_core.generation.transformers_backend import TransformersBackend
 from mpo_core.generation.vllm_backend import VLLMBackend
 from mpo_core.plumbing.config import GenerateConfig, ModelConfig
+from mpo_core.plumbing.errors import InputDataError
 
 
 def get_backend(model_cfg: ModelConfig, gen_cfg: GenerateConfig) -> GenerationBackend:
-    """The backend named by ``gen_cfg.backend``, loaded with ``model_cfg``."""
+    """The backend named by ``gen_cfg.backend`` for ``model_cfg`` (vLLM: a handle on the process's one engine,
+    :mod:`mpo_core.generation.vllm_backend`; the stage's :func:`vllm_engine_scope` shuts it down)."""
     if gen_cfg.backend == "vllm":
-        return VLLMBackend(model_cfg, seed=gen_cfg.seed)
+        return VLLMBackend(model_cfg, gen_cfg.vllm, seed=gen_cfg.seed)
     return TransformersBackend(model_cfg, batch_size=gen_cfg.batch_size)
 
 
@@ -38,6 +40,9 @@ def generate_responses(
         top_p=gen_cfg.top_p,
         seed=gen_cfg.seed,
     )
+    empty = [f"{p['prompt_id']}/{p['lang']}" for p in prompts if not str(p["text"]).strip()]
+    if empty:
+        raise InputDataError(f"{len(empty)} prompt(s) with an empty text (prompt_id/lang): {empty[:10]}")
     backend = backend if backend is not None else get_backend(model_cfg, gen_cfg)
     conversations = [[{"role": "user", "content": p["text"]}] for p in prompts]
     seeds = [request_seed(settings.seed, p["prompt_id"], p["lang"]) for p in prompts]

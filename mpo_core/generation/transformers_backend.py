@@ -16,7 +16,10 @@ from mpo_core.generation.backend import (
     Message,
     SamplingSettings,
     content_seeds,
+    conversation_texts,
+    reject_empty_prompts,
     sample_seed,
+    stop_token_ids,
     without_cut_character,
 )
 from mpo_core.plumbing.config import ModelConfig
@@ -84,6 +87,7 @@ class TransformersBackend(GenerationBackend):
     def chat(
         self, conversations: list[list[Message]], settings: SamplingSettings, seeds: Sequence[int] | None = None
     ) -> list[list[Completion]]:
+        reject_empty_prompts(conversation_texts(conversations), self.name)
         return self.complete(self.chat_texts(conversations), settings,
                              content_seeds(settings.seed, conversations) if seeds is None else seeds)
 
@@ -92,6 +96,7 @@ class TransformersBackend(GenerationBackend):
     ) -> list[list[Completion]]:
         import torch
 
+        reject_empty_prompts(prompts, self.name)
         seeds = content_seeds(settings.seed, prompts) if seeds is None else seeds
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
@@ -119,10 +124,7 @@ class TransformersBackend(GenerationBackend):
         return results
 
     def _eos_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        ids.add(self.tokenizer.eos_token_id)
-        return ids
+        return set(stop_token_ids(self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id))
 
     def _generation_config(self, settings: SamplingSettings, eos_ids: set[int]) -> Any:
         from transformers import GenerationConfig

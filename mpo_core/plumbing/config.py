@@ -226,12 +226,44 @@ class TranslateConfig(Section):
     )
 
 
+class VLLMConfig(Section):
+    """The vLLM engine (``backend: vllm`` anywhere): one per stage process, started on first use and shut down
+    when the stage ends. The weights' dtype is ``model.dtype`` (auto: bfloat16 on a GPU that has it, float32
+    on CPU, as the transformers backend)."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one model is split across.")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0,
+        description="GPU: share of GPU memory the engine may take (weights + KV cache).",
+    )
+    max_model_len: int | None = Field(
+        default=2048, ge=16,
+        description="Longest prompt + response in tokens (sizes the KV cache); None: the model's own.",
+    )
+    enforce_eager: bool = Field(
+        True,
+        description="Skip graph compilation/capture: faster start (CPU: ~40 s vs 120-190 s), same speed on CPU.",
+    )
+    cpu_kvcache_space_gib: int = Field(
+        default=2, ge=1,
+        description="CPU build: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE); unused on GPU.",
+    )
+    cpu_reserved_cores: int = Field(
+        default=0, ge=0,
+        description="CPU build: cores kept from inference threads (VLLM_CPU_NUM_OF_RESERVED_CPU).",
+    )
+
+
 class GenerateConfig(Section):
     """Sampling k responses per prompt per language."""
 
     backend: Literal["transformers", "vllm"] = Field(
         "transformers",
-        description="Generation backend: transformers (CPU/GPU) or vllm (GPU).",
+        description="Generation backend: transformers or vllm (CPU build or GPU; settings in generate.vllm).",
+    )
+    vllm: VLLMConfig = Field(
+        default_factory=VLLMConfig,
+        description="The vLLM engine's settings, for every stage that runs a model through vllm.",
     )
     num_samples: int = Field(default=2, ge=1, description="Responses sampled per prompt per language (k).")
     max_new_tokens: int = Field(default=48, ge=1, description="Longest response, in tokens.")
@@ -275,7 +307,7 @@ class LabelConfig(Section):
     batch_size: int = Field(default=8, ge=1, description="Responses judged per batch (LLM judges).")
     backend: Literal["transformers", "vllm"] = Field(
         "transformers",
-        description="How LLM judges run: transformers or vllm.",
+        description="How LLM judges run: transformers or vllm (engine settings: generate.vllm).",
     )
     patterns: str | None = Field(
         None,

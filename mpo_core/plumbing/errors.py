@@ -25,6 +25,10 @@ class ModelLoadError(MPOError):
     """A model cannot be loaded safely (missing files, pickle-only weights, remote code not allowed)."""
 
 
+class GenerationError(MPOError):
+    """A backend gave no finished completion for a request (vLLM aborted it)."""
+
+
 # Faults that can pass on a retry, by class: I/O and network failures (``OSError``, which covers
 # ``ConnectionError``, ``TimeoutError`` and the ``requests`` errors), memory exhaustion (host or GPU), and
 # the transport errors of ``httpx`` (the hub client's), named so that neither torch nor httpx is imported.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from mpo_core.generation.vllm_backend import vllm_engine_scope
 from mpo_core.plumbing.config import PipelineConfig
 from mpo_core.plumbing.seed import seed_path
 from mpo_core.plumbing.stage_run import Artifact, StageRun
@@ -54,7 +55,8 @@ def run_align(stage: StageRun) -> dict[str, Artifact]:
     config, out_dir = stage.config, stage.out_dir
     harmful, benign = align_prompts(config, stage.inputs.table("translated"))
     answer_prompts = benign + (harmful if config.align.method == "dpo" else [])
-    answers = own_answers(config, answer_prompts)
+    with vllm_engine_scope():  # the engine is gone before training starts
+        answers = own_answers(config, answer_prompts)
     is_refusal = refusal_check(config.run.dominant_lang)
     rows, counts = build_align_rows(
         harmful, benign, answers, load_refusals(_refusal_source(config)), config.align.method,

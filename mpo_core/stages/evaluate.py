@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from mpo_core.evaluation.compare import evaluate_models, write_evaluation
+from mpo_core.generation.vllm_backend import vllm_engine_scope
 from mpo_core.plumbing.config import ModelConfig
 from mpo_core.plumbing.errors import ConfigError
 from mpo_core.plumbing.stage_run import Artifact, StageRun
@@ -31,8 +32,10 @@ def run_evaluate(stage: StageRun) -> dict[str, Artifact]:
     if "checkpoint" in inputs:
         models["trained"] = config.model.model_copy(update={"name_or_path": str(inputs.path("checkpoint"))})
     models = selected_roles(models, config.evaluate.roles)
-    result = evaluate_models(config, models, translated=inputs.table_or_none("translated"),
-                             filtered=inputs.table_or_none("filtered"), reference=inputs.table_or_none("reference"))
+    with vllm_engine_scope():
+        result = evaluate_models(config, models, translated=inputs.table_or_none("translated"),
+                                 filtered=inputs.table_or_none("filtered"),
+                                 reference=inputs.table_or_none("reference"))
     meta = pipeline_meta(inputs.paths)
     if (summary := transfer_summary(result.rows, config)) is not None:
         meta["transfer"] = summary

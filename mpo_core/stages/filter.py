@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mpo_core.generation.vllm_backend import vllm_engine_scope
 from mpo_core.pairs.filter_report import reason_rows, report_markdown
 from mpo_core.pairs.filtering import SCORE_FIELDS, PairFilter
 from mpo_core.plumbing.artifacts import write_text_atomically
@@ -40,7 +41,7 @@ def _judge_for_unscored(config: PipelineConfig, source: Path) -> Any:
         return None
     from mpo_core.judges.select import get_judge
 
-    return get_judge(config.label, config.model)
+    return get_judge(config.label, config.model, config.generate.vllm)
 
 
 def _log_decisions(rows: list[dict[str, Any]], token_check: str) -> None:
@@ -53,6 +54,12 @@ def _log_decisions(rows: list[dict[str, Any]], token_check: str) -> None:
 
 
 def run_filter(stage: StageRun) -> dict[str, Artifact]:
+    """Stage ``filter`` (:func:`filter_pairs`), an LLM judge's vLLM engine shut down when it ends."""
+    with vllm_engine_scope():
+        return filter_pairs(stage)
+
+
+def filter_pairs(stage: StageRun) -> dict[str, Artifact]:
     """Stage ``filter``: ``pairs`` -> ``filtered`` (PAIRS), ``dropped`` (DROPPED), ``filter_report``.
 
     Pairs without judge scores (``pair.source``) are first scored by the configured judge (``label``).

@@ -6,6 +6,7 @@ import time
 from collections.abc import Container
 
 from mpo_core.generation.responses import generate_responses
+from mpo_core.generation.vllm_backend import vllm_engine_scope
 from mpo_core.plumbing.config import PipelineConfig
 from mpo_core.plumbing.progress import round_seconds
 from mpo_core.plumbing.stage_run import Artifact, StageRun
@@ -52,8 +53,9 @@ def run_generate(stage: StageRun) -> dict[str, Artifact]:
     config = stage.config
     prompts = stage.own_rows(generation_prompts(config, stage.inputs.table("translated").to_pylist()))
     started = time.perf_counter()
-    rows = generate_responses(stage.model, config.generate, prompts)
-    raw_rows = raw_dominant_responses(config, stage.inputs, prompts)
+    with vllm_engine_scope():
+        rows = generate_responses(stage.model, config.generate, prompts)
+        raw_rows = raw_dominant_responses(config, stage.inputs, prompts)
     position = {(p["prompt_id"], p["lang"]): i for i, p in enumerate(prompts)}
     rows = sorted(rows + raw_rows, key=lambda row: (position[row["prompt_id"], row["lang"]], row["sample_idx"]))
     seconds = time.perf_counter() - started

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from mpo_core.generation.vllm_backend import vllm_engine_scope
 from mpo_core.plumbing.config import GenerateConfig, PipelineConfig
 from mpo_core.plumbing.errors import ConfigError, InputDataError
 from mpo_core.plumbing.languages import language_name
@@ -64,10 +65,10 @@ def llm_translation_prompt(text: str, source_lang: str, target_lang: str) -> str
 
 
 def translate_llm(
-    model_cfg: ModelConfig, texts: list[str], source_lang: str, target_lang: str, batch_size: int,
+    model_cfg: ModelConfig, texts: list[str], source_lang: str, target_lang: str, gen_cfg: GenerateConfig,
     max_new_tokens: int,
 ) -> list[str]:
-    """Greedy translations of ``texts`` by a chat LLM through the transformers/vLLM generation backend."""
+    """Greedy translations of ``texts`` by a chat LLM through ``gen_cfg``'s backend (transformers or vLLM)."""
     from mpo_core.generation.responses import generate_responses
 
     prompts = [
@@ -75,7 +76,7 @@ def translate_llm(
         for i, t in enumerate(texts)
     ]
     rows = generate_responses(
-        model_cfg, GenerateConfig(batch_size=batch_size), prompts,
+        model_cfg, gen_cfg, prompts,
         num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens,
     )
     return [r["text"] for r in rows]
@@ -139,7 +140,8 @@ def translate_prompts(config: PipelineConfig, rows: list[dict], origin: str = "p
         texts = [by_key[(pid, dominant)]["text"] for pid in todo]
         if cfg.backend == "llm":
             model_cfg = config.model.model_copy(update={"name_or_path": model_name})
-            translated = translate_llm(model_cfg, texts, dominant, lang, cfg.batch_size, cfg.max_new_tokens)
+            gen_cfg = config.generate.model_copy(update={"batch_size": cfg.batch_size})
+            translated = translate_llm(model_cfg, texts, dominant, lang, gen_cfg, cfg.max_new_tokens)
         else:
             if not cfg.model:
                 raise ConfigError("translate.backend 'seq2seq' needs translate.model (an NLLB/M2M/Marian id)")
@@ -164,6 +166,7 @@ def run_translate(stage: StageRun) -> dict[str, Artifact]:
     rows = stage.inputs.table("prompts").to_pylist()
     own = set(stage.own_rows(sorted({row["prompt_id"] for row in rows})))
     rows = [row for row in rows if row["prompt_id"] in own]
-    translated = translate_prompts(stage.config, rows, origin=str(stage.inputs.path("prompts")))
+    with vllm_engine_scope():
+        translated = translate_prompts(stage.config, rows, origin=str(stage.inputs.path("prompts")))
     by = Counter(row["translated_by"] for row in translated)
     return {"translated": Artifact(translated, {"rows": len(translated), "translated_by": dict(sorted(by.items()))})}
