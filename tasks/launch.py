@@ -25,12 +25,10 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 
 from mpo_core.plumbing.runs import Launcher, launch_payload, run_in_process
-from mpo_core.plumbing.stage_run import StageRun
+from mpo_core.plumbing.stage_run import THREAD_ENV, StageRun
 from mpo_core.plumbing.stage_table import StageSpec
 
 LAUNCHER_ENV = {"train": "MPO_TRAIN_LAUNCHER"}
-# torch (its intra-op pool) and MKL size their thread pools from these at start-up
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 _launcher_override: ContextVar[Launcher | None] = ContextVar("mpo_stage_launcher", default=None)
 

@@ -52,6 +52,10 @@ SMOKES: dict[str, Smoke] = {
     ),
     "filter_scale.py": Smoke((), r"filter_rows_per_s=[1-9]\d* peak_rss_mb=[1-9]\d*", timeout_s=300, slow=False),
     "generate.py": Smoke((), rf"generate_speedup_batched={FLOAT}", timeout_s=300, needs_data=False),
+    "main_job.py": Smoke(
+        ("--root", "{tmp}/runs"), rf"main_job_s={FLOAT} worst_stage_over_floor={FLOAT}", timeout_s=600,
+        needs_data=False,
+    ),
     "train_step.py": Smoke(
         (),
         rf"step_time_ratio_online_over_precomputed={FLOAT} peak_mem_ratio_online_over_precomputed={FLOAT} "

@@ -19,6 +19,7 @@ from mpo_core.generation.backend import (
     sample_seed,
     without_cut_character,
 )
+from mpo_core.plumbing import profile
 from mpo_core.plumbing.config import ModelConfig
 from mpo_core.plumbing.progress import Tracker
 
@@ -73,6 +74,7 @@ class TransformersBackend(GenerationBackend):
         self.tokenizer.padding_side = "left"
         self.model = model if model is not None else load_model(model_cfg)
         self.model.eval()
+        self.parameters = sum(p.numel() for p in self.model.parameters())
 
     def chat_texts(self, conversations: list[list[Message]]) -> list[str]:
         """The conversations rendered by the model's chat template, ending with the assistant prompt."""
@@ -106,15 +108,19 @@ class TransformersBackend(GenerationBackend):
                     [sample_seed(seeds[i], j) for i in idx for j in range(settings.num_samples)],
                     settings.temperature, settings.top_p, self.model.device,
                 )]
-                with torch.inference_mode():
+                with torch.inference_mode(), profile.generating():
                     out = self.model.generate(
                         **batch,
                         generation_config=self._generation_config(settings, eos_ids),
                         logits_processor=samplers,
                     )
                 new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
+                prompt_tokens = sum(len(encoded[i]) for i in idx)
+                profile.add_work("prefill", prompt_tokens, profile.forward_flops(self.parameters, prompt_tokens))
                 for row, tokens in enumerate(new_tokens):
-                    results[idx[row // settings.num_samples]].append(self._completion(tokens, eos_ids))
+                    completion, generated = self._completion(tokens, eos_ids)
+                    results[idx[row // settings.num_samples]].append(completion)
+                    profile.add_work("decode", generated, profile.forward_flops(self.parameters, generated))
                 tracker.update(len(idx))
         return results
 
@@ -134,9 +140,11 @@ class TransformersBackend(GenerationBackend):
             do_sample=False,
         )
 
-    def _completion(self, tokens: list[int], eos_ids: set[int]) -> Completion:
+    def _completion(self, tokens: list[int], eos_ids: set[int]) -> tuple[Completion, int]:
+        """The completion of a row's new tokens, and how many of them were generated (EOS included)."""
         stop_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
         if stop_at is None:
             return Completion(without_cut_character(self.tokenizer.decode(tokens, skip_special_tokens=True)),
-                              "length")
-        return Completion(self.tokenizer.decode(tokens[:stop_at], skip_special_tokens=True).strip(), "stop")
+                              "length"), len(tokens)
+        return Completion(self.tokenizer.decode(tokens[:stop_at], skip_special_tokens=True).strip(),
+                          "stop"), stop_at + 1

@@ -123,6 +123,23 @@ class RunConfig(Section):
         return normalized
 
 
+class RuntimeConfig(Section):
+    """How this machine runs the stages: settings that change speed, not what a stage computes (no stage's
+    identity includes them)."""
+
+    threads: int = Field(
+        1,
+        ge=0,
+        description=(
+            "torch CPU threads per stage (torch.set_num_threads, and OMP/MKL for the libraries it starts); "
+            "0: torch's own default (one per core). 1 by default: fixed, so a run does not depend on the "
+            "machine's load, and on a shared 2-core machine two threads each waiting for a core ran 3-10x "
+            "slower than one (docs/experiments.md). Set 2 or more on a machine you have to yourself. "
+            "Matrix products may differ in the last bits between thread counts."
+        ),
+    )
+
+
 class ModelConfig(Section):
     """The starting model: the embedded default, a hub id or a local path.
 
@@ -611,6 +628,9 @@ class PipelineConfig(Section):
     """A whole recipe: one section per stage."""
 
     run: RunConfig = Field(default_factory=RunConfig, description="Where the run lives and what it is about.")
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig, description="How this machine runs the stages (speed only)."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The starting model.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Ingest: the prompt set.")
     translate: TranslateConfig = Field(

@@ -8,6 +8,8 @@ validated against the schema of the stage that wrote them.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from mpo_core.plumbing.artifacts import (
     read_manifest,
     write_artifact,
 )
+from mpo_core.plumbing import profile
 from mpo_core.plumbing.config import ModelConfig, PipelineConfig
 from mpo_core.plumbing.errors import ArtifactError
 from mpo_core.plumbing.stage_table import (
@@ -121,10 +124,29 @@ class StageRun:
         return path
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch and MKL size their pools from at start-up
+
+
+def apply_threads(threads: int) -> None:
+    """``runtime.threads`` for this process: the thread environment (for torch not yet imported and the
+    libraries it starts) and torch's intra-op threads where torch is already imported; 0 leaves both."""
+    if threads < 1:
+        return
+    for name in THREAD_ENV:
+        os.environ[name] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def call_stage(stage: StageRun, write_outputs: bool = True) -> dict[str, Path]:
     """Call the stage function, write the tables it returns (``write_outputs``: only one process of a
     multi-process launch writes) and return the path of every output of the table, checked."""
-    returned = stage.spec.load()(stage) or {}
+    apply_threads(stage.config.runtime.threads)
+    with profile.profiled(stage.spec.name) as stage_profile:
+        returned = stage.spec.load()(stage) or {}
+    if write_outputs:
+        profile.write_profile(stage_profile, stage.out_dir)
     unknown = sorted(set(returned) - set(stage.spec.outputs))
     if unknown:
         raise ArtifactError(f"stage {stage.spec.name} returned {unknown}, the stage table says {list(stage.spec.outputs)}")

@@ -40,6 +40,7 @@ from mpo_core.plumbing.config import ModelConfig, PipelineConfig, TrainConfig
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.plumbing.stage_table import CHECKPOINT_DIR
 from mpo_core.training.checkpoints import MODEL_DIR, latest_checkpoint, save_model_atomically
+from mpo_core.training.profiling import PhaseCallback
 from mpo_core.training.examples import MPOCollator, build_examples, preference_rows
 from mpo_core.training.sharding import distributed_report, full_state_dict, sharding_arguments
 from mpo_core.training.trainer import MPOTrainer, trainer_callbacks
@@ -212,6 +213,7 @@ def fit(
     tokenizer = load_tokenizer(model_cfg, padding_side="right")
     model = load_model(model_cfg)
     trainer = build_trainer(config, model, tokenizer, pairs, reference, out_dir)
+    trainer.add_callback(PhaseCallback())
 
     resume = latest_checkpoint(out_dir)
     main_process = trainer.is_world_process_zero()  # under torchrun / accelerate launch, one rank writes
