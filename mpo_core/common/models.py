@@ -173,8 +173,9 @@ def _real_tokens(args: tuple, kwargs: dict[str, Any]) -> int:
 def profiled_forwards(model: PreTrainedModel) -> PreTrainedModel:
     """``model`` with its decoder's forwards counted in the stage profile (:mod:`mpo_core.plumbing.profile`):
     timed as ``forward`` (``prefill``/``decode`` inside generation), and outside generation their work added,
-    ``2 N`` FLOPs per real token and ``4 N`` more for the backward when gradients are on. Two clock reads
-    per forward; nothing else changes."""
+    ``2 N`` FLOPs per real token and ``4 N`` more for the backward when gradients are on (of the outermost
+    call only: a packed forward inside it needs the work of the layout it replaces). Two clock reads per
+    forward; nothing else changes."""
     import torch
 
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -185,9 +186,10 @@ def profiled_forwards(model: PreTrainedModel) -> PreTrainedModel:
 
     def before(module, args, kwargs):
         name = profile.forward_phase()
+        outermost = profile.open_phase() != name  # a forward inside a forward (packing) is counted once
         opened.append(name)
         profile.begin(name)
-        if name == "forward":
+        if name == "forward" and outermost:
             tokens = _real_tokens(args, kwargs)
             profile.add_work("forward", tokens, profile.forward_flops(parameters, tokens))
             if torch.is_grad_enabled():

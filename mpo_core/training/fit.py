@@ -170,7 +170,9 @@ def build_trainer(
         sft = {"max_length": cfg.max_length, "completion_only_loss": True}
         args = SFTConfig(**{**common, **sft, **cfg.trainer_args})
         return SFTTrainer(args=args, **trl_kwargs)
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
+
+    from mpo_core.training.packed_dpo import packed_dpo_trainer_class
 
     rows = len(trl_kwargs["train_dataset"])
     args = DPOConfig(**{
@@ -184,7 +186,7 @@ def build_trainer(
         **cfg.trainer_args,
     })
     try:
-        trainer = DPOTrainer(args=args, **trl_kwargs)
+        trainer = packed_dpo_trainer_class()(args=args, **trl_kwargs)
     except ValueError as err:  # TRL dropped every pair, then precomputed the reference over none (torch.cat)
         if "non-empty" not in str(err):
             raise
