@@ -249,7 +249,14 @@ class GenerateConfig(Section):
         default=0.95, gt=0.0, le=1.0,
         description="Nucleus sampling: smallest token set with this total probability.",
     )
-    batch_size: int = Field(default=16, ge=1, description="Prompts per generation batch.")
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        description=(
+            "Prompts per generation batch of the longest prompts; shorter prompts come in larger batches of "
+            "the same token budget (batch_size x (longest prompt + max_new_tokens))."
+        ),
+    )
     seed: int = Field(0, description="Sampling seed.")
     harmful_only: bool = Field(
         True,
