@@ -6,7 +6,8 @@ phase inside it (load, prefill, decode, forward, backward, optimizer, io, other:
 ``profile.json``, :mod:`mpo_core.plumbing.profile`), the process CPU seconds, the FLOPs the stage had to do
 (``6 N`` per trained token, ``2 N`` per token of a forward or of generation, real tokens only) and the floor:
 those FLOPs at this machine's fp32 matmul peak (measured here as ``benchmarks/train_step.py`` measures it).
-``over_floor`` is seconds / floor. Prefect and process overhead is the job's wall time less its stages'.
+``over_floor`` is seconds / floor, ``cpu/floor`` the stage's process CPU seconds / floor (the figure to
+compare on a loaded machine, where a stage waits for a core; with several threads CPU seconds add up). Prefect and process overhead is the job's wall time less its stages'.
 The load average beside it says how far the seconds can be trusted on a shared machine.
 
 ``--show RUN_DIR`` prints the profile of an existing run; ``--smoke`` (what CI runs): a tiny recipe, for the
@@ -83,6 +84,7 @@ def stage_rows(run_dir: Path, peak_gflops: float) -> list[dict]:
             "stage": stage, "seconds": seconds, "cpu_seconds": prof.get("cpu_seconds"),
             "threads": prof.get("threads"), "phases": prof["phases"], "flops": flops, "floor_s": floor,
             "over_floor": seconds / floor if floor > 0 else None,
+            "cpu_over_floor": prof["cpu_seconds"] / floor if floor > 0 and prof.get("cpu_seconds") else None,
         })
     return rows
 
@@ -99,13 +101,14 @@ def print_profile(run_dir: Path, job: dict | None, peak_gflops: float) -> tuple[
     names = [*PHASES, OTHER]
     print(f"profile of {run_dir} (matmul peak {peak_gflops:.1f} GFLOP/s fp32)")
     print(f"{'stage':<10} {'s':>7} {'cpu_s':>7} {'thr':>3} " + " ".join(f"{n:>9}" for n in names)
-          + f" {'TFLOP':>7} {'floor_s':>7} {'over_floor':>10}")
+          + f" {'TFLOP':>7} {'floor_s':>7} {'over_floor':>10} {'cpu/floor':>9}")
     for r in rows:
         cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}"
         ratio = "-" if r["over_floor"] is None else f"{r['over_floor']:.1f}"
+        cpu_ratio = "-" if r["cpu_over_floor"] is None else f"{r['cpu_over_floor']:.1f}"
         print(f"{r['stage']:<10} {r['seconds']:7.1f} {cpu:>7} {str(r['threads'] or '-'):>3} "
               + " ".join(f"{_cell(r['phases'].get(n)):>9}" for n in names)
-              + f" {r['flops'] / 1e12:7.3f} {r['floor_s']:7.2f} {ratio:>10}")
+              + f" {r['flops'] / 1e12:7.3f} {r['floor_s']:7.2f} {ratio:>10} {cpu_ratio:>9}")
     stages_s = sum(r["seconds"] for r in rows)
     total = job["seconds"] if job else stages_s
     if job:
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--show", metavar="RUN_DIR", help="print the profile of an existing run instead")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the peak-measuring matmul")
+    parser.add_argument("--peak-gflops", type=float,
+                        help="with --show: floors at this peak (e.g. to put two runs side by side at one peak)")
     parser.add_argument("--smoke", action="store_true", help=f"tiny recipe for CI: {SMOKE_OVERRIDES}")
     args = parser.parse_args(argv)
     from train_step import matmul_peak_gflops
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.show:
         run_dir = Path(args.show)
         job = json.loads((run_dir / JOB_FILE).read_text()) if (run_dir / JOB_FILE).is_file() else None
-        peak = job["matmul_peak_gflops"] if job else matmul_peak_gflops(args.matmul_size)
+        peak = args.peak_gflops or (job["matmul_peak_gflops"] if job else matmul_peak_gflops(args.matmul_size))
     else:
         if args.smoke:
             args.set = SMOKE_OVERRIDES + args.set
