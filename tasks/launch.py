@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 
 from mpo_core.plumbing.runs import Launcher, launch_payload, run_in_process
-from mpo_core.plumbing.stage_run import THREAD_ENV, StageRun
+from mpo_core.plumbing.stage_run import THREAD_ENV, THREADS_OVERRIDE_ENV, StageRun
 from mpo_core.plumbing.stage_table import StageSpec
 
 LAUNCHER_ENV = {"train": "MPO_TRAIN_LAUNCHER"}
@@ -56,7 +56,7 @@ def in_child_process(threads: int) -> Launcher:
     """A launcher that runs the stage function in a new Python process with ``threads`` torch threads."""
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    return launched(shlex.quote(sys.executable), dict.fromkeys(THREAD_ENV, str(threads)))
+    return launched(shlex.quote(sys.executable), dict.fromkeys((*THREAD_ENV, THREADS_OVERRIDE_ENV), str(threads)))
 
 
 @contextlib.contextmanager

@@ -42,3 +42,25 @@ def test_runtime_threads_is_no_part_of_any_stage_identity():
     four = PipelineConfig.model_validate({"runtime": {"threads": 4}})
     assert all(stage_identity(s, one, {}) == stage_identity(s, four, {}) for s in STAGES)
     assert section_hash(one, "run", "model") == section_hash(four, "run", "model")
+
+
+def test_runtime_threads_set_torch_and_the_thread_environment_and_a_launchers_count_wins(monkeypatch):
+    import os
+
+    import torch
+
+    from mpo_core.plumbing.stage_run import THREAD_ENV, THREADS_OVERRIDE_ENV, apply_threads
+
+    before = torch.get_num_threads()
+    for name in (*THREAD_ENV, THREADS_OVERRIDE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        apply_threads(2)
+        assert torch.get_num_threads() == 2 and all(os.environ[n] == "2" for n in THREAD_ENV)
+        apply_threads(0)  # torch's own default: left as it is
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv(THREADS_OVERRIDE_ENV, "1")
+        apply_threads(2)
+        assert torch.get_num_threads() == 1 and all(os.environ[n] == "1" for n in THREAD_ENV)
+    finally:
+        torch.set_num_threads(before)

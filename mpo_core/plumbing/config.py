@@ -135,7 +135,8 @@ class RuntimeConfig(Section):
             "0: torch's own default (one per core). 1 by default: fixed, so a run does not depend on the "
             "machine's load, and on a shared 2-core machine two threads each waiting for a core ran 3-10x "
             "slower than one (docs/experiments.md). Set 2 or more on a machine you have to yourself. "
-            "Matrix products may differ in the last bits between thread counts."
+            "$MPO_THREADS, where a launcher sets it (the transfer sweep's lanes), wins. Matrix products may "
+            "differ in the last bits between thread counts."
         ),
     )
 

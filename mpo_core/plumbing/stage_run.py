@@ -125,11 +125,14 @@ class StageRun:
 
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch and MKL size their pools from at start-up
+THREADS_OVERRIDE_ENV = "MPO_THREADS"  # set by a launcher that sizes its processes' threads (the sweep's lanes)
 
 
 def apply_threads(threads: int) -> None:
-    """``runtime.threads`` for this process: the thread environment (for torch not yet imported and the
-    libraries it starts) and torch's intra-op threads where torch is already imported; 0 leaves both."""
+    """``runtime.threads`` (or ``$MPO_THREADS`` where a launcher set it) for this process: the thread
+    environment (for torch not yet imported and the libraries it starts) and torch's intra-op threads where
+    torch is already imported; 0 leaves both."""
+    threads = int(os.environ.get(THREADS_OVERRIDE_ENV) or threads)
     if threads < 1:
         return
     for name in THREAD_ENV:
