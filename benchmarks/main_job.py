@@ -69,12 +69,13 @@ def run_job(config: str, root: Path, name: str, overrides: list[str]) -> dict:
 
 
 def stage_rows(run_dir: Path, peak_gflops: float) -> list[dict]:
-    """One row per stage that ran: recorded seconds, its profile's phases, FLOPs, floor and ratio."""
-    state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
+    """One row per stage that completed: the seconds its marker recorded, its profile's phases, FLOPs, floor
+    and ratios."""
     rows = []
     for stage in [s.name for s in STAGES]:
-        record = state["stages"].get(stage, {})
-        if record.get("status") != "ran":
+        marker = run_dir / stage / "stage.json"  # the stage's last complete run, also after skipped reruns
+        record = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+        if record.get("status") != "complete":
             continue
         prof = read_profile(run_dir / stage) or {"phases": {}, "cpu_seconds": None, "threads": None}
         flops = sum(p["flops"] for p in prof["phases"].values())
