@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
+from mpo_core.plumbing import profile
 from mpo_core.plumbing.config import ModelConfig, PipelineConfig, TrainConfig
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.plumbing.stage_table import CHECKPOINT_DIR
@@ -232,6 +233,7 @@ def fit(
     state_dict = full_state_dict(trainer.model)
     target = out_dir / MODEL_DIR
     if main_process:
-        save_model_atomically(trainer.model, tokenizer, target, info, state_dict, trainer.state.log_history)
+        with profile.timed("io"):
+            save_model_atomically(trainer.model, tokenizer, target, info, state_dict, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
     return target
