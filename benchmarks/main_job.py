@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from mpo_core.plumbing.profile import OTHER, PHASES, read_profile  # noqa: E402
-from mpo_core.plumbing.stage_table import STAGES  # noqa: E402
+from mpo_core.plumbing.profile import OTHER, PHASES, read_profile
+from mpo_core.plumbing.stage_table import STAGES
 
 JOB_FILE = "main_job.json"  # beside the run's stages: the job's wall time, CPU, peak and load
 SMOKE_OVERRIDES = [
@@ -107,7 +107,7 @@ def print_profile(run_dir: Path, job: dict | None, peak_gflops: float) -> tuple[
         cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}"
         ratio = "-" if r["over_floor"] is None else f"{r['over_floor']:.1f}"
         cpu_ratio = "-" if r["cpu_over_floor"] is None else f"{r['cpu_over_floor']:.1f}"
-        print(f"{r['stage']:<10} {r['seconds']:7.1f} {cpu:>7} {str(r['threads'] or '-'):>3} "
+        print(f"{r['stage']:<10} {r['seconds']:7.1f} {cpu:>7} {r['threads'] or '-'!s:>3} "
               + " ".join(f"{_cell(r['phases'].get(n)):>9}" for n in names)
               + f" {r['flops'] / 1e12:7.3f} {r['floor_s']:7.2f} {ratio:>10} {cpu_ratio:>9}")
     stages_s = sum(r["seconds"] for r in rows)

@@ -17,10 +17,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpo_core.plumbing import profile
 from mpo_core.plumbing.artifacts import atomic_directory
 from mpo_core.plumbing.config import EMBEDDED_DEFAULT_MODEL, ModelConfig
 from mpo_core.plumbing.errors import ModelLoadError
-from mpo_core.plumbing import profile
 from mpo_core.plumbing.progress import phase
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from mpo_core.plumbing import profile
 from mpo_core.plumbing.artifacts import (
     ArtifactWriter,
     artifact_is_complete,
@@ -25,7 +26,6 @@ from mpo_core.plumbing.artifacts import (
     read_manifest,
     write_artifact,
 )
-from mpo_core.plumbing import profile
 from mpo_core.plumbing.config import ModelConfig, PipelineConfig
 from mpo_core.plumbing.errors import ArtifactError
 from mpo_core.plumbing.stage_table import (

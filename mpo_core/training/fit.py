@@ -41,8 +41,8 @@ from mpo_core.plumbing.config import ModelConfig, PipelineConfig, TrainConfig
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.plumbing.stage_table import CHECKPOINT_DIR
 from mpo_core.training.checkpoints import MODEL_DIR, latest_checkpoint, save_model_atomically
-from mpo_core.training.profiling import PhaseCallback
 from mpo_core.training.examples import MPOCollator, build_examples, preference_rows
+from mpo_core.training.profiling import PhaseCallback
 from mpo_core.training.sharding import distributed_report, full_state_dict, sharding_arguments
 from mpo_core.training.trainer import MPOTrainer, trainer_callbacks
 
