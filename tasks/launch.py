@@ -38,15 +38,13 @@ from pathlib import Path
 from mpo_core.plumbing.artifacts import write_text_atomically
 from mpo_core.plumbing.errors import ConfigError, MPOError
 from mpo_core.plumbing.runs import Launcher, RunFolder, launch_payload, run_in_process
-from mpo_core.plumbing.stage_run import StageRun
+from mpo_core.plumbing.stage_run import THREAD_ENV, THREADS_OVERRIDE_ENV, StageRun
 from mpo_core.plumbing.stage_table import StageSpec
 from tasks.processes import run_group
 
 LAUNCHER_ENV = {"train": "MPO_TRAIN_LAUNCHER"}
 # the launched stage's payload, in its stage folder, where the agents on other nodes read it
 LAUNCH_FILE = ".launch.json"
-# torch (its intra-op pool) and MKL size their thread pools from these at start-up
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 _launcher_override: ContextVar[Launcher | None] = ContextVar("mpo_stage_launcher", default=None)
 
@@ -137,7 +135,7 @@ def in_child_process(threads: int) -> Launcher:
     """A launcher that runs the stage function in a new Python process with ``threads`` torch threads."""
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    return launched(shlex.quote(sys.executable), dict.fromkeys(THREAD_ENV, str(threads)))
+    return launched(shlex.quote(sys.executable), dict.fromkeys((*THREAD_ENV, THREADS_OVERRIDE_ENV), str(threads)))
 
 
 @contextlib.contextmanager

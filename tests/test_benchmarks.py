@@ -54,6 +54,10 @@ SMOKES: dict[str, Smoke] = {
     # vLLM's figures are nan only where it cannot be imported (CI installs it: make test)
     "generate.py": Smoke((), rf"vllm_over_transformers=(?:{FLOAT}|nan) vllm_startup_s=(?:{FLOAT}|nan)",
                          timeout_s=480, needs_data=False),
+    "main_job.py": Smoke(
+        ("--root", "{tmp}/runs"), rf"main_job_s={FLOAT} worst_stage_over_floor={FLOAT}", timeout_s=600,
+        needs_data=False,
+    ),
     "shard_scale.py": Smoke((), rf"shard_speedup_2={FLOAT}", timeout_s=900, needs_data=False),
     "train_step.py": Smoke(
         (),

@@ -171,3 +171,29 @@ def test_empty_prompts_are_named_errors_in_both_backends(default_model_config):
         backend.complete(["", "hello"], SamplingSettings())
     with pytest.raises(InputDataError, match="empty prompt"):
         backend.chat([[{"role": "user", "content": ""}]], SamplingSettings())
+
+
+def test_token_budgeted_batches_hold_more_short_prompts_in_the_first_batchs_budget():
+    from mpo_core.generation.transformers_backend import token_budgeted_batches
+
+    lengths = [100, 90, 50, 50, 50, 20, 20, 20, 20, 20, 20]
+    batches = token_budgeted_batches(lengths, batch_size=2, max_new_tokens=10)
+    assert batches[0] == (0, 2)  # the longest prompts: batch_size of them
+    assert [i for a, b in batches for i in range(a, b)] == list(range(len(lengths)))  # each prompt once, in order
+    assert all((b - a) * (lengths[a] + 10) <= 2 * 110 for a, b in batches)
+    assert max(b - a for a, b in batches) > 2
+    assert token_budgeted_batches([500, 10], batch_size=1, max_new_tokens=0) == [(0, 1), (1, 2)]
+    assert token_budgeted_batches([], batch_size=4, max_new_tokens=8) == []
+
+
+@pytest.mark.slow
+def test_a_prompts_prefill_shared_by_its_samples_gives_the_samples_of_separate_prefills(default_model_config,
+                                                                                      monkeypatch):
+    """Several samples of a prompt reuse one prefill (its cache repeated per sample); the samples are those
+    of a prefill per sample, as the backend made them before."""
+    backend = TransformersBackend(default_model_config, batch_size=3)
+    cfg = GenerateConfig(num_samples=3, max_new_tokens=12, temperature=0.9, seed=5)
+    shared = generate_responses(default_model_config, cfg, PROMPTS, backend=backend)
+    monkeypatch.setattr(backend, "_shared_prefill", lambda unique, num_samples: None)
+    separate = generate_responses(default_model_config, cfg, PROMPTS, backend=backend)
+    assert [r["text"] for r in shared] == [r["text"] for r in separate]

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpo_core.plumbing import profile
 from mpo_core.plumbing.artifacts import atomic_directory
 from mpo_core.plumbing.config import EMBEDDED_DEFAULT_MODEL, ModelConfig
 from mpo_core.plumbing.errors import ModelLoadError
@@ -122,9 +123,10 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> PreTrainedT
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.name_or_path)
-    tok = AutoTokenizer.from_pretrained(
-        path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    with profile.timed("load"):
+        tok = AutoTokenizer.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     if cfg.chat_template is not None:
         tok.chat_template = cfg.chat_template
     if tok.pad_token is None:
@@ -140,7 +142,7 @@ def load_model(cfg: ModelConfig, **kwargs: Any) -> PreTrainedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     logger.info("loading model %s (%s, %s)", cfg.name_or_path, device, cfg.dtype)
-    with phase("loading model"):
+    with phase("loading model"), profile.timed("load"):
         path = resolve_model_path(cfg.name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -153,7 +155,53 @@ def load_model(cfg: ModelConfig, **kwargs: Any) -> PreTrainedModel:
             )
         except OSError as err:
             raise ModelLoadError(f"cannot load model {cfg.name_or_path!r} (safetensors only): {err}") from err
-        return model.to(device)
+        return profiled_forwards(model.to(device))
+
+
+def _real_tokens(args: tuple, kwargs: dict[str, Any]) -> int:
+    """The real (not padding) tokens of a decoder call: its 2D attention mask's sum, else every token."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+        return int(ids.shape[0] * ids.shape[1]) if ids is not None else 0
+    return int(ids.numel())
+
+
+def profiled_forwards(model: PreTrainedModel) -> PreTrainedModel:
+    """``model`` with its decoder's forwards counted in the stage profile (:mod:`mpo_core.plumbing.profile`):
+    timed as ``forward`` (``prefill``/``decode`` inside generation), and outside generation their work added,
+    ``2 N`` FLOPs per real token and ``4 N`` more for the backward when gradients are on (of the outermost
+    call only: a packed forward inside it needs the work of the layout it replaces). Two clock reads per
+    forward; nothing else changes."""
+    import torch
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(decoder, torch.nn.Module):
+        return model
+    parameters = sum(p.numel() for p in model.parameters())
+    opened: list[str] = []
+
+    def before(module, args, kwargs):
+        name = profile.forward_phase()
+        outermost = profile.open_phase() != name  # a forward inside a forward (packing) is counted once
+        opened.append(name)
+        profile.begin(name)
+        if name == "forward" and outermost:
+            tokens = _real_tokens(args, kwargs)
+            profile.add_work("forward", tokens, profile.forward_flops(parameters, tokens))
+            if torch.is_grad_enabled():
+                profile.add_work("backward", tokens, profile.backward_flops(parameters, tokens))
+
+    def after(module, args, kwargs, output):
+        if opened:
+            profile.end(opened.pop())
+
+    decoder.register_forward_pre_hook(before, with_kwargs=True)
+    decoder.register_forward_hook(after, with_kwargs=True)
+    return model
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:

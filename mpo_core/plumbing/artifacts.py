@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mpo_core import __version__
+from mpo_core.plumbing import profile
 from mpo_core.plumbing.errors import ArtifactError, InputDataError
 from mpo_core.plumbing.languages import normalize_lang
 from mpo_core.plumbing.schemas import SCHEMA_VERSION, is_lang, is_nonempty, schema_for
@@ -305,10 +306,11 @@ class ArtifactWriter:
         if self._writer is None:
             raise ArtifactError(f"{self.path}: ArtifactWriter.write outside its 'with' block")
         origin = f"{self.path} (being written)"
-        table = to_table(data, self.kind, origin)
-        validate_table(table, self.kind, origin, row_offset=self.rows)
-        if table.num_rows:
-            self._writer.write_table(table)
+        with profile.timed("io"):
+            table = to_table(data, self.kind, origin)
+            validate_table(table, self.kind, origin, row_offset=self.rows)
+            if table.num_rows:
+                self._writer.write_table(table)
         self.rows += table.num_rows
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -345,7 +347,7 @@ def write_artifact(
     extra: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write ``data`` as artifact ``kind`` at ``path`` atomically and return its manifest."""
-    with ArtifactWriter(path, kind, config_hash=config_hash, inputs=inputs, extra=extra) as writer:
+    with profile.timed("io"), ArtifactWriter(path, kind, config_hash=config_hash, inputs=inputs, extra=extra) as writer:
         writer.write(data)
     assert writer.manifest is not None
     return writer.manifest
@@ -421,12 +423,13 @@ def _open_checked(path: Path, kind: str, verify_hash: bool) -> tuple[Manifest, p
 def read_artifact(path: str | Path, kind: str, *, verify_hash: bool = True) -> pa.Table:
     """Read and validate artifact ``kind`` at ``path`` (manifest, hash, schema, nulls, codes)."""
     path = Path(path)
-    _, parquet = _open_checked(path, kind, verify_hash)
-    try:
-        table = parquet.read()
-    except (pa.ArrowException, OSError) as err:
-        raise ArtifactError(f"{path}: Parquet data is corrupt: {err}") from None
-    validate_table(table, kind, str(path))
+    with profile.timed("io"):
+        _, parquet = _open_checked(path, kind, verify_hash)
+        try:
+            table = parquet.read()
+        except (pa.ArrowException, OSError) as err:
+            raise ArtifactError(f"{path}: Parquet data is corrupt: {err}") from None
+        validate_table(table, kind, str(path))
     return table
 
 

@@ -126,6 +126,32 @@ class RunConfig(Section):
         return normalized
 
 
+class RuntimeConfig(Section):
+    """How this machine runs the stages and meets faults (threads, free space, a lost Prefect server):
+    settings that never change what a stage computes (no stage's identity includes them)."""
+
+    min_free_mb: int = Field(
+        default=200, ge=0,
+        description="Free space (MB) the run folder's file system must have before a stage starts (else DiskFullError).",
+    )
+    api_unreachable_s: float = Field(
+        default=60.0, gt=0.0,
+        description="Seconds an unreachable Prefect API is waited for before the run fails (OrchestrationUnreachableError).",
+    )
+    threads: int = Field(
+        1,
+        ge=0,
+        description=(
+            "torch CPU threads per stage (torch.set_num_threads, and OMP/MKL for the libraries it starts); "
+            "0: torch's own default (one per core). 1 by default: fixed, so a run does not depend on the "
+            "machine's load, and on a shared 2-core machine two threads each waiting for a core ran 3-10x "
+            "slower than one (docs/experiments.md). Set 2 or more on a machine you have to yourself. "
+            "$MPO_THREADS, where a launcher sets it (the transfer sweep's lanes), wins. Matrix products may "
+            "differ in the last bits between thread counts."
+        ),
+    )
+
+
 class ModelConfig(Section):
     """The starting model: the embedded default, a hub id or a local path.
 
@@ -272,7 +298,14 @@ class GenerateConfig(Section):
         default=0.95, gt=0.0, le=1.0,
         description="Nucleus sampling: smallest token set with this total probability.",
     )
-    batch_size: int = Field(default=16, ge=1, description="Prompts per generation batch.")
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        description=(
+            "Prompts per generation batch of the longest prompts; shorter prompts come in larger batches of "
+            "the same token budget (batch_size x (longest prompt + max_new_tokens))."
+        ),
+    )
     seed: int = Field(0, description="Sampling seed.")
     harmful_only: bool = Field(
         True,
@@ -657,24 +690,14 @@ class AlignConfig(Section):
         return checked_trainer_args(cls, info, trainer_args)
 
 
-class RuntimeConfig(Section):
-    """How a run meets faults (a full disk, a lost Prefect server); no stage's identity includes it: changing
-    it reruns nothing."""
-
-    min_free_mb: int = Field(
-        default=200, ge=0,
-        description="Free space (MB) the run folder's file system must have before a stage starts (else DiskFullError).",
-    )
-    api_unreachable_s: float = Field(
-        default=60.0, gt=0.0,
-        description="Seconds an unreachable Prefect API is waited for before the run fails (PrefectUnreachableError).",
-    )
-
-
 class PipelineConfig(Section):
     """A whole recipe: one section per stage."""
 
     run: RunConfig = Field(default_factory=RunConfig, description="Where the run lives and what it is about.")
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig,
+        description="How this machine runs the stages: threads, free space asked for, a lost Prefect server's grace.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The starting model.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Ingest: the prompt set.")
     translate: TranslateConfig = Field(
@@ -695,9 +718,6 @@ class PipelineConfig(Section):
         description="Evaluation sets and metrics.",
     )
     align: AlignConfig = Field(default_factory=AlignConfig, description="The optional align stage.")
-    runtime: RuntimeConfig = Field(
-        default_factory=RuntimeConfig, description="Faults: free space asked for, a lost Prefect server's grace."
-    )
 
     @field_validator("run")
     @classmethod

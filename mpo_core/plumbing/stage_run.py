@@ -8,6 +8,8 @@ validated against the schema of the stage that wrote them.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
+from mpo_core.plumbing import profile
 from mpo_core.plumbing.artifacts import (
     ArtifactWriter,
     artifact_is_complete,
@@ -149,10 +152,32 @@ class StageRun:
         return path
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch and MKL size their pools from at start-up
+THREADS_OVERRIDE_ENV = "MPO_THREADS"  # set by a launcher that sizes its processes' threads (the sweep's lanes)
+
+
+def apply_threads(threads: int) -> None:
+    """``runtime.threads`` (or ``$MPO_THREADS`` where a launcher set it) for this process: the thread
+    environment (for torch not yet imported and the libraries it starts) and torch's intra-op threads where
+    torch is already imported; 0 leaves both."""
+    threads = int(os.environ.get(THREADS_OVERRIDE_ENV) or threads)
+    if threads < 1:
+        return
+    for name in THREAD_ENV:
+        os.environ[name] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def call_stage(stage: StageRun, write_outputs: bool = True) -> dict[str, Path]:
     """Call the stage function, write the tables it returns (``write_outputs``: only one process of a
     multi-process launch writes) and return the path of every output of the table, checked."""
-    returned = stage.spec.load()(stage) or {}
+    apply_threads(stage.config.runtime.threads)
+    with profile.profiled(stage.spec.name) as stage_profile:
+        returned = stage.spec.load()(stage) or {}
+    if write_outputs:
+        profile.write_profile(stage_profile, stage.out_dir)
     unknown = sorted(set(returned) - set(stage.spec.outputs))
     if unknown:
         raise ArtifactError(f"stage {stage.spec.name} returned {unknown}, the stage table says {list(stage.spec.outputs)}")

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
+from mpo_core.plumbing import profile
 from mpo_core.plumbing.config import ModelConfig, PipelineConfig, TrainConfig
 from mpo_core.plumbing.errors import InputDataError
 from mpo_core.plumbing.stage_table import CHECKPOINT_DIR
@@ -52,6 +53,7 @@ from mpo_core.training.checkpoints import (
     with_atomic_checkpoints,
 )
 from mpo_core.training.examples import MPOCollator, build_examples, preference_rows
+from mpo_core.training.profiling import PhaseCallback
 from mpo_core.training.sharding import distributed_report, full_state_dict, sharding_arguments
 from mpo_core.training.trainer import MPOTrainer, trainer_callbacks
 
@@ -182,7 +184,9 @@ def build_trainer(
         sft = {"max_length": cfg.max_length, "completion_only_loss": True}
         args = SFTConfig(**{**common, **sft, **cfg.trainer_args})
         return with_atomic_checkpoints(SFTTrainer)(args=args, **trl_kwargs)
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
+
+    from mpo_core.training.packed_dpo import packed_dpo_trainer_class
 
     rows = len(trl_kwargs["train_dataset"])
     args = DPOConfig(**{
@@ -196,7 +200,7 @@ def build_trainer(
         **cfg.trainer_args,
     })
     try:
-        trainer = with_atomic_checkpoints(DPOTrainer)(args=args, **trl_kwargs)
+        trainer = with_atomic_checkpoints(packed_dpo_trainer_class())(args=args, **trl_kwargs)
     except ValueError as err:  # TRL dropped every pair, then precomputed the reference over none (torch.cat)
         if "non-empty" not in str(err):
             raise
@@ -225,6 +229,7 @@ def fit(
     tokenizer = load_tokenizer(model_cfg, padding_side="right")
     model = load_model(model_cfg)
     trainer = build_trainer(config, model, tokenizer, pairs, reference, out_dir)
+    trainer.add_callback(PhaseCallback())
 
     main_process = trainer.is_world_process_zero()  # under torchrun / accelerate launch, one rank writes
     if main_process:
@@ -248,8 +253,9 @@ def fit(
     state_dict = full_state_dict(trainer.model)
     target = out_dir / MODEL_DIR
     if main_process:
-        save_model_atomically(trainer.model, tokenizer, target, info, state_dict, trainer.state.log_history)
-        keep_final_checkpoint(out_dir, json.dumps(dataclasses.asdict(trainer.state), indent=2))
+        with profile.timed("io"):
+            save_model_atomically(trainer.model, tokenizer, target, info, state_dict, trainer.state.log_history)
+            keep_final_checkpoint(out_dir, json.dumps(dataclasses.asdict(trainer.state), indent=2))
     trainer.accelerator.wait_for_everyone()
     return target
 
