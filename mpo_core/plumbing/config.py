@@ -694,10 +694,6 @@ class PipelineConfig(Section):
     """A whole recipe: one section per stage."""
 
     run: RunConfig = Field(default_factory=RunConfig, description="Where the run lives and what it is about.")
-    runtime: RuntimeConfig = Field(
-        default_factory=RuntimeConfig,
-        description="How this machine runs the stages: threads, free space asked for, a lost Prefect server's grace.",
-    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The starting model.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Ingest: the prompt set.")
     translate: TranslateConfig = Field(
@@ -718,6 +714,10 @@ class PipelineConfig(Section):
         description="Evaluation sets and metrics.",
     )
     align: AlignConfig = Field(default_factory=AlignConfig, description="The optional align stage.")
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig,
+        description="How this machine runs the stages: threads, free space asked for, a lost Prefect server's grace.",
+    )
 
     @field_validator("run")
     @classmethod
