@@ -1,7 +1,8 @@
 """The train stage under FSDP2 through the launcher users use: ``MPO_TRAIN_LAUNCHER`` makes the train task run
 ``<launcher> -m mpo_core.plumbing.runs train RUN INPUTS`` (tasks/launch.py; ``accelerate launch --multi_gpu`` on GPUs,
 torchrun here). Two CPU processes (gloo) train a tiny random-weight Llama on real pairs with ``train.sharding: fsdp2``, stop at a
-sharded checkpoint, resume from it, and save the full model; one process with the whole batch trains the same
+sharded checkpoint, then a longer training in the same folder starts over (a finished checkpoint holds no
+optimizer state) and saves the full model; one process with the whole batch trains the same
 steps. The model really is sharded (every parameter a DTensor, accelerate's FSDP version 2, fp32 master
 weights), and losses and final weights equal the one-process run."""
 
@@ -110,17 +111,15 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
     first = train_dir / CHECKPOINT_DIR / "checkpoint-2"
     assert not list(first.glob("*.safetensors")), "resume checkpoints hold shards, not a gathered model"
     assert list(first.rglob("*.distcp")), sorted(p.name for p in first.rglob("*"))
-    state = json.loads((first / "trainer_state.json").read_text())
-    state["log_history"].insert(0, {"probe": 1})
-    (first / "trainer_state.json").write_text(json.dumps(state))
-    # a longer run in the same folder resumes from the sharded checkpoint-2 instead of starting again
-    resumed = _config(tmp_path, "sharded", tiny_model, max_steps=4, per_device=2 // WORLD)
-    outputs = _launch(run, resumed, inputs)
+    assert not (first / "optimizer_0").exists(), "a finished training's checkpoint drops its optimizer state"
+    # a longer run in the same folder cannot continue without that state: it starts from step 0
+    longer = _config(tmp_path, "sharded", tiny_model, max_steps=4, per_device=2 // WORLD)
+    outputs = _launch(run, longer, inputs)
     assert outputs["checkpoint"].resolve() == (train_dir / MODEL_DIR).resolve()
 
     history = json.loads((train_dir / MODEL_DIR / LOG_HISTORY).read_text())
-    assert history[0] == {"probe": 1}, "the second launch resumed from checkpoint-2, keeping its log history"
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (train_dir / CHECKPOINT_DIR).iterdir()) == ["checkpoint-4"]
     info = json.loads((train_dir / MODEL_DIR / TRAIN_INFO).read_text())
     assert info["global_step"] == 4
     layout = info["distributed"]

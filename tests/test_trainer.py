@@ -133,7 +133,7 @@ def test_training_reduces_l1_resumes_and_saves_safely(
     inputs = {"filtered": real_pairs, "reference": reference_path}
     out = run_stage_function("train", _config(tmp_path, max_steps=2), inputs, tmp_path)["checkpoint"]
     assert _log_steps(tmp_path) == [1, 2]
-    # a longer run in the same folder resumes from checkpoint-2 instead of starting again
+    # a longer run in the same folder starts from step 0: the finished checkpoint-2 holds no optimizer state
     out = run_stage_function("train", _config(tmp_path, max_steps=4), inputs, tmp_path)["checkpoint"]
     assert _log_steps(tmp_path) == [1, 2, 3, 4]
     assert json.loads((out / "mpo_train.json").read_text())["global_step"] == 4

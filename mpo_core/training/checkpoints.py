@@ -109,6 +109,19 @@ def finished_checkpoint(out_dir: Path, max_steps: int) -> Path | None:
     return latest if max_steps <= 0 or state["max_steps"] == max_steps else None
 
 
+def drop_outgrown_checkpoint(out_dir: Path, max_steps: int) -> None:
+    """Remove the newest checkpoint where it ended a training of another step limit: a finished checkpoint
+    holds no optimizer state, so continuing from it would change the results of a longer training; this one
+    then starts from step 0 (``max_steps <= 0``: set by epochs, nothing is dropped)."""
+    latest = latest_checkpoint(out_dir)
+    state = checkpoint_state(latest) if latest is not None else None
+    if state is None or not is_finished(state) or max_steps <= 0 or state["max_steps"] == max_steps:
+        return
+    logger.warning("%s ended a training of %d steps and holds no optimizer state: this training of %d steps "
+                   "starts from step 0 (removed)", latest, state["max_steps"], max_steps)
+    shutil.rmtree(latest)
+
+
 def keep_final_checkpoint(out_dir: Path, trainer_state_json: str) -> Path | None:
     """After training: keep only the newest checkpoint, drop its optimizer state, and store the finished
     trainer state (its log history ends with the train summary) in it. Returns that checkpoint."""

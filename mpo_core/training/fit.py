@@ -48,6 +48,7 @@ from mpo_core.training.checkpoints import (
     TRAINER_STATE,
     finished_checkpoint,
     keep_final_checkpoint,
+    drop_outgrown_checkpoint,
     latest_checkpoint,
     save_model_atomically,
     with_atomic_checkpoints,
@@ -232,8 +233,9 @@ def fit(
     trainer.add_callback(PhaseCallback())
 
     main_process = trainer.is_world_process_zero()  # under torchrun / accelerate launch, one rank writes
-    if main_process:
-        latest_checkpoint(out_dir)  # incomplete checkpoints named and removed, by one rank
+    if main_process:  # by one rank: incomplete checkpoints, and a finished one of another step limit, removed
+        latest_checkpoint(out_dir)
+        drop_outgrown_checkpoint(out_dir, trainer.args.max_steps)
     trainer.accelerator.wait_for_everyone()
     finished = None if trainer.is_fsdp_enabled else finished_checkpoint(out_dir, trainer.args.max_steps)
     if finished is not None:  # training ended, the model was lost: rebuilt from the last checkpoint
