@@ -176,8 +176,6 @@ def call_stage(stage: StageRun, write_outputs: bool = True) -> dict[str, Path]:
     apply_threads(stage.config.runtime.threads)
     with profile.profiled(stage.spec.name) as stage_profile:
         returned = stage.spec.load()(stage) or {}
-    if write_outputs:
-        profile.write_profile(stage_profile, stage.out_dir)
     unknown = sorted(set(returned) - set(stage.spec.outputs))
     if unknown:
         raise ArtifactError(f"stage {stage.spec.name} returned {unknown}, the stage table says {list(stage.spec.outputs)}")
@@ -187,6 +185,7 @@ def call_stage(stage: StageRun, write_outputs: bool = True) -> dict[str, Path]:
             if not isinstance(artifact, Artifact) or not output.is_table:
                 raise ArtifactError(f"stage {stage.spec.name}: output {name} ({output.kind}) must be returned as an Artifact table")
             write_artifact(artifact.data, stage.path(name), output.kind, **stage.provenance, extra=artifact.extra)
+        profile.write_profile(stage_profile, stage.out_dir)  # last: a stage that failed leaves none
     return {name: stage.path(name) for name in stage.spec.outputs}
 
 
