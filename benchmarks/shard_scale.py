@@ -1,6 +1,6 @@
 """The generate stage in 1 shard against 2 shards on two gpu-pool workers, same prompts, same run.
 
-Starts a Prefect server (temporary home), registers the deployments (``scripts/deploy.sh``, two gpu slots)
+Starts a Prefect server (temporary home, :func:`tasks.server.owned_server`), registers the deployments (``scripts/deploy.sh``, two gpu slots)
 and two process workers on the ``gpu`` pool that run one flow run at a time with one torch thread each. Then,
 for the same recipe in two run folders: generate as one flow run of ``mpo-generate/gpu`` (1 shard), and the
 generate stage flow with ``generate.shards=2`` sending its shards to that deployment and merging them. Align is
@@ -16,8 +16,8 @@ times, whether the merged rows equal the unsharded ones, and on the last line ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,40 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SMOKE = ["prompts.limit=4", "generate.num_samples=1", "generate.max_new_tokens=4", "run.target_langs=[zh]"]
 WORKERS = 2
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def _wait_healthy(api_url: str, server: subprocess.Popen, timeout_s: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the Prefect server exited with {server.returncode}")
-        try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the Prefect server was not healthy after {timeout_s} s")
 
 
 def _rows_hash(path: str) -> str:
@@ -108,39 +74,30 @@ def main(argv: list[str] | None = None) -> None:
     # the raw model generates (align off): what is measured is the spreading of the same work, not its model
     overrides = ["align.enabled=false", *(SMOKE if args.smoke else []), *args.overrides]
 
-    with tempfile.TemporaryDirectory(prefix="shard-scale-") as scratch:
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    from tasks.processes import group
+    from tasks.server import owned_server
+
+    with tempfile.TemporaryDirectory(prefix="shard-scale-") as scratch, contextlib.ExitStack() as stack:
         scratch = Path(scratch)
         root = (args.out or scratch / "runs").resolve()
         home = scratch / "prefect-home"
         home.mkdir()
-        port = _free_port()
-        api_url = f"http://127.0.0.1:{port}/api"
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        base_env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-        client_env = {**base_env, "PREFECT_API_URL": api_url}
-        processes: list[subprocess.Popen] = []
-        try:
-            processes.append(subprocess.Popen(
-                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=base_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                cwd=scratch,
+        for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH"):  # a server of its own, in a temporary home
+            os.environ.pop(name, None)
+        os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        api_url = stack.enter_context(owned_server())
+        subprocess.run([str(ROOT / "scripts" / "deploy.sh")], check=True, cwd=scratch, capture_output=True,
+                       env={**os.environ, "MPO_PROJECT_DIR": str(ROOT), "MPO_GPU_SLOTS": str(WORKERS)})
+        for i in range(WORKERS):
+            stack.enter_context(group(
+                [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--name", f"gpu-{i}", "--limit", "1"],
+                env={**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=scratch,
             ))
-            _wait_healthy(api_url, processes[0])
-            subprocess.run([str(ROOT / "scripts" / "deploy.sh")], check=True, cwd=scratch, capture_output=True,
-                           env={**client_env, "MPO_PROJECT_DIR": str(ROOT), "MPO_GPU_SLOTS": str(WORKERS)})
-            for i in range(WORKERS):
-                processes.append(subprocess.Popen(
-                    [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--name", f"gpu-{i}", "--limit", "1"],
-                    env={**client_env, "OMP_NUM_THREADS": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"},
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=scratch,
-                ))
-            from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-            with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}):
-                one, two, same = measure(args.recipe.resolve(), overrides, root)
-        finally:
-            for process in reversed(processes):
-                _stop(process)
+        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}):
+            one, two, same = measure(args.recipe.resolve(), overrides, root)
     print(f"generate, 1 shard: {one:.1f} s; 2 shards on {WORKERS} workers (1 thread each): {two:.1f} s")
     print(f"merged rows equal the unsharded ones: {same}")
     if not same:
