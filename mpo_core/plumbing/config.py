@@ -39,6 +39,15 @@ RUN_LOCATION_FIELDS = {"name", "root"}
 EXECUTION_FIELDS = {"run": RUN_LOCATION_FIELDS, "translate": {"shards"}, "generate": {"shards"}, "label": {"shards"}}
 
 
+def shards_field(rows: str) -> Any:
+    """The ``shards`` setting of a stage that shards its ``rows`` (:mod:`mpo_core.plumbing.shards`)."""
+    return Field(
+        default=1, ge=1,
+        description=f"Split the stage's {rows} into this many shards, each its own flow run (on the gpu pool "
+        "with gpu deployments); the merged output equals an unsharded run's.",
+    )
+
+
 def checked_trainer_args(
     section: type[Section], info: ValidationInfo, trainer_args: dict[str, Any]
 ) -> dict[str, Any]:
@@ -245,11 +254,7 @@ class TranslateConfig(Section):
     )
     batch_size: int = Field(default=8, ge=1, description="Prompts translated per batch.")
     max_new_tokens: int = Field(default=256, ge=1, description="Longest translation, in tokens.")
-    shards: int = Field(
-        default=1, ge=1,
-        description="Split the stage's prompts into this many shards, each its own flow run (on the gpu pool "
-        "with gpu deployments); the merged output equals an unsharded run's.",
-    )
+    shards: int = shards_field("prompts")
 
 
 class VLLMConfig(Section):
@@ -319,11 +324,7 @@ class GenerateConfig(Section):
         default=0, ge=0,
         description="After align: samples per dominant prompt from the raw model (rejected answers).",
     )
-    shards: int = Field(
-        default=1, ge=1,
-        description="Split the stage's prompts into this many shards, each its own flow run (on the gpu pool "
-        "with gpu deployments); the merged output equals an unsharded run's.",
-    )
+    shards: int = shards_field("prompts")
 
 
 class LabelConfig(Section):
@@ -346,11 +347,7 @@ class LabelConfig(Section):
         None,
         description="refusal_patterns: a pattern file replacing the packaged one.",
     )
-    shards: int = Field(
-        default=1, ge=1,
-        description="Split the stage's responses into this many shards, each its own flow run (on the gpu pool "
-        "with gpu deployments); the merged output equals an unsharded run's.",
-    )
+    shards: int = shards_field("responses")
 
 
 class PairConfig(Section):
