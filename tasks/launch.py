@@ -128,7 +128,7 @@ def join_training(argv: list[str] | None = None) -> int:
     run = RunFolder(args.run if args.run is not None else run_of_flow_run(args.flow_run_id))
     payload_file = wait_for_launch(run.stage_dir("train"), args.flow_run_id, args.timeout)
     command = launch_command(launcher, "train", run.path, f"@{payload_file.resolve()}")
-    return subprocess.run(command, stdout=sys.stdout, stderr=sys.stderr).returncode
+    return subprocess.run(command, stdout=sys.stdout, stderr=sys.stderr, check=False).returncode
 
 
 def in_child_process(threads: int) -> Launcher:

@@ -128,7 +128,7 @@ def merged(run: RunFolder, count: int) -> Launcher:
                 marker = _marker(folder) or {}
                 listed.append({"index": shard.index, "rows": read_manifest(path).rows, "seconds": marker.get("seconds"),
                                "host": marker.get("host"), "flow_run_id": marker.get("flow_run_id")})
-            table = pa.concat_tables(parts) if parts else pa.table({})
+            table = pa.concat_tables(parts)
             write_artifact(table, stage.path(name), output.kind, **stage.provenance, extra={"shards": listed})
 
     return merge

@@ -46,9 +46,9 @@ from mpo_core.plumbing.stage_table import CHECKPOINT_DIR
 from mpo_core.training.checkpoints import (
     MODEL_DIR,
     TRAINER_STATE,
+    drop_outgrown_checkpoint,
     finished_checkpoint,
     keep_final_checkpoint,
-    drop_outgrown_checkpoint,
     latest_checkpoint,
     save_model_atomically,
     with_atomic_checkpoints,
