@@ -4,6 +4,7 @@ the gradient of one process with both pairs; the L2 pass stays local and one all
 from __future__ import annotations
 
 import copy
+import gc
 from pathlib import Path
 
 import pytest
@@ -52,17 +53,23 @@ def _policy_and_batch(shared_data: Path, rows: list[int]) -> tuple[torch.nn.Modu
     return policy, batch
 
 
-def _rank(rank: int, init_file: str, shared_data: Path, out_dir: Path) -> None:
+def _data_parallel_step(rank: int, shared_data: Path, out_dir: Path) -> None:
     from safetensors.torch import save_file
 
+    policy, batch = _policy_and_batch(shared_data, [rank])
+    ddp = torch.nn.parallel.DistributedDataParallel(policy)
+    mpo_backward_step(ddp, batch, BETA, 1.0)
+    grads = {name: p.grad.contiguous() for name, p in policy.named_parameters() if name in COMPARED}
+    save_file(grads, str(out_dir / f"rank{rank}.safetensors"))
+
+
+def _rank(rank: int, init_file: str, shared_data: Path, out_dir: Path) -> None:
+    """The model is freed before the gloo group is destroyed (see tests/test_sharded.py's ``_rank``)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        policy, batch = _policy_and_batch(shared_data, [rank])
-        ddp = torch.nn.parallel.DistributedDataParallel(policy)
-        mpo_backward_step(ddp, batch, BETA, 1.0)
-        grads = {name: p.grad.contiguous() for name, p in policy.named_parameters() if name in COMPARED}
-        save_file(grads, str(out_dir / f"rank{rank}.safetensors"))
+        _data_parallel_step(rank, shared_data, out_dir)
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 
