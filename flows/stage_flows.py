@@ -9,7 +9,8 @@ Deployment entry points: ``flows/stage_flows.py:mpo_ingest``, ``...:mpo_translat
 attribute names equal the flow names (``mpo-ingest``, ...), so ``prefect deploy --name mpo-ingest/cpu`` and
 ``run_deployment("mpo-ingest/cpu")`` name the same deployment.
 
-A stage of several shards (``generate.shards``, ``label.shards``) runs each shard that is not done as a child
+A stage of several shards (``translate.shards``, ``generate.shards``, ``label.shards``, ``evaluate.shards``)
+runs each shard that is not done as a child
 flow run (``shard=[i, n]``): on the deployment ``mpo-<stage>/<shard_deployment>`` when one is named (the
 pipeline names its GPU deployment), else in this process in turn; then it merges them.
 """

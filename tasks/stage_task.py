@@ -39,7 +39,7 @@ from mpo_core.plumbing.artifacts import read_manifest
 from mpo_core.plumbing.errors import ConfigError, is_transient_error
 from mpo_core.plumbing.progress import progress_listener, round_seconds
 from mpo_core.plumbing.runs import RAN, RunFolder, StageOutcome, execute_stage
-from mpo_core.plumbing.shards import execute_shard, merged, shard_count, shard_dir
+from mpo_core.plumbing.shards import execute_shard, merged, shard_count, shard_dir, shard_outputs
 from mpo_core.plumbing.stage_run import Shard
 from mpo_core.plumbing.stage_table import StageSpec, get_stage
 from tasks.launch import launcher_for
@@ -238,7 +238,7 @@ def _run_shard(spec: StageSpec, run: RunFolder, config, inputs: dict[str, Path],
     get_run_logger().info("stage %s %s %s in %s s", spec.name, shard.name, "ran" if outcome.ran else "was done",
                           round_seconds(outcome.seconds))
     folder = shard_dir(run, spec, shard)
-    return {name: str(folder / spec.output(name).file) for name in spec.outputs}
+    return {output.name: str(folder / output.file) for output in shard_outputs(spec)}
 
 
 def stage_task_for(spec: StageSpec):

@@ -7,6 +7,7 @@ tests/integration/test_sharded_stages.py."""
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -114,3 +115,54 @@ def test_llm_translation_in_two_shards_equals_one_run(tmp_path):
     rows = read_artifact(one["translated"], "prompts").to_pylist()
     assert [(r["prompt_id"], r["lang"]) for r in rows] == [(p, lang) for p in sorted(keep) for lang in ("en", "zh")]
     assert read_artifact(two["translated"], "prompts").to_pylist() == rows
+
+
+@pytest.mark.slow
+def test_evaluate_in_three_shards_equals_one_run(tmp_path, shared_data):
+    """Evaluate shards only its generation (two models' greedy answers to the safety prompts, then the MGSM
+    questions); the stage then judges and measures the merged answers: the same ``eval`` rows and judged
+    responses as one unsharded run."""
+    from mpo_core.common.models import ensure_embedded_checkpoint
+
+    keep = {"h003", "h006", "b003"}
+    prompts = tmp_path / "prompts.parquet"
+    write_artifact([r for r in load_seed_prompts() if r["prompt_id"] in keep and r["lang"] in ("en", "sw")],
+                   prompts, "prompts")
+
+    def config(shards: int) -> PipelineConfig:
+        return PipelineConfig.model_validate({
+            "run": {"root": str(tmp_path / "runs"), "name": f"evaluate-{shards}", "target_langs": ["sw"]},
+            "model": {"device": "cpu", "dtype": "float32"},
+            "generate": {"batch_size": 4},
+            "evaluate": {"max_new_tokens": 8, "mgsm": [str(shared_data / "mgsm")], "mgsm_max_per_lang": 2,
+                         "mgsm_max_new_tokens": 8, "bootstrap_samples": 10, "shards": shards},
+        })
+
+    whole, sharded = config(1), config(3)
+    run = RunFolder.for_config(sharded)
+    run.path.mkdir(parents=True)
+    run.save_config(sharded)
+    inputs = {**run_stage_function("translate", whole, {"prompts": prompts}, tmp_path / "translate"),
+              "checkpoint": ensure_embedded_checkpoint()}
+    one = run_stage_function("evaluate", whole, inputs, tmp_path / "evaluate")
+    three, ran = _sharded("evaluate", sharded, inputs)
+    assert ran == [True, True, True]
+
+    spec = get_stage("evaluate")
+    parts = [read_artifact(shard_dir(run, spec, Shard(i, 3)) / "generations.parquet", "generations").to_pylist()
+             for i in range(3)]
+    generations = read_artifact(three["eval"].parent / "generations.parquet", "generations").to_pylist()
+    assert [row for part in parts for row in part] == generations
+    per_role = 3 * 2 + 2 * 2  # three safety prompts in en and sw, then two MGSM questions in each
+    half = len(parts[0]) // 2  # a shard answers its slice with one model, then the other
+    assert [r["role"] for r in parts[0]] == ["base"] * half + ["trained"] * half
+    assert Counter(r["role"] for r in generations) == {"base": per_role, "trained": per_role}
+    assert all(0 < len(part) < len(generations) for part in parts)
+    assert read_artifact(three["eval"], "eval").to_pylist() == read_artifact(one["eval"], "eval").to_pylist()
+    for role in ("base", "trained"):
+        file = f"responses_{role}.parquet"
+        assert (read_artifact(three["eval"].parent / file, "responses").to_pylist()
+                == read_artifact(one["eval"].parent / file, "responses").to_pylist())
+    shards = read_manifest(three["eval"]).extra["shards"]
+    assert [s["index"] for s in shards] == [0, 1, 2] and sum(s["rows"] for s in shards) == len(generations)
+    assert "shards" not in read_manifest(one["eval"]).extra

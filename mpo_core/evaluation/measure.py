@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +33,7 @@ from mpo_core.generation.vllm_backend import ENGINES
 from mpo_core.judges.base import label_rows
 from mpo_core.judges.select import get_judge
 from mpo_core.plumbing.config import LabelConfig, ModelConfig, PipelineConfig
+from mpo_core.plumbing.errors import InputDataError
 from mpo_core.results.metrics import (
     mgsm_is_correct,
     pick_options,
@@ -136,10 +138,47 @@ def _dominant_triples(pairs: Sequence[dict], dominant_lang: str) -> list[tuple[s
     return list(seen)
 
 
-def _mgsm(obs: Observations, utility: UtilitySet, backend: GenerationBackend, model_cfg: ModelConfig,
-          config: PipelineConfig) -> None:
-    rows = generate_responses(model_cfg, config.generate, utility.items, num_samples=1, temperature=0.0,
-                              max_new_tokens=config.evaluate.mgsm_max_new_tokens, backend=backend)
+@dataclass(frozen=True)
+class AnswerRequest:
+    """One greedy answer evaluation asks of every model: a safety prompt or an MGSM question (``part``),
+    a prompt dict with ``prompt_id, lang, text``."""
+
+    part: str  # "safety" | "mgsm"
+    prompt: dict
+
+
+def answer_requests(safety_sets: Sequence[PromptSet], utility_sets: Sequence[UtilitySet]) -> list[AnswerRequest]:
+    """What evaluating a model generates, in a fixed order: every safety prompt, then every MGSM question
+    (the unit a sharded evaluate splits, :mod:`mpo_core.plumbing.shards`)."""
+    return ([AnswerRequest("safety", p) for s in safety_sets for p in s.prompts]
+            + [AnswerRequest("mgsm", item) for u in utility_sets if u.kind == "mgsm" for item in u.items])
+
+
+def generate_answers(model_cfg: ModelConfig, config: PipelineConfig, requests: Sequence[AnswerRequest],
+                     backend: GenerationBackend) -> list[dict]:
+    """RESPONSES rows, one greedy answer per request in order: safety prompts up to
+    ``evaluate.max_new_tokens``, MGSM questions up to ``evaluate.mgsm_max_new_tokens``."""
+    limits = {"safety": config.evaluate.max_new_tokens, "mgsm": config.evaluate.mgsm_max_new_tokens}
+    rows: list[dict] = []
+    for part, group in groupby(requests, key=lambda r: r.part):
+        rows += generate_responses(model_cfg, config.generate, [r.prompt for r in group], num_samples=1,
+                                   temperature=0.0, max_new_tokens=limits[part], backend=backend)
+    return rows
+
+
+def check_answers(answers: Sequence[dict], requests: Sequence[AnswerRequest], origin: str) -> None:
+    """``answers`` answer ``requests`` one to one, in order; an :class:`InputDataError` names the first row
+    that does not (answers generated for other evaluation sets)."""
+    if len(answers) != len(requests):
+        raise InputDataError(f"{origin}: {len(answers)} answers for {len(requests)} evaluation prompts")
+    for row, (answer, request) in enumerate(zip(answers, requests)):
+        asked = (request.prompt["prompt_id"], request.prompt["lang"], request.prompt["text"])
+        if (answer["prompt_id"], answer["lang"], answer["prompt"]) != asked:
+            raise InputDataError(f"{origin}, row {row}: answers {answer['prompt_id']}/{answer['lang']}, "
+                                 f"the evaluation asks {asked[0]}/{asked[1]} there")
+
+
+def _mgsm(obs: Observations, utility: UtilitySet, rows: Sequence[dict]) -> None:
     correct = [mgsm_is_correct(r["text"], item["gold"], item["lang"]) for r, item in zip(rows, utility.items)]
     for lang, idx in group_by_lang(utility.items).items():
         obs.add((lang, "mgsm_accuracy", utility.name), [correct[i] for i in idx])
@@ -168,11 +207,13 @@ def evaluate_model(
     utility_sets: Sequence[UtilitySet] = (),
     judge: Judge | None = None,
     refusal_judge: Judge | None = None,
+    answers: Sequence[dict] | None = None,
 ) -> Observations:
     """Evaluate one model: the log-likelihood metrics (reward gaps, multiple choice) first, then the
-    generation metrics (safety, MGSM) with greedy decoding. Harmful prompts are judged by ``judge``, benign
-    ones by ``refusal_judge`` (defaults: :func:`get_judges`). With the transformers backend one loaded model
-    serves both; with vLLM the transformers model is freed before the vLLM engine starts."""
+    generation metrics (safety, MGSM) on its greedy answers to :func:`answer_requests`: ``answers`` where
+    they were generated elsewhere (a sharded evaluate), else generated here. Harmful prompts are judged by
+    ``judge``, benign ones by ``refusal_judge`` (defaults: :func:`get_judges`). With the transformers backend
+    one loaded model serves both; with vLLM the transformers model is freed before the vLLM engine starts."""
     from mpo_core.common.models import load_model, load_tokenizer
 
     obs = Observations(role=role, model=model_cfg.name_or_path)
@@ -185,23 +226,28 @@ def evaluate_model(
     for utility in utility_sets:
         if utility.kind == "mc":
             _multiple_choice(obs, utility, model, tokenizer, config)
-    if config.generate.backend == "transformers":
-        backend = TransformersBackend(model_cfg, config.generate.batch_size, model=model, tokenizer=tokenizer)
-    else:
-        del model
-        _free_accelerator_memory()
-        backend = get_backend(model_cfg, config.generate)
-    prompts = [p for s in safety_sets for p in s.prompts]
-    if prompts:
-        rows = generate_responses(model_cfg, config.generate, prompts, num_samples=1, temperature=0.0,
-                                  max_new_tokens=ev.max_new_tokens, backend=backend)
+    requests = answer_requests(safety_sets, utility_sets)
+    if answers is None and requests:
+        if config.generate.backend == "transformers":
+            backend = TransformersBackend(model_cfg, config.generate.batch_size, model=model, tokenizer=tokenizer)
+        else:
+            del model
+            _free_accelerator_memory()
+            backend = get_backend(model_cfg, config.generate)
+        answers = generate_answers(model_cfg, config, requests, backend)
+        ENGINES.shutdown()  # vLLM: this model's engine goes before the next model loads
+    answers = list(answers or [])
+    check_answers(answers, requests, f"the {role} model's answers")
+    safety_rows = answers[: sum(len(s.prompts) for s in safety_sets)]
+    if safety_rows:
         if judge is None or refusal_judge is None:
             judge, refusal_judge = get_judges(config)
-        obs.responses = _safety(obs, safety_sets, rows, judge, refusal_judge)
+        obs.responses = _safety(obs, safety_sets, safety_rows, judge, refusal_judge)
+    offset = len(safety_rows)
     for utility in utility_sets:
         if utility.kind == "mgsm":
-            _mgsm(obs, utility, backend, model_cfg, config)
-    ENGINES.shutdown()  # vLLM: this model's engine goes before the next model loads
+            _mgsm(obs, utility, answers[offset : offset + len(utility.items)])
+            offset += len(utility.items)
     return obs
 
 

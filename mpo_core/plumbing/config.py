@@ -36,7 +36,10 @@ class Section(BaseModel):
 RUN_LOCATION_FIELDS = {"name", "root"}
 # Fields that say how a stage's work is spread, never what it computes: left out of its identity, so that
 # changing them reuses what is done (sharded results equal unsharded ones, mpo_core.plumbing.shards).
-EXECUTION_FIELDS = {"run": RUN_LOCATION_FIELDS, "translate": {"shards"}, "generate": {"shards"}, "label": {"shards"}}
+EXECUTION_FIELDS = {
+    "run": RUN_LOCATION_FIELDS, "translate": {"shards"}, "generate": {"shards"}, "label": {"shards"},
+    "evaluate": {"shards"},
+}
 
 
 def shards_field(rows: str) -> Any:
@@ -621,6 +624,7 @@ class EvaluateConfig(Section):
         None,
         description="Models evaluated (raw, base, trained); None: all the run has.",
     )
+    shards: int = shards_field("greedy generations (every model's answers to the safety and MGSM prompts)")
 
 
 class AlignConfig(Section):

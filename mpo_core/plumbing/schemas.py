@@ -65,6 +65,9 @@ RESPONSES = pa.schema(
     ]
 )
 
+# Evaluation's greedy answers of one model role, written by a shard of a sharded evaluate and merged.
+GENERATIONS = pa.schema([_f("role", pa.string(), nonempty=True), *RESPONSES])
+
 PAIRS = pa.schema(
     [
         _f("pair_id", pa.string(), nonempty=True),
@@ -134,6 +137,7 @@ FILTER_REPORT = pa.schema(
 SCHEMAS: dict[str, pa.Schema] = {
     "prompts": PROMPTS,
     "responses": RESPONSES,
+    "generations": GENERATIONS,
     "pairs": PAIRS,
     "dropped": DROPPED,
     "reference": REFERENCE,
@@ -228,6 +232,21 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "judge": "The judge(s) whose verdicts the value counts; null where none is needed.",
         "dataset": "The data measured: a prompt set's name, `pairs:train`, `pairs:held-out`, `mgsm`, ...",
     },
+    "generations": {
+        "role": "The evaluated model: `raw`, `base` or `trained`.",
+        "prompt_id": "The safety prompt or MGSM question answered.",
+        "lang": "Code of the prompt's language.",
+        "sample_idx": "Always 0: evaluation decodes greedily, one answer per prompt.",
+        "prompt": "The prompt text the model was given.",
+        "text": "The model's greedy answer.",
+        "finish_reason": "`stop` (the model ended its turn) or `length` (cut at the token limit).",
+        "model": "Name or path of the model that answered.",
+        "backend": "The generation backend (`transformers` or `vllm`).",
+        "seed": "The seed of this response's request (greedy decoding does not use it).",
+        "judge": "Null: the evaluate stage judges the merged answers.",
+        "verdict": "Null: the evaluate stage judges the merged answers.",
+        "score": "Null: the evaluate stage judges the merged answers.",
+    },
     "filter_report": {
         "lang": "Code of the target language.",
         "outcome": "`input`, `judged`, `kept`, `dropped` or `repaired`.",
@@ -241,6 +260,7 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
 # :mod:`mpo_core.plumbing.stage_table`), by kind.
 SIDE_ARTIFACT_FILES: dict[str, tuple[str, ...]] = {
     "responses": ("evaluate/responses_<role>.parquet",),
+    "generations": ("shards/evaluate/shard-<i>-of-<n>/generations.parquet", "evaluate/generations.parquet"),
     "dropped": ("train/dropped_reference.parquet",),
     "filter_report": ("filter/filter_report.parquet",),
 }

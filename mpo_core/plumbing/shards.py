@@ -10,6 +10,10 @@ Each shard writes into ``<run>/shards/<stage>/shard-<i>-of-<n>/`` with a marker 
 identity, written last), so a finished shard is never redone and a rerun after a failure redoes only the
 shards without a current marker. The stage itself then runs :func:`merged` as its launcher, through the
 runner's usual bookkeeping (:func:`mpo_core.plumbing.runs.execute_stage`): its output names every shard.
+
+``evaluate`` shards only its generation: a shard writes every model's greedy answers to its slice of the
+prompts (``StageSpec.shard_produces``); the merge writes them, concatenated, into the stage's folder and runs
+the stage whole on them (judging, reward gaps, report), as an unsharded run does on its own answers.
 """
 
 from __future__ import annotations
@@ -36,17 +40,22 @@ from mpo_core.plumbing.errors import ArtifactError
 from mpo_core.plumbing.progress import round_seconds
 from mpo_core.plumbing.runs import Launcher, RunFolder, check_stage
 from mpo_core.plumbing.stage_run import Shard, StageInputs, StageRun, call_stage
-from mpo_core.plumbing.stage_table import StageSpec
+from mpo_core.plumbing.stage_table import OutputSpec, StageSpec
 
 SHARDS_DIR = "shards"
 MARKER = "shard.json"
 # stages whose work is a list of independent rows: the config section whose ``shards`` field splits them
-SHARDABLE = ("translate", "generate", "label")
+SHARDABLE = ("translate", "generate", "label", "evaluate")
 
 
 def shard_count(spec: StageSpec, config: PipelineConfig) -> int:
     """How many shards ``spec`` runs in under ``config``: its section's ``shards``, 1 for other stages."""
     return getattr(getattr(config, spec.name), "shards", 1) if spec.name in SHARDABLE else 1
+
+
+def shard_outputs(spec: StageSpec) -> tuple[OutputSpec, ...]:
+    """What each shard of ``spec`` writes into its folder: ``spec.shard_produces``, else the stage's outputs."""
+    return spec.shard_produces or spec.produces
 
 
 def shard_dir(run: RunFolder, spec: StageSpec, shard: Shard) -> Path:
@@ -66,7 +75,7 @@ def shard_is_current(spec: StageSpec, run: RunFolder, shard: Shard, identity: st
     marker = _marker(folder)
     if marker is None or marker.get("identity") != identity:
         return False
-    return all(artifact_is_complete(folder / spec.output(name).file) for name in spec.outputs)
+    return all(artifact_is_complete(folder / output.file) for output in shard_outputs(spec))
 
 
 def pending_shards(spec: StageSpec, config: PipelineConfig, run: RunFolder, inputs: dict[str, Path]) -> list[Shard]:
@@ -107,8 +116,9 @@ def execute_shard(
 
 
 def merged(run: RunFolder, count: int) -> Launcher:
-    """A launcher that writes the stage's outputs from its ``count`` finished shards, concatenated in shard
-    order; each output's manifest lists the shards (rows, seconds, host, flow run)."""
+    """A launcher that writes the shards' outputs from its ``count`` finished shards, concatenated in shard
+    order, each output's manifest listing the shards (rows, seconds, host, flow run): the stage's outputs, or
+    (``shard_produces``) what the stage then runs whole on."""
 
     def merge(stage: StageRun) -> None:
         shards = [Shard(i, count) for i in range(count)]
@@ -118,8 +128,7 @@ def merged(run: RunFolder, count: int) -> Launcher:
                 f"stage {stage.spec.name}: shard(s) {missing} of {count} have not finished for this identity; "
                 "run them first (the pipeline does)"
             )
-        for name in stage.spec.outputs:
-            output = stage.spec.output(name)
+        for output in shard_outputs(stage.spec):
             parts, listed = [], []
             for shard in shards:
                 folder = shard_dir(run, stage.spec, shard)
@@ -129,6 +138,8 @@ def merged(run: RunFolder, count: int) -> Launcher:
                 listed.append({"index": shard.index, "rows": read_manifest(path).rows, "seconds": marker.get("seconds"),
                                "host": marker.get("host"), "flow_run_id": marker.get("flow_run_id")})
             table = pa.concat_tables(parts)
-            write_artifact(table, stage.path(name), output.kind, **stage.provenance, extra={"shards": listed})
+            write_artifact(table, stage.path(output.name), output.kind, **stage.provenance, extra={"shards": listed})
+        if stage.spec.shard_produces:
+            call_stage(stage)
 
     return merge

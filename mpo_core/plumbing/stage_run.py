@@ -29,6 +29,7 @@ from mpo_core.plumbing.artifacts import (
 from mpo_core.plumbing.config import ModelConfig, PipelineConfig
 from mpo_core.plumbing.errors import ArtifactError
 from mpo_core.plumbing.stage_table import (
+    OutputSpec,
     StageSpec,
     artifact_spec,
     get_stage,
@@ -121,6 +122,14 @@ class StageRun:
     input_hashes: dict[str, str] = field(repr=False, default_factory=dict)
     shard: Shard | None = None
 
+    @property
+    def produces(self) -> tuple[OutputSpec, ...]:
+        """What this run writes: the stage's outputs, or for a shard of a stage whose shards write something
+        else (``StageSpec.shard_produces``), that."""
+        if self.shard is not None and self.spec.shard_produces:
+            return self.spec.shard_produces
+        return self.spec.produces
+
     def own_rows(self, rows: list[T]) -> list[T]:
         """The part of ``rows`` this run processes: its shard's slice, or all of them."""
         return rows if self.shard is None else self.shard.slice(rows)
@@ -176,9 +185,10 @@ def call_stage(stage: StageRun, write_outputs: bool = True) -> dict[str, Path]:
     apply_threads(stage.config.runtime.threads)
     with profile.profiled(stage.spec.name) as stage_profile:
         returned = stage.spec.load()(stage) or {}
-    unknown = sorted(set(returned) - set(stage.spec.outputs))
+    expected = [output.name for output in stage.produces]
+    unknown = sorted(set(returned) - set(expected))
     if unknown:
-        raise ArtifactError(f"stage {stage.spec.name} returned {unknown}, the stage table says {list(stage.spec.outputs)}")
+        raise ArtifactError(f"stage {stage.spec.name} returned {unknown}, the stage table says {expected}")
     if write_outputs:
         for name, artifact in returned.items():
             output = stage.spec.output(name)
@@ -186,7 +196,7 @@ def call_stage(stage: StageRun, write_outputs: bool = True) -> dict[str, Path]:
                 raise ArtifactError(f"stage {stage.spec.name}: output {name} ({output.kind}) must be returned as an Artifact table")
             write_artifact(artifact.data, stage.path(name), output.kind, **stage.provenance, extra=artifact.extra)
         profile.write_profile(stage_profile, stage.out_dir)  # last: a stage that failed leaves none
-    return {name: stage.path(name) for name in stage.spec.outputs}
+    return {name: stage.path(name) for name in expected}
 
 
 def check_outputs(stage: StageRun) -> dict[str, Path]:

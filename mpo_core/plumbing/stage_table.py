@@ -58,6 +58,9 @@ class StageSpec:
     external: str = ""
     # folders in the stage's folder kept only so that an interrupted run resumes (prunable once complete)
     resume_files: tuple[str, ...] = ()
+    # what one shard writes where the stage's outputs are not concatenable rows (evaluate: every model's
+    # greedy answers); the merge then runs the stage whole on the shards' rows (mpo_core.plumbing.shards)
+    shard_produces: tuple[OutputSpec, ...] = ()
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -65,7 +68,8 @@ class StageSpec:
         return tuple(o.name for o in self.produces)
 
     def output(self, name: str) -> OutputSpec:
-        return next(o for o in self.produces if o.name == name)
+        """Output ``name``: one of the stage's, or what a shard of it writes (``shard_produces``)."""
+        return next(o for o in (*self.produces, *self.shard_produces) if o.name == name)
 
     def load(self):
         """The stage function (imported now: stage modules import heavy libraries)."""
@@ -136,6 +140,7 @@ STAGES: tuple[StageSpec, ...] = (
         ("translated", "filtered", "reference", "checkpoint", "aligned"),
         (OutputSpec("eval", "eval.parquet", "eval"), OutputSpec("report", "report/report.md", "file")),
         ("run", "model", "generate", "label", "evaluate"), "gpu",
+        shard_produces=(OutputSpec("generations", "generations.parquet", "generations"),),
     ),
 )
 

@@ -5,7 +5,9 @@ two process workers serving the ``gpu`` pool (one flow run at a time each), the 
   merged responses equal an unsharded run's (content hash of the rows); the stage's manifest and its summary
   in the UI name the shards;
 - a shard whose process is killed fails the stage with its index named; the rerun runs that shard alone (no
-  new flow run of the others) and the merged responses are the same.
+  new flow run of the others) and the merged responses are the same;
+- ``evaluate.shards: 2``: the models' answers in two shard flow runs, the evaluation on their merge equal to
+  an unsharded one.
 """
 
 from __future__ import annotations
@@ -84,13 +86,13 @@ def _rows_hash(path: str | Path) -> str:
     return canonical_hash(read_artifact(path, "responses").to_pylist())
 
 
-def _shard_runs(name: str) -> dict[str, list]:
-    """The flow runs of the run's generate shards, by name."""
+def _shard_runs(name: str, stage: str = "generate") -> dict[str, list]:
+    """The flow runs of the run's shards of ``stage``, by name."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=f"{name}/generate/shard-")))
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=f"{name}/{stage}/shard-")))
     by_name: dict[str, list] = {}
     for flow_run in runs:
         by_name.setdefault(flow_run.name, []).append(flow_run)
@@ -124,6 +126,35 @@ def test_generate_in_three_shards_on_two_workers(gpu_pool):
     whole = _config(folder, "whole", 1)
     unsharded = run_stage_function("generate", whole, translated, folder / "unsharded-generate")
     assert _rows_hash(outputs["responses"]) == _rows_hash(unsharded["responses"])
+
+
+def test_evaluate_in_two_shards_on_the_gpu_pool(gpu_pool):
+    """The whole pipeline with gpu deployments and ``evaluate.shards: 2``: evaluate's generation in two shard
+    flow runs on the workers, the stage then judging and measuring the merged answers: the same ``eval`` rows
+    as an unsharded evaluate on the same inputs, its manifest naming both shards."""
+    from flows.pipeline import mpo_pipeline
+    from mpo_core.plumbing.runs import RunFolder
+
+    folder, _ = gpu_pool
+    recipe, overrides = tiny_recipe(folder, "sharded-eval"), [*SHARDED, "evaluate.shards=2"]
+    outputs = mpo_pipeline(config=str(recipe), overrides=overrides, gpu_deployments=True)
+
+    shard_runs = _shard_runs("sharded-eval", "evaluate")
+    assert sorted(shard_runs) == [f"sharded-eval/evaluate/shard-{i}-of-2" for i in range(2)]
+    assert all(len(r) == 1 and r[0].state.is_completed() for r in shard_runs.values())
+    shards = read_manifest(outputs["eval"]).extra["shards"]
+    assert {s["flow_run_id"] for s in shards} == {str(r[0].id) for r in shard_runs.values()}
+    run = RunFolder(Path(load_config(recipe, overrides).run_dir))
+    generations = read_artifact(run.path / "evaluate" / "generations.parquet", "generations")
+    assert generations.num_rows == sum(s["rows"] for s in shards) > 0
+    assert set(generations.column("role").to_pylist()) == {"base", "trained"}
+
+    inputs = {name: run.path / path for stage in ("translate", "filter", "reference", "train")
+              for name, path in run.read_marker(stage)["outputs"].items()}
+    whole = load_config(recipe, SHARDED)
+    unsharded = run_stage_function("evaluate", whole, inputs, folder / "unsharded-evaluate")
+    assert (read_artifact(outputs["eval"], "eval").to_pylist()
+            == read_artifact(unsharded["eval"], "eval").to_pylist())
 
 
 def _kill_when_running(flow_run_name: str, timeout_s: float = 600) -> None:
