@@ -70,11 +70,13 @@ class RunningEngine:
 
 def _engine_environment(engine: VLLMConfig, scratch: str) -> dict[str, str]:
     """Environment the engine's processes read at start: CPU KV space and cores, and every temporary or
-    cache file inside ``scratch`` (vLLM leaves IPC sockets in TMPDIR, compile caches in its cache root)."""
+    cache file inside ``scratch`` (vLLM leaves its IPC sockets in VLLM_RPC_BASE_PATH, which defaults to the
+    temporary folder this process settled on before TMPDIR changed; compile caches in its cache root)."""
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kvcache_space_gib),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": str(engine.cpu_reserved_cores),
         "TMPDIR": scratch,
+        "VLLM_RPC_BASE_PATH": scratch,
         "VLLM_CACHE_ROOT": os.path.join(scratch, "vllm-cache"),
         "TORCHINDUCTOR_CACHE_DIR": os.path.join(scratch, "inductor-cache"),
         "VLLM_NO_USAGE_STATS": "1",

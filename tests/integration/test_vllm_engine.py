@@ -12,7 +12,9 @@ import csv
 import os
 import random
 import signal
+import stat
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -59,15 +61,18 @@ def engine_processes() -> list[psutil.Process]:
 
 
 def shared_memory() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+    """The /dev/shm files, and the UNIX sockets of the temporary folder (where vLLM's IPC sockets went
+    unless told otherwise: three per engine start)."""
+    sockets = {str(p) for p in Path(tempfile.gettempdir()).iterdir() if stat.S_ISSOCK(p.lstat().st_mode)}
+    return set(os.listdir("/dev/shm")) | sockets
 
 
 def assert_no_engine_left(shm_before: set[str]) -> None:
     left = [(p.pid, p.name()) for p in engine_processes()]
     assert left == [], f"engine processes left: {left}"
     assert ENGINES.current is None
-    ours = {f for f in shared_memory() - shm_before if f.startswith(("psm_", "sem.mp-"))}
-    assert ours == set(), f"shared memory left in /dev/shm: {sorted(ours)}"
+    ours = {f for f in shared_memory() - shm_before if f.startswith(("psm_", "sem.mp-", tempfile.gettempdir()))}
+    assert ours == set(), f"shared memory or IPC sockets left: {sorted(ours)}"
 
 
 @pytest.fixture(scope="module")
