@@ -32,9 +32,9 @@ def test_a_live_holder_is_named_and_a_dead_ones_lock_is_taken_over(tmp_path, cap
     try:
         record = json.loads((run_dir / LOCK_FILE).read_text())
         assert record["pid"] == holder.pid and record["host"] == socket.gethostname() and record["started_at"]
-        with pytest.raises(RunLockedError, match=rf"pid {holder.pid} on {socket.gethostname()}, started "):
-            with run_lock(run_dir):
-                pass
+        with (pytest.raises(RunLockedError, match=rf"pid {holder.pid} on {socket.gethostname()}, started "),
+              run_lock(run_dir)):
+            pass
         with run_lock(tmp_path / "runs" / "b"):  # another run name runs side by side
             pass
     finally:
