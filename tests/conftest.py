@@ -13,6 +13,9 @@ SHARED_DATA = Path(os.environ.get("MPO_SHARED_DATA", ROOT.parent / "shared" / "d
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# the suite runs servers, workers, shards and engines side by side on two cores: one torch thread per stage
+# process (runtime.threads' default, one per core, would have them wait for each other)
+os.environ.setdefault("MPO_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -151,15 +151,14 @@ class RuntimeConfig(Section):
         description="Seconds an unreachable Prefect API is waited for before the run fails (OrchestrationUnreachableError).",
     )
     threads: int = Field(
-        1,
+        0,
         ge=0,
         description=(
             "torch CPU threads per stage (torch.set_num_threads, and OMP/MKL for the libraries it starts); "
-            "0: torch's own default (one per core). 1 by default: fixed, so a run does not depend on the "
-            "machine's load, and on a shared 2-core machine two threads each waiting for a core ran 3-10x "
-            "slower than one (docs/experiments.md). Set 2 or more on a machine you have to yourself. "
-            "$MPO_THREADS, where a launcher sets it (the transfer sweep's lanes), wins. Matrix products may "
-            "differ in the last bits between thread counts."
+            "0 (default): torch's own, one per core; the default run took 340 s with two threads against 564 s "
+            "with one on the idle 2-core machine, every output the same. Set 1 on a machine busy with other "
+            "work: there two threads each waiting for a core ran 3-10x slower than one (docs/experiments.md). "
+            "$MPO_THREADS, where a launcher sets it (the transfer sweep's lanes, the test suite), wins."
         ),
     )
 
