@@ -19,6 +19,7 @@ from mpo_core.plumbing.seed import load_seed_prompts
 from mpo_core.plumbing.shards import MARKER, execute_shard, merged, pending_shards, shard_dir
 from mpo_core.plumbing.stage_run import Shard, run_stage_function
 from mpo_core.plumbing.stage_table import get_stage
+from tests.test_artifact_docs import assert_artifacts_documented
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5])
@@ -166,3 +167,4 @@ def test_evaluate_in_three_shards_equals_one_run(tmp_path, shared_data):
     shards = read_manifest(three["eval"]).extra["shards"]
     assert [s["index"] for s in shards] == [0, 1, 2] and sum(s["rows"] for s in shards) == len(generations)
     assert "shards" not in read_manifest(one["eval"]).extra
+    assert "generations" in assert_artifacts_documented(run.path)  # shard and merged files where the docs say
