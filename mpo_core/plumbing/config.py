@@ -36,10 +36,9 @@ class Section(BaseModel):
 RUN_LOCATION_FIELDS = {"name", "root"}
 # Fields that say how a stage's work is spread, never what it computes: left out of its identity, so that
 # changing them reuses what is done (sharded results equal unsharded ones, mpo_core.plumbing.shards).
-EXECUTION_FIELDS = {
-    "run": RUN_LOCATION_FIELDS, "translate": {"shards"}, "generate": {"shards"}, "label": {"shards"},
-    "evaluate": {"shards"},
-}
+# the stages whose config section has a ``shards`` field (shards_field) splitting their rows
+SHARDABLE = ("translate", "generate", "label", "evaluate")
+EXECUTION_FIELDS = {"run": RUN_LOCATION_FIELDS, **{section: {"shards"} for section in SHARDABLE}}
 
 
 def shards_field(rows: str) -> Any:

@@ -35,7 +35,7 @@ from mpo_core.plumbing.artifacts import (
     write_artifact,
     write_text_atomically,
 )
-from mpo_core.plumbing.config import PipelineConfig
+from mpo_core.plumbing.config import SHARDABLE, PipelineConfig
 from mpo_core.plumbing.errors import ArtifactError
 from mpo_core.plumbing.progress import round_seconds
 from mpo_core.plumbing.runs import Launcher, RunFolder, check_stage
@@ -44,8 +44,6 @@ from mpo_core.plumbing.stage_table import OutputSpec, StageSpec
 
 SHARDS_DIR = "shards"
 MARKER = "shard.json"
-# stages whose work is a list of independent rows: the config section whose ``shards`` field splits them
-SHARDABLE = ("translate", "generate", "label", "evaluate")
 
 
 def shard_count(spec: StageSpec, config: PipelineConfig) -> int:
