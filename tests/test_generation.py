@@ -194,6 +194,83 @@ def test_a_prompts_prefill_shared_by_its_samples_gives_the_samples_of_separate_p
     backend = TransformersBackend(default_model_config, batch_size=3)
     cfg = GenerateConfig(num_samples=3, max_new_tokens=12, temperature=0.9, seed=5)
     shared = generate_responses(default_model_config, cfg, PROMPTS, backend=backend)
-    monkeypatch.setattr(backend, "_shared_prefill", lambda unique, num_samples: None)
+    monkeypatch.setattr(backend, "_prefill", lambda unique, num_samples: None)
     separate = generate_responses(default_model_config, cfg, PROMPTS, backend=backend)
     assert [r["text"] for r in shared] == [r["text"] for r in separate]
+
+
+
+def _full_sort_nucleus(scores, temperature: float, top_p: float):
+    """The plain nucleus: probabilities with the whole vocabulary sorted and the tail set to 0."""
+    import torch
+
+    probs = torch.softmax(scores.float() / temperature, dim=-1)
+    if top_p == 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    return probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+
+
+@pytest.mark.parametrize("top_p", [0.95, 0.5, 1.0])
+def test_the_seeded_sampler_draws_what_a_full_sort_and_multinomial_draw(top_p):
+    """The nucleus read from the most probable candidates (a full sort only where it reaches past them) gives
+    the token of a full sort and ``torch.multinomial`` on every row, step after step of the same generators:
+    peaked rows, and flat rows whose nucleus holds thousands of tokens (the full-sort fallback)."""
+    import torch
+
+    from mpo_core.generation.transformers_backend import SeededSampler
+
+    vocab, seeds, temperature = 5000, list(range(30)), 0.8
+    sampler = SeededSampler(seeds, temperature, top_p, device=torch.device("cpu"))
+    multinomial_generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    spread = torch.tensor([6.0 if r % 3 else 0.05 for r in range(len(seeds))])[:, None]  # every third row flat
+    large_nuclei = 0
+    for step in range(4):
+        scores = torch.randn(len(seeds), vocab, generator=torch.Generator().manual_seed(step)) * spread
+        nuclei = sampler.nucleus(torch.softmax(scores / temperature, dim=-1))
+        large_nuclei += sum(len(ids) > SeededSampler.NUCLEUS_CANDIDATES for ids, _ in nuclei)
+        chosen = sampler(torch.zeros(len(seeds), 1, dtype=torch.long), scores)
+        assert (chosen == 0).sum(dim=-1).tolist() == [1] * len(seeds)  # -inf but at the drawn token
+        expected = [torch.multinomial(_full_sort_nucleus(row, temperature, top_p), 1, generator=gen).item()
+                    for row, gen in zip(scores, multinomial_generators)]
+        assert chosen.argmax(dim=-1).tolist() == expected, f"step {step}"
+        for (ids, weights), row in zip(nuclei, scores):
+            full = _full_sort_nucleus(row, temperature, top_p)
+            assert torch.equal(ids, full.nonzero().flatten()) and torch.equal(weights, full[ids])
+    assert large_nuclei > 0
+
+
+def test_similar_length_groups_pad_each_group_by_at_most_the_given_share():
+    from mpo_core.generation.transformers_backend import similar_length_groups
+
+    lengths = [100, 95, 91, 90, 80, 73, 72, 20, 20]
+    groups = similar_length_groups(lengths, padding=0.1)
+    assert groups == [(0, 4), (4, 7), (7, 9)]
+    assert all(min(lengths[a:b]) >= 0.9 * lengths[a] for a, b in groups)
+    assert similar_length_groups([]) == [] and similar_length_groups([5]) == [(0, 1)]
+
+
+@pytest.mark.slow
+def test_a_batch_prefilled_in_groups_of_similar_length_answers_as_prompts_alone(default_model_config,
+                                                                               monkeypatch):
+    """Prompts of 1x to 5x each other's length (seven languages) in one batch: their prefill runs in groups of
+    similar length, laid out in the batch's left padding; the greedy answers are those of each prompt alone
+    and those of ``generate``'s own prefill of the padded batch."""
+    from mpo_core.generation.transformers_backend import similar_length_groups
+    from mpo_core.plumbing.seed import load_seed_prompts
+
+    prompts = [p for p in load_seed_prompts() if p["split"] == "eval" and p["prompt_id"] in ("h003", "b003")]
+    backend = TransformersBackend(default_model_config, batch_size=64)
+    lengths = sorted((len(backend.tokenizer(t)["input_ids"]) for t in backend.chat_texts(
+        [[{"role": "user", "content": p["text"]}] for p in prompts])), reverse=True)
+    assert len(similar_length_groups(lengths)) >= 3
+    cfg = GenerateConfig(num_samples=1, max_new_tokens=10, temperature=0.0)
+    grouped = [r["text"] for r in generate_responses(default_model_config, cfg, prompts, backend=backend)]
+    backend.batch_size = 1
+    alone = [r["text"] for r in generate_responses(default_model_config, cfg, prompts, backend=backend)]
+    backend.batch_size = 64
+    monkeypatch.setattr(backend, "_prefill", lambda unique, num_samples: None)
+    padded = [r["text"] for r in generate_responses(default_model_config, cfg, prompts, backend=backend)]
+    assert grouped == alone == padded
+    assert len(set(grouped)) > len(grouped) // 2

@@ -305,11 +305,11 @@ class GenerateConfig(Section):
         description="Nucleus sampling: smallest token set with this total probability.",
     )
     batch_size: int = Field(
-        default=16,
+        default=64,
         ge=1,
         description=(
-            "Prompts per generation batch of the longest prompts; shorter prompts come in larger batches of "
-            "the same token budget (batch_size x (longest prompt + max_new_tokens))."
+            "Sequences (prompts x samples) per generation batch of the longest prompts; shorter prompts come "
+            "in larger batches of the same token budget (batch_size x (longest prompt + max_new_tokens))."
         ),
     )
     seed: int = Field(0, description="Sampling seed.")

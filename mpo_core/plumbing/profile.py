@@ -170,7 +170,7 @@ def read_profile(folder: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-_generate_calls: list[int] = []  # forwards seen by each open :func:`generating` block
+_generate_calls: list[int | None] = []  # forwards seen by each open :func:`generating` block (None: prefilling)
 
 
 @contextlib.contextmanager
@@ -185,10 +185,23 @@ def generating() -> Iterator[None]:
         _generate_calls.pop()
 
 
+@contextlib.contextmanager
+def prefilling() -> Iterator[None]:
+    """Inside :func:`generating`: a prefill of several forwards (done before ``generate``); each is ``prefill``."""
+    _generate_calls.append(None)
+    try:
+        with timed("prefill"):
+            yield
+    finally:
+        _generate_calls.pop()
+
+
 def forward_phase() -> str:
-    """The phase a model forward starting now belongs to: ``prefill``/``decode`` inside :func:`generating`,
-    else ``forward``."""
+    """The phase a model forward starting now belongs to: ``prefill``/``decode`` inside :func:`generating`
+    (every forward inside :func:`prefilling` is ``prefill``), else ``forward``."""
     if not _generate_calls:
         return "forward"
+    if _generate_calls[-1] is None:
+        return "prefill"
     _generate_calls[-1] += 1
     return "prefill" if _generate_calls[-1] == 1 else "decode"
