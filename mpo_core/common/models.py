@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpo_core.common.attention import register_grouped_sdpa
 from mpo_core.plumbing import profile
 from mpo_core.plumbing.artifacts import atomic_directory
 from mpo_core.plumbing.config import EMBEDDED_DEFAULT_MODEL, ModelConfig
@@ -136,11 +137,14 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> PreTrainedT
 
 
 def load_model(cfg: ModelConfig, **kwargs: Any) -> PreTrainedModel:
-    """The causal LM of ``cfg`` on its device and dtype, from safetensors only."""
+    """The causal LM of ``cfg`` on its device and dtype, from safetensors only; on CPU with the grouped-query
+    ``sdpa`` of :mod:`mpo_core.common.attention` unless ``attn_implementation`` is given."""
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if device == "cpu" and "attn_implementation" not in kwargs:
+        kwargs["attn_implementation"] = register_grouped_sdpa()
     logger.info("loading model %s (%s, %s)", cfg.name_or_path, device, cfg.dtype)
     with phase("loading model"), profile.timed("load"):
         path = resolve_model_path(cfg.name_or_path)

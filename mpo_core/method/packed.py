@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mpo_core.common.attention import GROUPED_SDPA
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -93,7 +95,8 @@ def pair_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return torch.minimum(common, torch.minimum(lengths[:n], lengths[n:]) - 1).clamp_min(0)
 
 
-PACKABLE_ATTENTION = ("sdpa", "eager")  # the implementations that take an arbitrary 4D mask
+BOOLEAN_MASK_ATTENTION = ("sdpa", GROUPED_SDPA)  # take a boolean 4D mask (True = attend)
+PACKABLE_ATTENTION = (*BOOLEAN_MASK_ATTENTION, "eager")  # the implementations that take an arbitrary 4D mask
 
 
 def binding_sliding_window(config, longest: int) -> int | None:
@@ -132,7 +135,7 @@ def _pair_attention_mask(
     if window is not None:
         visible = visible & (positions[:, :, None] - positions[:, None, :] < window)
     visible = (visible | torch.eye(width, dtype=torch.bool, device=segments.device))[:, None]
-    if implementation == "sdpa":
+    if implementation in BOOLEAN_MASK_ATTENTION:
         return visible
     blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=segments.device)
     return torch.where(visible, torch.zeros((), dtype=dtype, device=segments.device), blocked)
