@@ -56,3 +56,48 @@ def test_packed_pairs_give_the_padded_log_probs_and_gradients(default_model_conf
     assert "forward" not in vars(backbone)  # the block restores the class's own forward
     odd = backbone(input_ids=ids[:3], attention_mask=mask[:3], use_cache=False).last_hidden_state
     assert odd.shape[0] == 3  # not a pair layout: runs as it is
+
+
+def test_trls_lm_head_scores_only_the_labelled_positions_on_cpu(default_model_config, monkeypatch):
+    """Within ``labelled_positions_only`` TRL's fused LM head projects the answers' positions only (on CPU it
+    would project every position): the same log-probabilities and gradients, a fraction of the rows."""
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from mpo_core.common.models import load_model, load_tokenizer
+    from mpo_core.training.packed_dpo import labelled_positions_only
+
+    tokenizer = load_tokenizer(default_model_config)
+    model = load_model(default_model_config)
+    add_fused_lm_head(model)
+    ids, mask = _dpo_batch(tokenizer)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "How do I pick a lock?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    prompt_length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])  # the shorter prompt
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :prompt_length] = -100
+    scored_rows = []
+    chunked = trl_utils._ChunkedLogProbFunction
+
+    class CountingChunkedLogProb(chunked):
+        @staticmethod
+        def forward(ctx, hidden, *args):
+            scored_rows.append(hidden.shape[0])
+            return chunked.forward(ctx, hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", CountingChunkedLogProb)
+
+    def log_probs(labelled_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        with labelled_positions_only() if labelled_only else torch.enable_grad():
+            per_token = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
+        per_token.sum().backward()
+        return per_token.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    every, every_grads = log_probs(False)
+    labelled, labelled_grads = log_probs(True)
+    assert scored_rows == [ids.shape[0] * (ids.shape[1] - 1), int((labels[:, 1:] != -100).sum())]
+    assert scored_rows[1] < scored_rows[0] / 2
+    torch.testing.assert_close(labelled, every, rtol=1e-5, atol=1e-5)
+    assert ((labelled_grads - every_grads).norm() / every_grads.norm()).item() < 1e-5
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # restored after the block

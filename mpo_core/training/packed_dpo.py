@@ -1,4 +1,5 @@
-"""TRL's DPO with each pair's chosen and rejected sequence packed into one row: no padding, prompt run once.
+"""TRL's DPO with each pair's chosen and rejected sequence packed into one row: no padding, prompt run once;
+and its LM head on the answers' tokens only.
 
 TRL's ``DPOTrainer`` runs a ``[2n, T]`` batch (rows ``b`` and ``b + n``: the chosen and rejected sequence of
 pair ``b``, both ``prompt + answer``, right-padded to the longest of all ``2n``) through the backbone and
@@ -8,6 +9,12 @@ shared prompt once, each answer behind a 4D mask that shows it the prompt and it
 longest packed row; the states come back in TRL's ``[2n, T, H]`` layout. Values and gradients are those
 of the padded forward up to floating-point rounding (other matrix shapes sum in another order): a result
 may differ in the last bits, not more. TRL's own ``padding_free`` is disabled in TRL 1.x.
+
+TRL's fused LM head (``add_fused_lm_head``) projects, in vocabulary tiles, only the positions with a label on
+Triton devices, and every position elsewhere (fixed tile shapes for compiling backends); on CPU that is the
+prompts and the padding too, most of a DPO row. :func:`labelled_positions_only` makes it take its own
+labelled-only path on CPU as well (the log-probabilities of the labelled positions are the same, up to the
+rounding of other matrix shapes; the others are 0 either way).
 
 The plain forward runs where packing cannot apply (a model sharded or wrapped for several processes, an
 attention implementation without 4D masks, a pair sharing no prefix: see ``paired_final_hidden_states``).
@@ -59,17 +66,36 @@ def packed_pair_backbone(model: torch.nn.Module) -> Iterator[None]:
         del backbone.forward  # the class's own forward again
 
 
+@contextlib.contextmanager
+def labelled_positions_only() -> Iterator[None]:
+    """Within the block, TRL's fused LM head scores only the labelled positions on CPU too (its
+    ``_use_triton`` device check, which picks that path, says yes for CPU); a TRL without that check is left
+    as it is."""
+    import trl.trainer.utils as trl_utils
+
+    on_triton = getattr(trl_utils, "_use_triton", None)
+    if on_triton is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or on_triton(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = on_triton
+
+
 def packed_dpo_trainer_class() -> type:
-    """TRL's ``DPOTrainer`` whose loss and reference log-probabilities run through :func:`packed_pair_backbone`."""
+    """TRL's ``DPOTrainer`` whose loss and reference log-probabilities run through :func:`packed_pair_backbone`
+    and :func:`labelled_positions_only`."""
     from trl import DPOTrainer
 
     class PackedDPOTrainer(DPOTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
-            with packed_pair_backbone(self.model):
+            with packed_pair_backbone(self.model), labelled_positions_only():
                 return super().compute_loss(model, inputs, *args, **kwargs)
 
         def compute_ref_log_probs(self, model, inputs):
-            with packed_pair_backbone(model):
+            with packed_pair_backbone(model), labelled_positions_only():
                 return super().compute_ref_log_probs(model, inputs)
 
     return PackedDPOTrainer
