@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from mpo_core.plumbing.errors import MPOError
@@ -45,6 +47,20 @@ def _report_path(outputs: dict[str, str]) -> str | None:
     return outputs.get("report")
 
 
+# what a stage running in this process imports first; imported while a temporary Prefect server boots
+IN_PROCESS_STAGE_MODULES = ("torch", "transformers")
+
+
+def _importer(*modules: str) -> Callable[[], None]:
+    """A call that imports ``modules``: for :func:`tasks.server.owned_server` to run while its server boots."""
+
+    def import_all() -> None:
+        for name in modules:
+            importlib.import_module(name)
+
+    return import_all
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from mpo_core.plumbing.config import load_config
     from mpo_core.plumbing.runs import RunFolder, nothing_to_do, open_run, run_lock
@@ -60,7 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     from tasks.server import api_watchdog, configured_api_url, owned_server
 
-    with run_lock(folder.path), owned_server(), api_watchdog(configured_api_url(), config.runtime.api_unreachable_s):
+    warm = _importer("flows.pipeline", *(() if args.gpu_deployments else IN_PROCESS_STAGE_MODULES))
+    with run_lock(folder.path), owned_server(warm), api_watchdog(configured_api_url(), config.runtime.api_unreachable_s):
         run, _ = open_run(config=args.config, overrides=args.set)
         from flows.pipeline import mpo_pipeline
 
@@ -84,7 +101,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     config = RunFolder(args.run).load_config(args.set)  # a missing run or bad override fails here, before Prefect
     from tasks.server import api_watchdog, configured_api_url, owned_server
 
-    with run_lock(args.run), owned_server(), api_watchdog(configured_api_url(), config.runtime.api_unreachable_s):
+    warm = _importer("flows.stage_flows", *IN_PROCESS_STAGE_MODULES)
+    with run_lock(args.run), owned_server(warm), api_watchdog(configured_api_url(), config.runtime.api_unreachable_s):
         open_run(run=args.run, overrides=args.set)
         from flows.stage_flows import STAGE_FLOWS
 

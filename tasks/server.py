@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mpo_core.plumbing.errors import MPOError, OrchestrationUnreachableError
@@ -64,10 +64,16 @@ def api_healthy(api_url: str, timeout_s: float = 2.0) -> bool:
 
 
 @contextlib.contextmanager
-def owned_server() -> Iterator[str | None]:
+def owned_server(while_starting: Callable[[], object] | None = None) -> Iterator[str | None]:
     """Within the block ``PREFECT_API_URL`` points at a Prefect server this process started and stops at the
-    end; a configured ``PREFECT_API_URL`` is used as it is (yields None then)."""
+    end; a configured ``PREFECT_API_URL`` is used as it is (yields None then). ``while_starting`` runs while
+    the server boots (``PREFECT_API_URL`` already set; for imports the command needs next, which then
+    cost no wall time). The block's flow runs send no heartbeats: their only reader would be this server's
+    automations, and it has none (it lives as long as the command); each flow run would wait up to 1 s
+    at its end for Prefect's heartbeat thread."""
     if configured_api_url():
+        if while_starting is not None:
+            while_starting()
         yield None
         return
     port = _free_port()
@@ -80,18 +86,23 @@ def owned_server() -> Iterator[str | None]:
     with tempfile.TemporaryFile() as log, group(command, env={**os.environ, **SERVER_ENV}, stdout=log,
                                                   stderr=log, stdin=None) as server:
         deadline = time.monotonic() + timeout_s
-        while not api_healthy(api_url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                tail = log.read().decode("utf-8", errors="replace")[-2000:]
-                raise PrefectServerStartError(
-                    f"the temporary Prefect server on {api_url} did not start within {timeout_s:.0f} s "
-                    f"({STARTUP_TIMEOUT_ENV}); its output:\n{tail}")
-            time.sleep(0.3)
         os.environ["PREFECT_API_URL"] = api_url
         _owned.append(api_url)
         try:
-            yield api_url
+            if while_starting is not None:
+                while_starting()
+            while not api_healthy(api_url):
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    tail = log.read().decode("utf-8", errors="replace")[-2000:]
+                    raise PrefectServerStartError(
+                        f"the temporary Prefect server on {api_url} did not start within {timeout_s:.0f} s "
+                        f"({STARTUP_TIMEOUT_ENV}); its output:\n{tail}")
+                time.sleep(0.3)
+            from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                yield api_url
         finally:
             _flush_prefect_logs()
             _owned.pop()

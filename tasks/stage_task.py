@@ -51,6 +51,7 @@ from tasks.monitoring import (
     publish_stage_results,
 )
 from tasks.secrets import install_redaction, load_hub_token, redact
+from tasks.server import owned_api_url
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +175,11 @@ def publish_stage_summary(run: RunFolder, outcome: StageOutcome) -> None:
 def _gpu_slot(spec: StageSpec):
     """Hold one slot of the ``gpu`` global concurrency limit for GPU stages.
 
-    Only against a configured server (``PREFECT_API_URL``; ``scripts/deploy.sh`` creates the limit): a
-    temporary local server has no limits, and the pipeline runs its stages one at a time anyway.
+    Only against a configured server (``PREFECT_API_URL``; ``scripts/deploy.sh`` creates the limit): the
+    temporary server of an ``mpo`` command (:func:`tasks.server.owned_server`) has no limits, the pipeline
+    runs its stages one at a time anyway, and asking it for a missing limit took 1-2 s per stage.
     """
-    if spec.device != "gpu" or not get_current_settings().api.url:
+    if spec.device != "gpu" or not get_current_settings().api.url or owned_api_url():
         return contextlib.nullcontext()
     return concurrency(GPU_LIMIT, occupy=1, strict=False)
 
@@ -242,7 +244,7 @@ def _run_shard(spec: StageSpec, run: RunFolder, config, inputs: dict[str, Path],
 
 
 def stage_task_for(spec: StageSpec):
-    """``run_stage_task`` with the stage's timeout and tags (``gpu`` for GPU stages, for tag-based limits)."""
-    return run_stage_task.with_options(
-        timeout_seconds=TIMEOUT_S[spec.device], tags=["mpo", f"mpo-{spec.name}", spec.device]
-    )
+    """``run_stage_task`` with the stage's timeout and tags: ``mpo`` and its device (``gpu``/``cpu``, for
+    tag-based limits). Prefect asks the server for the limits of each new set of task tags (about a second
+    each); the stage is in the task run's name and its flow run's ``stage:`` tag, not in a tag of its own."""
+    return run_stage_task.with_options(timeout_seconds=TIMEOUT_S[spec.device], tags=["mpo", spec.device])
