@@ -28,8 +28,10 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -45,6 +47,7 @@ from tasks.processes import run_group
 LAUNCHER_ENV = {"train": "MPO_TRAIN_LAUNCHER"}
 # the launched stage's payload, in its stage folder, where the agents on other nodes read it
 LAUNCH_FILE = ".launch.json"
+LAUNCH_TEMP_DIR = ".launch-tmp"
 
 _launcher_override: ContextVar[Launcher | None] = ContextVar("mpo_stage_launcher", default=None)
 
@@ -63,13 +66,13 @@ def launched(launcher: str, env: dict[str, str] | None = None) -> Launcher:
     for the children. The payload file is removed when the launch ends."""
 
     def run(stage: StageRun) -> None:
-        child_env = {**os.environ, **env} if env else None
         payload_file = stage.out_dir / LAUNCH_FILE
         payload = {**json.loads(launch_payload(stage)), "flow_run_id": _flow_run_id()}
         write_text_atomically(payload_file, json.dumps(payload))
         try:
             command = launch_command(launcher, stage.spec.name, stage.out_dir.parent, f"@{payload_file.resolve()}")
-            run_group(command, stdout=sys.stdout, stderr=sys.stderr, env=child_env)
+            with launch_temp_dir(stage.out_dir) as temp:
+                run_group(command, stdout=sys.stdout, stderr=sys.stderr, env={**os.environ, **(env or {}), **temp})
         finally:
             payload_file.unlink(missing_ok=True)
 
@@ -112,6 +115,20 @@ def wait_for_launch(stage_dir: Path, flow_run_id: str | None, timeout_s: float, 
     )
 
 
+@contextlib.contextmanager
+def launch_temp_dir(stage_dir: Path) -> Iterator[dict[str, str]]:
+    """``{"TMPDIR": <stage_dir>/.launch-tmp}`` for a launcher and its ranks, removed when the launch ends (and
+    at the next launch after a kill): torchrun's elastic agent makes a ``torchelastic_*`` folder in the
+    temporary folder at every launch and leaves it there."""
+    folder = stage_dir / LAUNCH_TEMP_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield {"TMPDIR": str(folder.resolve())}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def join_training(argv: list[str] | None = None) -> int:
     """``python -m tasks.launch join-training``: this node's agent of a multi-node training launch."""
     parser = argparse.ArgumentParser(prog="python -m tasks.launch join-training", description=join_training.__doc__)
@@ -128,7 +145,9 @@ def join_training(argv: list[str] | None = None) -> int:
     run = RunFolder(args.run if args.run is not None else run_of_flow_run(args.flow_run_id))
     payload_file = wait_for_launch(run.stage_dir("train"), args.flow_run_id, args.timeout)
     command = launch_command(launcher, "train", run.path, f"@{payload_file.resolve()}")
-    return subprocess.run(command, stdout=sys.stdout, stderr=sys.stderr, check=False).returncode
+    with tempfile.TemporaryDirectory(prefix="mpo-join-") as temp:  # torchrun's folder goes with it
+        return subprocess.run(command, stdout=sys.stdout, stderr=sys.stderr, env={**os.environ, "TMPDIR": temp},
+                              check=False).returncode
 
 
 def in_child_process(threads: int) -> Launcher:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,10 @@ def test_accelerate_launched_fsdp2_training_equals_one_process(shared_data, tiny
     run, inputs = _prepared_run(sharded, shared_data, tmp_path)
     train_dir = run.stage_dir("train")
     monkeypatch.setenv("MPO_TRAIN_LAUNCHER", LAUNCHER)
+    agent_folders = set(Path(tempfile.gettempdir()).glob("torchelastic_*"))
     _launch(run, sharded, inputs)
+    assert set(Path(tempfile.gettempdir()).glob("torchelastic_*")) == agent_folders  # torchrun's went with the launch
+    assert not (train_dir / ".launch-tmp").exists()
     first = train_dir / CHECKPOINT_DIR / "checkpoint-2"
     assert not list(first.glob("*.safetensors")), "resume checkpoints hold shards, not a gathered model"
     assert list(first.rglob("*.distcp")), sorted(p.name for p in first.rglob("*"))
